@@ -1,0 +1,46 @@
+// CPU kernel of resfast::bn_act: one pass over x, per-channel affine, optional residual, optional ReLU.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "../resfast.h"
+
+namespace resfast {
+
+at::Tensor bn_act_cpu(const at::Tensor& x_, const at::Tensor& scale_, const at::Tensor& shift_,
+                      const std::optional<at::Tensor>& residual_, bool relu) {
+  const auto fmt = check_bn_act(x_, scale_, shift_, residual_);
+  RESFAST_CHECK(x_.device().is_cpu(), "bn_act", "the CPU kernel got a tensor on ", x_.device());
+  const auto x = x_.contiguous(fmt);
+  const auto scale = scale_.contiguous();
+  const auto shift = shift_.contiguous();
+  at::Tensor residual;
+  if (residual_.has_value()) residual = residual_->contiguous(fmt);
+  auto y = at::empty_like(x, x.options().memory_format(fmt));
+  const int64_t C = x.size(1), HW = x.size(2) * x.size(3), total = x.numel();
+  const bool cl = fmt == at::MemoryFormat::ChannelsLast;
+  if (total == 0) return y;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_act_cpu", [&] {
+    using opmath_t = at::opmath_type<scalar_t>;
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    const scalar_t* sp = scale.const_data_ptr<scalar_t>();
+    const scalar_t* bp = shift.const_data_ptr<scalar_t>();
+    const scalar_t* rp = residual.defined() ? residual.const_data_ptr<scalar_t>() : nullptr;
+    scalar_t* yp = y.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, total, 4096, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t c = cl ? i % C : (i / HW) % C;
+        opmath_t v = static_cast<opmath_t>(xp[i]) * static_cast<opmath_t>(sp[c]) + static_cast<opmath_t>(bp[c]);
+        if (rp) v += static_cast<opmath_t>(rp[i]);
+        if (relu) v = v > opmath_t(0) ? v : opmath_t(0);
+        yp[i] = static_cast<scalar_t>(v);
+      }
+    });
+  });
+  return y;
+}
+
+TORCH_LIBRARY_IMPL(resfast, CPU, m) { m.impl("bn_act", &bn_act_cpu); }
+
+}  // namespace resfast

@@ -1,0 +1,45 @@
+"""resfast: fused Res2Net, ResNeXt and pre-activation ResNet blocks for PyTorch.
+
+``from resfast import Res2NetBottleneck``, ``resfast.convert(model)``, ``resfast.ops.res2net_chain``.
+"""
+
+from . import _ext  # noqa: F401  (loads resfast._C if it can; warns once if it cannot)
+from . import ops
+from .ops.dispatch import BackendUnavailableError, backend, get_backend, set_backend
+from .version import __version__
+
+from . import nn  # noqa: E402
+from .nn import (  # noqa: E402
+    BasicBlock,
+    Bottle2neck,
+    Bottleneck,
+    PreActBasicBlock,
+    PreActBottleneck,
+    Res2Block,
+    Res2NetBottleneck,
+    ResBlock,
+    SEModule,
+)
+from . import models  # noqa: E402
+from .convert import convert  # noqa: E402
+
+__all__ = [
+    "__version__",
+    "ops",
+    "nn",
+    "models",
+    "convert",
+    "backend",
+    "set_backend",
+    "get_backend",
+    "BackendUnavailableError",
+    "BasicBlock",
+    "Bottleneck",
+    "Bottle2neck",
+    "Res2NetBottleneck",
+    "SEModule",
+    "PreActBasicBlock",
+    "PreActBottleneck",
+    "Res2Block",
+    "ResBlock",
+]

@@ -1,0 +1,17 @@
+"""Drop-in blocks: same constructor, attributes and state_dict keys as the blocks they replace."""
+
+from .preact import PreActBasicBlock, PreActBottleneck
+from .res2net import Bottle2neck, Res2Block, Res2NetBottleneck, SEModule
+from .resnet import BasicBlock, Bottleneck, ResBlock
+
+__all__ = [
+    "BasicBlock",
+    "Bottleneck",
+    "ResBlock",
+    "Bottle2neck",
+    "Res2NetBottleneck",
+    "SEModule",
+    "Res2Block",
+    "PreActBasicBlock",
+    "PreActBottleneck",
+]

@@ -1,0 +1,73 @@
+"""What the drop-in blocks share: recognising the layers the fused ops reproduce, and calling the ops."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from torch import Tensor, nn
+
+from .. import ops
+from ..ops.batchnorm import is_supported_bn
+
+
+def fusable_conv(conv: Optional[nn.Module]) -> bool:
+    """A plain nn.Conv2d with zero padding given as numbers (no 'same', no custom forward)."""
+    return (
+        isinstance(conv, nn.Conv2d)
+        and type(conv).forward is nn.Conv2d.forward
+        and conv.padding_mode == "zeros"
+        and not isinstance(conv.padding, str)
+    )
+
+
+def fusable_relu(act: Optional[nn.Module]) -> bool:
+    return type(act) is nn.ReLU
+
+
+def fusable(*pairs) -> bool:
+    """True when every (conv, bn) pair is a plain conv and a supported BatchNorm."""
+    return all(fusable_conv(c) and is_supported_bn(b) for c, b in pairs)
+
+
+def conv_bn(x: Tensor, conv: nn.Conv2d, bn: nn.Module, relu: bool = True, residual: Optional[Tensor] = None) -> Tensor:
+    """ops.conv_bn_relu with the conv's own hyper-parameters and the BatchNorm module's training flag."""
+    return ops.conv_bn_relu(
+        x,
+        conv.weight,
+        bn,
+        bias=conv.bias,
+        stride=conv.stride,
+        padding=conv.padding,
+        dilation=conv.dilation,
+        groups=conv.groups,
+        training=bn.training,
+        relu=relu,
+        residual=residual,
+    )
+
+
+def bn_conv(x: Tensor, bn: nn.Module, conv: nn.Conv2d, residual: Optional[Tensor] = None) -> Tensor:
+    """ops.bn_relu_conv with the conv's own hyper-parameters and the BatchNorm module's training flag."""
+    return ops.bn_relu_conv(
+        x,
+        bn,
+        conv.weight,
+        bias=conv.bias,
+        stride=conv.stride,
+        padding=conv.padding,
+        dilation=conv.dilation,
+        groups=conv.groups,
+        training=bn.training,
+        residual=residual,
+    )
+
+
+def conv3x3(in_planes: int, out_planes: int, stride: int = 1, groups: int = 1, dilation: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(
+        in_planes, out_planes, kernel_size=3, stride=stride, padding=dilation, groups=groups, bias=False,
+        dilation=dilation,
+    )
+
+
+def conv1x1(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(in_planes, out_planes, kernel_size=1, stride=stride, bias=False)

@@ -1,0 +1,158 @@
+"""Drop-in ResNet / ResNeXt blocks: torchvision's BasicBlock and Bottleneck, and seed 003's ResBlock.
+
+Same constructors, attribute names and state_dict keys as the originals; the forward runs through
+resfast.ops when every layer is one the ops reproduce (plain Conv2d, BatchNorm2d or FrozenBatchNorm2d,
+ReLU), and otherwise runs the original computation with the modules themselves.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ._common import conv1x1, conv3x3, conv_bn, fusable, fusable_relu
+
+
+class BasicBlock(nn.Module):
+    """torchvision.models.resnet.BasicBlock (ResNet-18/34)."""
+
+    expansion: int = 1
+
+    def __init__(
+        self,
+        inplanes: int,
+        planes: int,
+        stride: int = 1,
+        downsample: Optional[nn.Module] = None,
+        groups: int = 1,
+        base_width: int = 64,
+        dilation: int = 1,
+        norm_layer: Optional[Callable[..., nn.Module]] = None,
+    ) -> None:
+        super().__init__()
+        if norm_layer is None:
+            norm_layer = nn.BatchNorm2d
+        if groups != 1 or base_width != 64:
+            raise ValueError("BasicBlock only supports groups=1 and base_width=64")
+        if dilation > 1:
+            raise NotImplementedError("Dilation > 1 not supported in BasicBlock")
+        self.conv1 = conv3x3(inplanes, planes, stride)
+        self.bn1 = norm_layer(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = conv3x3(planes, planes)
+        self.bn2 = norm_layer(planes)
+        self.downsample = downsample
+        self.stride = stride
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not (fusable((self.conv1, self.bn1), (self.conv2, self.bn2)) and fusable_relu(self.relu)):
+            return self._forward_modules(x)
+        identity = x if self.downsample is None else self.downsample(x)
+        out = conv_bn(x, self.conv1, self.bn1)
+        return conv_bn(out, self.conv2, self.bn2, residual=identity)
+
+    def _forward_modules(self, x: Tensor) -> Tensor:
+        identity = x
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        if self.downsample is not None:
+            identity = self.downsample(x)
+        out = out + identity
+        return self.relu(out)
+
+
+class Bottleneck(nn.Module):
+    """torchvision.models.resnet.Bottleneck (ResNet-50/101/152, ResNeXt with groups/base_width; stride on the 3x3)."""
+
+    expansion: int = 4
+
+    def __init__(
+        self,
+        inplanes: int,
+        planes: int,
+        stride: int = 1,
+        downsample: Optional[nn.Module] = None,
+        groups: int = 1,
+        base_width: int = 64,
+        dilation: int = 1,
+        norm_layer: Optional[Callable[..., nn.Module]] = None,
+    ) -> None:
+        super().__init__()
+        if norm_layer is None:
+            norm_layer = nn.BatchNorm2d
+        width = int(planes * (base_width / 64.0)) * groups
+        self.conv1 = conv1x1(inplanes, width)
+        self.bn1 = norm_layer(width)
+        self.conv2 = conv3x3(width, width, stride, groups, dilation)
+        self.bn2 = norm_layer(width)
+        self.conv3 = conv1x1(width, planes * self.expansion)
+        self.bn3 = norm_layer(planes * self.expansion)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+        self.stride = stride
+
+    def forward(self, x: Tensor) -> Tensor:
+        pairs = ((self.conv1, self.bn1), (self.conv2, self.bn2), (self.conv3, self.bn3))
+        if not (fusable(*pairs) and fusable_relu(self.relu)):
+            return self._forward_modules(x)
+        identity = x if self.downsample is None else self.downsample(x)
+        out = conv_bn(x, self.conv1, self.bn1)
+        out = conv_bn(out, self.conv2, self.bn2)
+        return conv_bn(out, self.conv3, self.bn3, residual=identity)
+
+    def _forward_modules(self, x: Tensor) -> Tensor:
+        identity = x
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        if self.downsample is not None:
+            identity = self.downsample(x)
+        out = out + identity
+        return self.relu(out)
+
+
+class ResBlock(nn.Module):
+    """Seed 003's residual unit (NNDL ResNet18): 3x3 conv-BN-ReLU, 3x3 conv-BN, optional 1x1-conv+BN shortcut.
+
+    ``use_residual=False`` drops the shortcut (the seed's plain-network experiment); the shortcut layers are
+    still created when the shapes differ, as in the seed, so state_dicts match either way.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1, use_residual: bool = True) -> None:
+        super().__init__()
+        self.stride = stride
+        self.use_residual = use_residual
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1, stride=self.stride, bias=False)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False)
+        self.use_1x1conv = in_channels != out_channels or stride != 1
+        if self.use_1x1conv:
+            self.shortcut = nn.Conv2d(in_channels, out_channels, 1, stride=self.stride, bias=False)
+        self.bn1 = nn.BatchNorm2d(out_channels)
+        self.bn2 = nn.BatchNorm2d(out_channels)
+        if self.use_1x1conv:
+            self.bn3 = nn.BatchNorm2d(out_channels)
+
+    def forward(self, inputs: Tensor) -> Tensor:
+        pairs = [(self.conv1, self.bn1), (self.conv2, self.bn2)]
+        if self.use_residual and self.use_1x1conv:
+            pairs.append((self.shortcut, self.bn3))
+        if not fusable(*pairs):
+            return self._forward_modules(inputs)
+        y = conv_bn(inputs, self.conv1, self.bn1)
+        if not self.use_residual:
+            return conv_bn(y, self.conv2, self.bn2)
+        if self.use_1x1conv:
+            shortcut = conv_bn(inputs, self.shortcut, self.bn3, relu=False)
+        else:
+            shortcut = inputs
+        return conv_bn(y, self.conv2, self.bn2, residual=shortcut)
+
+    def _forward_modules(self, inputs: Tensor) -> Tensor:
+        y = F.relu(self.bn1(self.conv1(inputs)))
+        y = self.bn2(self.conv2(y))
+        if self.use_residual:
+            shortcut = self.bn3(self.shortcut(inputs)) if self.use_1x1conv else inputs
+            y = shortcut + y
+        return F.relu(y)

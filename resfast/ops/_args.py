@@ -1,0 +1,196 @@
+"""Validated, normalised arguments of each op, shared by the public op, its `_ref` and every backend.
+
+`prepare_<op>` checks the inputs (raising a clear exception) and returns a NamedTuple; it does not touch any
+buffer. BatchNorm rules are applied later, once, by the backend that runs (`resolve_bn`), so an error raised
+while choosing a backend leaves num_batches_tracked and the running statistics as they were.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional, Sequence
+
+from torch import Tensor
+
+from . import checks
+from .batchnorm import BatchNormParams, as_bn_params
+
+ORDERS = ("timm", "paper")
+BLOCK_TYPES = ("normal", "stage")
+
+
+class ConvBnReluArgs(NamedTuple):
+    x: Tensor
+    weight: Tensor
+    bias: Optional[Tensor]
+    bn: BatchNormParams
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    dilation: tuple[int, int]
+    groups: int
+    training: bool
+    relu: bool
+    residual: Optional[Tensor]
+
+
+class BnReluConvArgs(NamedTuple):
+    x: Tensor
+    bn: BatchNormParams
+    weight: Tensor
+    bias: Optional[Tensor]
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    dilation: tuple[int, int]
+    groups: int
+    training: bool
+    residual: Optional[Tensor]
+
+
+class Res2NetChainArgs(NamedTuple):
+    x: Tensor
+    weights: tuple[Tensor, ...]
+    biases: tuple[Optional[Tensor], ...]
+    bns: tuple[BatchNormParams, ...]
+    scale: int
+    width: int
+    stride: int
+    dilation: int
+    groups: int
+    order: str
+    block_type: str
+    training: bool
+    conv_splits: tuple[int, ...]  # the splits that go through a conv, in chain order
+    passthrough: Optional[int]  # the split copied (normal) or avg-pooled (stage), if any
+
+
+def _conv_params(op, x, weight, stride, padding, dilation, groups):
+    stride = checks.pair(stride, "stride", op)
+    padding = checks.pair(padding, "padding", op)
+    dilation = checks.pair(dilation, "dilation", op)
+    if min(stride) < 1 or min(dilation) < 1 or min(padding) < 0:
+        raise ValueError(f"{op}: stride and dilation must be >= 1 and padding >= 0, got {stride}, {dilation}, {padding}")
+    checks.check_conv_weight(op, x.shape[1], weight, groups)
+    checks.check_same(op, x, weight, "weight")
+    oh, ow = checks.conv_out_hw(op, x.shape[2], x.shape[3], tuple(weight.shape[2:]), stride, padding, dilation)
+    return stride, padding, dilation, (x.shape[0], weight.shape[0], oh, ow)
+
+
+def _check_bias(op, x, bias, channels, name="bias"):
+    if bias is None:
+        return
+    if not isinstance(bias, Tensor) or bias.dim() != 1 or bias.shape[0] != channels:
+        shape = tuple(bias.shape) if isinstance(bias, Tensor) else type(bias).__name__
+        raise ValueError(f"{op}: {name} must have shape ({channels},), got {shape}")
+    checks.check_same(op, x, bias, name)
+
+
+def prepare_conv_bn_relu(x, weight, bn, bias, stride, padding, dilation, groups, training, relu, residual):
+    op = "resfast.conv_bn_relu"
+    checks.check_input(op, x)
+    bn = as_bn_params(bn)
+    stride, padding, dilation, out_shape = _conv_params(op, x, weight, stride, padding, dilation, groups)
+    _check_bias(op, x, bias, weight.shape[0])
+    checks.check_bn(op, x, bn, weight.shape[0])
+    checks.check_residual(op, x, residual, out_shape)
+    checks.check_batch_stats(op, out_shape, checks.needs_batch_stats(bn, training), "the conv output")
+    return ConvBnReluArgs(x, weight, bias, bn, stride, padding, dilation, groups, bool(training), bool(relu), residual)
+
+
+def prepare_bn_relu_conv(x, bn, weight, bias, stride, padding, dilation, groups, training, residual):
+    op = "resfast.bn_relu_conv"
+    checks.check_input(op, x)
+    bn = as_bn_params(bn)
+    checks.check_bn(op, x, bn, x.shape[1])
+    checks.check_batch_stats(op, x.shape, checks.needs_batch_stats(bn, training), "the input")
+    stride, padding, dilation, out_shape = _conv_params(op, x, weight, stride, padding, dilation, groups)
+    _check_bias(op, x, bias, weight.shape[0])
+    checks.check_residual(op, x, residual, out_shape)
+    return BnReluConvArgs(x, bn, weight, bias, stride, padding, dilation, groups, bool(training), residual)
+
+
+def chain_layout(scale: int, order: str) -> tuple[tuple[int, ...], Optional[int]]:
+    """(splits that go through a conv in chain order, the split that passes through or None).
+
+    timm/official order: the chain starts at split 0 and the last split passes through; with scale == 1
+    there is one conv over the whole input and no pass-through (timm's `num_scales = max(1, scale - 1)`).
+    paper/seed-001 order: split 0 passes through and the chain runs over splits 1..scale-1.
+    """
+    if order == "timm":
+        return (tuple(range(scale - 1)), scale - 1) if scale > 1 else ((0,), None)
+    return tuple(range(1, scale)), 0
+
+
+def prepare_res2net_chain(x, weights, bns, scale, biases, stride, dilation, groups, order, block_type, training):
+    op = "resfast.res2net_chain"
+    checks.check_input(op, x)
+    if order not in ORDERS:
+        raise ValueError(f"{op}: order must be one of {ORDERS}, got {order!r}")
+    if block_type not in BLOCK_TYPES:
+        raise ValueError(f"{op}: block_type must be one of {BLOCK_TYPES}, got {block_type!r}")
+    if not isinstance(scale, int) or scale < 1:
+        raise ValueError(f"{op}: scale must be a positive int, got {scale!r}")
+    if not isinstance(stride, int) or stride < 1 or not isinstance(dilation, int) or dilation < 1:
+        raise ValueError(f"{op}: stride and dilation must be positive ints, got stride={stride!r}, dilation={dilation!r}")
+    if block_type == "normal" and stride != 1:
+        raise ValueError(
+            f"{op}: a 'normal' block adds each split's output into the next split, so it needs stride 1 "
+            f"(got stride={stride}); strided blocks are 'stage' blocks"
+        )
+    channels = x.shape[1]
+    if channels % scale != 0:
+        raise ValueError(f"{op}: scale={scale} does not divide the {channels} input channels")
+    width = channels // scale
+    conv_splits, passthrough = chain_layout(scale, order)
+    weights = tuple(weights)
+    bns = tuple(as_bn_params(b) for b in bns)
+    n = len(conv_splits)
+    if len(weights) != n or len(bns) != n:
+        raise ValueError(
+            f"{op}: scale={scale} with order={order!r} needs {n} convs and {n} BatchNorms, "
+            f"got {len(weights)} weights and {len(bns)} BatchNorms"
+        )
+    biases = (None,) * n if biases is None else tuple(biases)
+    if len(biases) != n:
+        raise ValueError(f"{op}: expected {n} conv biases (or None), got {len(biases)}")
+    conv_in = width if conv_splits != (0,) or passthrough is not None else channels
+    out_hw = None
+    for i, (w, b, bn) in enumerate(zip(weights, biases, bns)):
+        name = f"weights[{i}]"
+        checks.check_conv_weight(op, conv_in, w, groups, name)
+        checks.check_same(op, x, w, name)
+        if tuple(w.shape[2:]) != (3, 3):
+            raise ValueError(f"{op}: {name} must be a 3x3 kernel, got {tuple(w.shape[2:])}")
+        if w.shape[0] != conv_in:
+            raise ValueError(f"{op}: {name} has {w.shape[0]} output channels but each split has {conv_in}")
+        _check_bias(op, x, b, conv_in, f"biases[{i}]")
+        checks.check_bn(op, x, bn, conv_in, f"bns[{i}]")
+        hw = checks.conv_out_hw(op, x.shape[2], x.shape[3], (3, 3), (stride,) * 2, (dilation,) * 2, (dilation,) * 2)
+        out_hw = hw
+        checks.check_batch_stats(
+            op, (x.shape[0], conv_in) + hw, checks.needs_batch_stats(bn, training), f"split {conv_splits[i]}'s conv output"
+        )
+    if out_hw is None and block_type == "stage":
+        checks.conv_out_hw(op, x.shape[2], x.shape[3], (3, 3), (stride,) * 2, (1, 1), (1, 1))
+    return Res2NetChainArgs(
+        x, weights, biases, bns, scale, width, stride, dilation, groups, order, block_type, bool(training),
+        conv_splits, passthrough,
+    )
+
+
+def out_memory_format(x: Tensor):
+    """channels_last in -> channels_last out; everything else -> contiguous NCHW."""
+    import torch
+
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+__all__: Sequence[str] = [
+    "ConvBnReluArgs",
+    "BnReluConvArgs",
+    "Res2NetChainArgs",
+    "prepare_conv_bn_relu",
+    "prepare_bn_relu_conv",
+    "prepare_res2net_chain",
+    "chain_layout",
+]

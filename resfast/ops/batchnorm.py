@@ -1,0 +1,131 @@
+"""BatchNorm parameters as plain data, and nn.BatchNorm2d's training/eval rules in one place.
+
+Every op takes its BatchNorm as a :class:`BatchNormParams` (or a BatchNorm module, converted with
+:func:`as_bn_params`). :func:`resolve_bn` applies nn.BatchNorm2d's rules once, at the op boundary, before any
+backend runs: which statistics to use, whether the running buffers are updated, the averaging factor
+(``momentum``, or ``1 / num_batches_tracked`` when ``momentum is None``), and the ``num_batches_tracked``
+increment. Backends receive a :class:`ResolvedBN` and never re-derive these rules.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class BatchNormParams(NamedTuple):
+    """The tensors and settings of one BatchNorm2d.
+
+    ``weight``/``bias`` are None for ``affine=False``; ``running_mean``/``running_var`` are None for
+    ``track_running_stats=False``. ``frozen=True`` is torchvision's FrozenBatchNorm2d: running statistics
+    always, never updated, computed as ``x * (w * rsqrt(rv + eps)) + (b - rm * w * rsqrt(rv + eps))``.
+    """
+
+    weight: Optional[Tensor] = None
+    bias: Optional[Tensor] = None
+    running_mean: Optional[Tensor] = None
+    running_var: Optional[Tensor] = None
+    num_batches_tracked: Optional[Tensor] = None
+    momentum: Optional[float] = 0.1
+    eps: float = 1e-5
+    frozen: bool = False
+
+    @property
+    def num_features(self) -> Optional[int]:
+        for t in (self.weight, self.bias, self.running_mean, self.running_var):
+            if t is not None:
+                return t.shape[0]
+        return None
+
+
+class ResolvedBN(NamedTuple):
+    """A BatchNorm with nn.BatchNorm2d's rules applied for one call (what backends receive)."""
+
+    weight: Optional[Tensor]
+    bias: Optional[Tensor]
+    running_mean: Optional[Tensor]
+    running_var: Optional[Tensor]
+    use_batch_stats: bool  # normalise with this batch's statistics (training, or no running stats)
+    update_running: bool  # running_mean/running_var are updated in place with `factor`
+    factor: float
+    eps: float
+    frozen: bool
+
+
+def is_frozen_bn(module: nn.Module) -> bool:
+    """torchvision.ops.FrozenBatchNorm2d (and look-alikes): recognised by name and buffers, no import."""
+    return type(module).__name__ == "FrozenBatchNorm2d" and all(
+        isinstance(getattr(module, n, None), Tensor) for n in ("weight", "bias", "running_mean", "running_var")
+    )
+
+
+def is_supported_bn(module: Optional[nn.Module]) -> bool:
+    """BatchNorm modules the fused ops reproduce exactly.
+
+    nn.BatchNorm2d (and subclasses that do not override forward) and FrozenBatchNorm2d. SyncBatchNorm is
+    excluded: its training statistics are synchronised across processes, which the ops do not do.
+    """
+    if module is None:
+        return False
+    if isinstance(module, nn.SyncBatchNorm):
+        return False
+    if isinstance(module, nn.BatchNorm2d):
+        return type(module).forward is nn.BatchNorm2d.forward
+    return is_frozen_bn(module)
+
+
+def as_bn_params(bn) -> BatchNormParams:
+    """BatchNormParams from a BatchNormParams, an nn.BatchNorm2d or a FrozenBatchNorm2d."""
+    if isinstance(bn, BatchNormParams):
+        return bn
+    if isinstance(bn, nn.modules.batchnorm._BatchNorm):
+        return BatchNormParams(
+            bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.num_batches_tracked, bn.momentum, bn.eps, False
+        )
+    if isinstance(bn, nn.Module) and is_frozen_bn(bn):
+        return BatchNormParams(bn.weight, bn.bias, bn.running_mean, bn.running_var, None, None, bn.eps, True)
+    raise TypeError(
+        f"expected a BatchNormParams, nn.BatchNorm2d or FrozenBatchNorm2d for the BatchNorm, got {type(bn).__name__}"
+    )
+
+
+def resolve_bn(bn: BatchNormParams, training: bool) -> ResolvedBN:
+    """Apply nn.BatchNorm2d.forward's rules for one call; increments num_batches_tracked like the module does.
+
+    Call exactly once per BatchNorm per forward, after the inputs have been validated.
+    """
+    if bn.frozen:
+        return ResolvedBN(bn.weight, bn.bias, bn.running_mean, bn.running_var, False, False, 0.0, bn.eps, True)
+    tracking = bn.running_mean is not None
+    factor = 0.0 if bn.momentum is None else bn.momentum
+    if training and tracking and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        if bn.momentum is None:  # cumulative moving average
+            factor = 1.0 / float(bn.num_batches_tracked)
+    use_batch_stats = training or not tracking
+    return ResolvedBN(
+        bn.weight,
+        bn.bias,
+        bn.running_mean,
+        bn.running_var,
+        use_batch_stats,
+        use_batch_stats and tracking,
+        factor,
+        bn.eps,
+        False,
+    )
+
+
+def batch_norm_eager(x: Tensor, bn: ResolvedBN) -> Tensor:
+    """The eager BatchNorm of a resolved BN: exactly what nn.BatchNorm2d / FrozenBatchNorm2d compute."""
+    if bn.frozen:
+        scale = bn.weight * (bn.running_var + bn.eps).rsqrt()
+        shift = bn.bias - bn.running_mean * scale
+        return x * scale.reshape(1, -1, 1, 1) + shift.reshape(1, -1, 1, 1)
+    return F.batch_norm(
+        x, bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.use_batch_stats, bn.factor, bn.eps
+    )
+

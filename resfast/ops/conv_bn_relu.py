@@ -1,0 +1,43 @@
+"""conv_bn_relu: convolution + BatchNorm (+ residual add) + ReLU, the ResNet/ResNeXt building block."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from torch import Tensor
+
+from . import dispatch
+from ._args import prepare_conv_bn_relu
+
+
+def conv_bn_relu(
+    x: Tensor,
+    weight: Tensor,
+    bn,
+    *,
+    bias: Optional[Tensor] = None,
+    stride=1,
+    padding=0,
+    dilation=1,
+    groups: int = 1,
+    training: bool = False,
+    relu: bool = True,
+    residual: Optional[Tensor] = None,
+) -> Tensor:
+    """``relu(bn(conv2d(x, weight, bias)) + residual)``: ResNeXt's grouped 3x3, ResNet's 1x1/3x3, seed-000's block.
+
+    Args:
+        x: (N, C_in, H, W), contiguous NCHW or channels_last.
+        weight: (C_out, C_in / groups, kH, kW) conv weight; ``bias`` (C_out,) or None.
+        bn: the BatchNorm over C_out: a :class:`BatchNormParams`, nn.BatchNorm2d or FrozenBatchNorm2d.
+        stride, padding, dilation, groups: as ``torch.nn.functional.conv2d``.
+        training: BatchNorm in training mode (batch statistics, running buffers updated in place exactly as
+            nn.BatchNorm2d) or eval mode (running statistics).
+        relu: apply the ReLU (False gives conv + BN (+ residual), e.g. before an SE module).
+        residual: (N, C_out, H_out, W_out) added after BN and before the ReLU.
+
+    Returns:
+        (N, C_out, H_out, W_out), channels_last if ``x`` is channels_last, else contiguous.
+    """
+    args = prepare_conv_bn_relu(x, weight, bn, bias, stride, padding, dilation, groups, training, relu, residual)
+    return dispatch.run("conv_bn_relu", args)

@@ -1,0 +1,193 @@
+"""Backend choice: which implementation runs an op, and why the others cannot.
+
+Backends, in `auto` preference order: `cuda` (the C++/CUDA extension), `triton`, `eager` (plain PyTorch,
+always available, defines the semantics). Each answers ``not_supported_reasons(op, args) -> list[str]``.
+`auto` picks the first backend with no reasons; a backend named explicitly (``RESFAST_BACKEND``,
+:func:`set_backend`, ``with backend(...)``) that cannot run raises :class:`BackendUnavailableError` listing
+every reason. Facts that do not depend on the inputs (is triton installed, was _C built with CUDA) are
+computed once, outside traced code, so torch.compile sees a constant choice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import warnings
+from typing import Callable, Iterator
+
+import torch
+
+from .. import _ext
+from .reference import EAGER_IMPLS
+
+OPS = ("res2net_chain", "conv_bn_relu", "bn_relu_conv")
+BACKENDS = ("cuda", "triton", "eager")
+CHOICES = ("auto",) + BACKENDS
+
+
+class BackendUnavailableError(RuntimeError):
+    """An explicitly requested backend cannot run the given op on the given inputs."""
+
+
+class Backend:
+    name = ""
+    # op name -> callable(args) -> Tensor. Kernels register here as the backends grow.
+    kernels: dict[str, Callable] = {}
+
+    def _static_reasons(self, op: str) -> list[str]:
+        """Reasons that hold whatever the inputs are."""
+        return []
+
+    def _input_reasons(self, op: str, args) -> list[str]:
+        return []
+
+    def static_reasons(self, op: str) -> tuple[str, ...]:
+        return _static_reasons(self.name, op)
+
+    def not_supported_reasons(self, op: str, args=None) -> list[str]:
+        """Why this backend cannot run `op` on `args` (prepared op arguments); empty when it can."""
+        if op not in OPS:
+            raise ValueError(f"unknown resfast op {op!r}; ops are {OPS}")
+        reasons = list(self.static_reasons(op))
+        if not reasons and args is not None:
+            reasons += self._input_reasons(op, args)
+        return reasons
+
+    def run(self, op: str, args):
+        return self.kernels[op](args)
+
+
+class EagerBackend(Backend):
+    name = "eager"
+    kernels = EAGER_IMPLS
+
+
+class TritonBackend(Backend):
+    name = "triton"
+    kernels: dict[str, Callable] = {}
+
+    def _static_reasons(self, op):
+        reasons = []
+        if importlib.util.find_spec("triton") is None:
+            reasons.append("triton is not installed (pip install triton)")
+        if op not in self.kernels:
+            reasons.append(f"no Triton kernel is implemented for {op} yet")
+        return reasons
+
+    def _input_reasons(self, op, args):
+        dev = args.x.device.type
+        if dev == "cpu" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+            return ["the input is on the CPU; Triton runs on CUDA devices, or on the CPU with TRITON_INTERPRET=1"]
+        if dev not in ("cpu", "cuda"):
+            return [f"the input is on {dev}; Triton runs on CUDA devices"]
+        return []
+
+
+class CudaBackend(Backend):
+    name = "cuda"
+    kernels: dict[str, Callable] = {}
+
+    def _static_reasons(self, op):
+        reasons = []
+        if _ext.C is None:
+            reasons.append(f"the extension resfast._C is not loaded ({_ext.C_ERROR})")
+        elif not _ext.build_info().get("with_cuda", False):
+            reasons.append("resfast._C was built without CUDA sources (" + _ext.build_info().get("cuda_skip_reason", "") + ")")
+        if torch.version.cuda is None:
+            reasons.append("this torch is a CPU-only build")
+        elif not torch.cuda.is_available():
+            reasons.append("no CUDA device is visible (torch.cuda.is_available() is False)")
+        if op not in self.kernels:
+            reasons.append(f"no fused CUDA kernel is implemented for {op} yet")
+        return reasons
+
+    def _input_reasons(self, op, args):
+        if args.x.device.type != "cuda":
+            return [f"the input is on {args.x.device.type}; the cuda backend needs CUDA tensors"]
+        return []
+
+
+_BACKENDS: dict[str, Backend] = {b.name: b for b in (CudaBackend(), TritonBackend(), EagerBackend())}
+_STATIC_CACHE: dict[tuple[str, str], tuple[str, ...]] = {}
+
+
+@torch.compiler.assume_constant_result
+def _static_reasons(name: str, op: str) -> tuple[str, ...]:
+    key = (name, op)
+    if key not in _STATIC_CACHE:
+        _STATIC_CACHE[key] = tuple(_BACKENDS[name]._static_reasons(op))
+    return _STATIC_CACHE[key]
+
+
+def get(name: str) -> Backend:
+    if name not in _BACKENDS:
+        raise ValueError(f"unknown resfast backend {name!r}; choose one of {CHOICES}")
+    return _BACKENDS[name]
+
+
+class _State:
+    name = "auto"
+
+
+_state = _State()
+
+
+def _initial_backend() -> str:
+    env = os.environ.get("RESFAST_BACKEND", "auto").strip().lower() or "auto"
+    if env not in CHOICES:
+        warnings.warn(f"RESFAST_BACKEND={env!r} is not one of {CHOICES}; using 'auto'", RuntimeWarning, stacklevel=2)
+        return "auto"
+    return env
+
+
+_state.name = _initial_backend()
+
+
+def get_backend() -> str:
+    """The backend name in force: 'auto', 'cuda', 'triton' or 'eager'."""
+    return _state.name
+
+
+def set_backend(name: str) -> None:
+    """Use backend `name` ('auto', 'cuda', 'triton' or 'eager') for every op from now on."""
+    if name not in CHOICES:
+        raise ValueError(f"unknown resfast backend {name!r}; choose one of {CHOICES}")
+    _state.name = name
+
+
+@contextlib.contextmanager
+def backend(name: str) -> Iterator[None]:
+    """``with resfast.backend("eager"): ...`` runs the block's ops on `name`, then restores the previous choice."""
+    previous = _state.name
+    set_backend(name)
+    try:
+        yield
+    finally:
+        _state.name = previous
+
+
+def select(op: str, args) -> Backend:
+    """The backend that will run `op` on `args`; raises BackendUnavailableError for an explicit backend that can't."""
+    name = _state.name
+    if name == "auto":
+        for b in _BACKENDS.values():
+            if not b.not_supported_reasons(op, args):
+                return b
+        raise AssertionError("unreachable: the eager backend supports every op")
+    b = _BACKENDS[name]
+    reasons = b.not_supported_reasons(op, args)
+    if reasons:
+        raise BackendUnavailableError(
+            f"resfast backend {name!r} was requested but cannot run {op} here:\n  - " + "\n  - ".join(reasons)
+        )
+    return b
+
+
+def run(op: str, args):
+    return select(op, args).run(op, args)
+
+
+def availability() -> dict[str, dict[str, list[str]]]:
+    """{backend: {op: reasons}} for inputs on this machine's default device: what `python -m resfast.info` prints."""
+    return {name: {op: list(b.static_reasons(op)) for op in OPS} for name, b in _BACKENDS.items()}

@@ -1,0 +1,131 @@
+"""Eager references: the semantics every backend must reproduce, and the `eager` backend itself.
+
+`<op>_eager(args)` computes an op from prepared arguments with plain PyTorch; `<op>_ref(...)` is the public
+reference with the same signature as the op. BatchNorm follows nn.BatchNorm2d exactly (see batchnorm.py).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ._args import (
+    BnReluConvArgs,
+    ConvBnReluArgs,
+    Res2NetChainArgs,
+    out_memory_format,
+    prepare_bn_relu_conv,
+    prepare_conv_bn_relu,
+    prepare_res2net_chain,
+)
+from .batchnorm import BatchNormParams, batch_norm_eager, resolve_bn
+
+
+def conv_bn_relu_eager(a: ConvBnReluArgs) -> Tensor:
+    bn = resolve_bn(a.bn, a.training)
+    y = F.conv2d(a.x, a.weight, a.bias, a.stride, a.padding, a.dilation, a.groups)
+    y = batch_norm_eager(y, bn)
+    if a.residual is not None:
+        y = y + a.residual
+    if a.relu:
+        y = F.relu(y)
+    return y.contiguous(memory_format=out_memory_format(a.x))
+
+
+def bn_relu_conv_eager(a: BnReluConvArgs) -> Tensor:
+    bn = resolve_bn(a.bn, a.training)
+    y = F.relu(batch_norm_eager(a.x, bn))
+    y = F.conv2d(y, a.weight, a.bias, a.stride, a.padding, a.dilation, a.groups)
+    if a.residual is not None:
+        y = y + a.residual
+    return y.contiguous(memory_format=out_memory_format(a.x))
+
+
+def res2net_chain_eager(a: Res2NetChainArgs) -> Tensor:
+    bns = [resolve_bn(bn, a.training) for bn in a.bns]
+    single = a.passthrough is None  # timm with scale == 1: one conv over the whole input
+    spx = (a.x,) if single else torch.split(a.x, a.width, 1)
+    outs: list[Optional[Tensor]] = [None] * len(spx)
+    prev = None
+    for w, b, bn, i in zip(a.weights, a.biases, bns, a.conv_splits):
+        sp = spx[i]
+        if a.block_type == "normal" and prev is not None:
+            sp = prev + sp
+        y = F.conv2d(sp, w, b, a.stride, a.dilation, a.dilation, a.groups)
+        prev = F.relu(batch_norm_eager(y, bn))
+        outs[i] = prev
+    if a.passthrough is not None:
+        p = spx[a.passthrough]
+        # timm pools the pass-through split of every 'stage' block, stride 1 included (count_include_pad=True)
+        outs[a.passthrough] = F.avg_pool2d(p, 3, a.stride, 1) if a.block_type == "stage" else p
+    out = torch.cat(outs, 1) if len(outs) > 1 else outs[0].clone()
+    return out.contiguous(memory_format=out_memory_format(a.x))
+
+
+def conv_bn_relu_ref(
+    x: Tensor,
+    weight: Tensor,
+    bn,
+    *,
+    bias: Optional[Tensor] = None,
+    stride=1,
+    padding=0,
+    dilation=1,
+    groups: int = 1,
+    training: bool = False,
+    relu: bool = True,
+    residual: Optional[Tensor] = None,
+) -> Tensor:
+    """Eager reference of :func:`resfast.ops.conv_bn_relu` (same arguments, same semantics)."""
+    return conv_bn_relu_eager(
+        prepare_conv_bn_relu(x, weight, bn, bias, stride, padding, dilation, groups, training, relu, residual)
+    )
+
+
+def bn_relu_conv_ref(
+    x: Tensor,
+    bn,
+    weight: Tensor,
+    *,
+    bias: Optional[Tensor] = None,
+    stride=1,
+    padding=0,
+    dilation=1,
+    groups: int = 1,
+    training: bool = False,
+    residual: Optional[Tensor] = None,
+) -> Tensor:
+    """Eager reference of :func:`resfast.ops.bn_relu_conv`."""
+    return bn_relu_conv_eager(
+        prepare_bn_relu_conv(x, bn, weight, bias, stride, padding, dilation, groups, training, residual)
+    )
+
+
+def res2net_chain_ref(
+    x: Tensor,
+    weights: Sequence[Tensor],
+    bns: Sequence[BatchNormParams],
+    *,
+    scale: int,
+    biases: Optional[Sequence[Optional[Tensor]]] = None,
+    stride: int = 1,
+    dilation: int = 1,
+    groups: int = 1,
+    order: str = "timm",
+    block_type: str = "normal",
+    training: bool = False,
+) -> Tensor:
+    """Eager reference of :func:`resfast.ops.res2net_chain`."""
+    return res2net_chain_eager(
+        prepare_res2net_chain(x, weights, bns, scale, biases, stride, dilation, groups, order, block_type, training)
+    )
+
+
+EAGER_IMPLS = {
+    "conv_bn_relu": conv_bn_relu_eager,
+    "bn_relu_conv": bn_relu_conv_eager,
+    "res2net_chain": res2net_chain_eager,
+}
