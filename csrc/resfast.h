@@ -29,8 +29,9 @@ inline at::MemoryFormat check_bn_act(const at::Tensor& x, const at::Tensor& scal
     RESFAST_CHECK(residual->scalar_type() == x.scalar_type(), op, "residual must have x's dtype");
     RESFAST_CHECK(residual->device() == x.device(), op, "residual must be on x's device");
   }
-  return x.suggest_memory_format() == at::MemoryFormat::ChannelsLast ? at::MemoryFormat::ChannelsLast
-                                                                      : at::MemoryFormat::Contiguous;
+  // The same rule as the Python side and the fake kernel: channels_last in -> channels_last out, else NCHW.
+  return x.is_contiguous(at::MemoryFormat::ChannelsLast) && !x.is_contiguous() ? at::MemoryFormat::ChannelsLast
+                                                                                : at::MemoryFormat::Contiguous;
 }
 
 }  // namespace resfast

@@ -1,0 +1,97 @@
+"""BatchNorm inside the ops behaves exactly like nn.BatchNorm2d: batch stats, running-stat updates with
+momentum and momentum=None, num_batches_tracked, track_running_stats=False, affine=False, eval."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from resfast import ops
+
+CONFIGS = [
+    dict(momentum=0.1),
+    dict(momentum=0.3),
+    dict(momentum=None),
+    dict(track_running_stats=False),
+    dict(affine=False),
+    dict(affine=False, track_running_stats=False, momentum=None),
+]
+
+
+def _bn(C, **kw):
+    bn = nn.BatchNorm2d(C, dtype=torch.float64, **kw)
+    if bn.affine:
+        with torch.no_grad():
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.uniform_(-0.5, 0.5)
+    return bn
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=str)
+@pytest.mark.parametrize("training", [True, False])
+def test_conv_bn_relu_matches_module_over_steps(cfg, training):
+    C_in, C = 6, 5
+    conv = nn.Conv2d(C_in, C, 3, padding=1, bias=False, dtype=torch.float64)
+    bn_mod, bn_op = _bn(C, **cfg), None
+    bn_op = _bn(C, **cfg)
+    bn_op.load_state_dict(bn_mod.state_dict())
+    bn_mod.train(training)
+    for step in range(3):
+        x = torch.randn(3, C_in, 5, 4, dtype=torch.float64)
+        ref = F.relu(bn_mod(conv(x)))
+        out = ops.conv_bn_relu(x, conv.weight, bn_op, padding=1, training=training)
+        torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
+        for k, v in bn_mod.state_dict().items():
+            torch.testing.assert_close(bn_op.state_dict()[k], v, rtol=0, atol=1e-12, msg=f"{k} after step {step}")
+
+
+def test_eval_leaves_buffers_alone():
+    bn = _bn(4)
+    bn.running_mean.uniform_(-1, 1)
+    before = {k: v.clone() for k, v in bn.state_dict().items()}
+    x = torch.randn(2, 4, 3, 3, dtype=torch.float64)
+    w = torch.randn(4, 4, 1, 1, dtype=torch.float64)
+    ops.conv_bn_relu(x, w, bn, training=False)
+    ops.bn_relu_conv(x, bn, w, training=False)
+    for k, v in before.items():
+        assert torch.equal(bn.state_dict()[k], v), k
+
+
+def test_momentum_none_is_cumulative_average():
+    bn = _bn(3, momentum=None)
+    ref = _bn(3, momentum=None)
+    ref.load_state_dict(bn.state_dict())
+    w = torch.eye(3, dtype=torch.float64).reshape(3, 3, 1, 1)
+    for _ in range(4):
+        x = torch.randn(4, 3, 2, 2, dtype=torch.float64)
+        ops.conv_bn_relu(x, w, bn, training=True)
+        ref(x)
+    assert int(bn.num_batches_tracked) == 4
+    torch.testing.assert_close(bn.running_mean, ref.running_mean)
+    torch.testing.assert_close(bn.running_var, ref.running_var)
+
+
+def test_frozen_batchnorm_matches_torchvision():
+    tv_ops = pytest.importorskip("torchvision.ops")
+    fbn = tv_ops.FrozenBatchNorm2d(4)
+    with torch.no_grad():
+        fbn.weight.uniform_(0.5, 1.5)
+        fbn.bias.uniform_(-1, 1)
+        fbn.running_mean.uniform_(-1, 1)
+        fbn.running_var.uniform_(0.5, 2)
+    x = torch.randn(2, 4, 5, 5)
+    w = torch.randn(4, 4, 3, 3)
+    ref = F.relu(fbn(F.conv2d(x, w, padding=1)))
+    # training=True must not matter for a frozen BatchNorm
+    out = ops.conv_bn_relu(x, w, fbn, padding=1, training=True)
+    torch.testing.assert_close(out, ref)
+
+
+def test_one_value_per_channel_in_training_is_an_error_and_touches_nothing():
+    bn = _bn(4)
+    w = torch.randn(4, 4, 1, 1, dtype=torch.float64)
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        ops.conv_bn_relu(torch.randn(1, 4, 1, 1, dtype=torch.float64), w, bn, training=True)
+    assert int(bn.num_batches_tracked) == 0
+    # eval with one value is fine
+    ops.conv_bn_relu(torch.randn(1, 4, 1, 1, dtype=torch.float64), w, bn, training=False)
