@@ -67,9 +67,7 @@ def _target(m: nn.Module) -> Optional[Type[nn.Module]]:
         return None
     if any(not hasattr(m, a) for a in _REQUIRED_ATTRS.get(name, ())):
         return None
-    if name in ("BasicBlockV2", "BottleneckV2", "BasicBlock", "Bottleneck") and "downsample" not in m.__dict__.get(
-        "_modules", {}
-    ):
+    if name in ("BasicBlockV2", "BottleneckV2", "BasicBlock", "Bottleneck") and not hasattr(m, "downsample"):
         return None
     return cls
 

@@ -1,0 +1,111 @@
+"""resfast.convert on whole timm/torchvision/seed models and a detector backbone: identical outputs."""
+
+import pytest
+import torch
+from conftest import compare_modules, randomize_bn
+from fixtures import seed000, seed001, seed002, seed003, seed004
+from torch import nn
+
+import resfast
+from resfast import nn as rnn
+
+timm = pytest.importorskip("timm")
+tvm = pytest.importorskip("torchvision.models")
+
+RESFAST_BLOCKS = (rnn.BasicBlock, rnn.Bottleneck, rnn.Bottle2neck, rnn.Res2NetBottleneck, rnn.Res2Block,
+                  rnn.ResBlock, rnn.PreActBasicBlock, rnn.PreActBottleneck)
+
+MODELS = {
+    "timm_res2net50_26w_4s": lambda: timm.create_model("res2net50_26w_4s"),
+    "timm_res2next50": lambda: timm.create_model("res2next50"),
+    "timm_res2net50_14w_8s": lambda: timm.create_model("res2net50_14w_8s"),
+    "tv_resnet18": lambda: tvm.resnet18(),
+    "tv_resnet50": lambda: tvm.resnet50(),
+    "tv_resnext50_32x4d": lambda: tvm.resnext50_32x4d(),
+    "seed000": seed000.Res2Net,
+    "seed001": lambda: seed001.Res2Net([2, 2, 2, 2], 5),
+    "seed002_resnext50": seed002.resnext50_32x4d,
+    "seed002_resnet34": seed002.resnet34,
+    "seed003": lambda: seed003.Model_ResNet18(3, 10),
+    "seed004_resnet50_v2": seed004.resnet50_v2,
+    "seed004_resnet18_v2": seed004.resnet18_v2,
+}
+
+
+def _blocks(model):
+    return [m for m in model.modules() if type(m).__name__ in
+            ("BasicBlock", "Bottleneck", "Bottle2neck", "Res2NetBottleneck", "Res2Block", "ResBlock", "BasicBlockV2",
+             "BottleneckV2", "PreActBasicBlock", "PreActBottleneck")]
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_convert_whole_model_identical_logits(name):
+    orig = randomize_bn(MODELS[name]()).eval()
+    conv = resfast.convert(orig)
+    blocks = _blocks(conv)
+    assert blocks and all(isinstance(b, RESFAST_BLOCKS) for b in blocks)
+    assert not any(isinstance(b, RESFAST_BLOCKS) for b in _blocks(orig)), "inplace=False must not touch the input"
+    assert list(conv.state_dict()) == list(orig.state_dict())
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(conv(x), orig(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", ["timm_res2net50_26w_4s", "tv_resnext50_32x4d", "seed001", "seed004_resnet18_v2"])
+def test_convert_training_step_identical(name):
+    orig = randomize_bn(MODELS[name]()).double()
+    conv = resfast.convert(orig)
+    compare_modules(orig, conv, torch.randn(2, 3, 48, 48, dtype=torch.float64), True, steps=2, rtol=1e-10,
+                    atol=1e-10)
+
+
+def test_convert_detector_backbone_with_frozen_bn():
+    from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+
+    torch.manual_seed(0)
+    bb = resnet_fpn_backbone(backbone_name="resnet50", weights=None, trainable_layers=3)
+    with torch.no_grad():
+        for m in bb.modules():
+            if type(m).__name__ == "FrozenBatchNorm2d":
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 1.5)
+    bb.eval()
+    conv = resfast.convert(bb)
+    assert all(isinstance(b, rnn.Bottleneck) for b in _blocks(conv)) and _blocks(conv)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        a, b = bb(x), conv(x)
+    assert list(a) == list(b)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-5)
+
+
+def test_inplace_and_root_block():
+    m = tvm.resnet18()
+    out = resfast.convert(m, inplace=True)
+    assert out is m and isinstance(m.layer1[0], rnn.BasicBlock)
+    blk = randomize_bn(timm.models.res2net.Bottle2neck(64, 16, norm_layer=nn.BatchNorm2d)).eval()
+    new = resfast.convert(blk)
+    assert isinstance(new, rnn.Bottle2neck)
+    x = torch.randn(1, 64, 8, 8)
+    torch.testing.assert_close(new(x), blk(x), rtol=0, atol=0)
+
+
+def test_unrecognised_blocks_are_left_alone():
+    class Bottleneck(nn.Module):  # a look-alike name with other children: not torchvision's block
+        def __init__(self):
+            super().__init__()
+            self.conv1 = nn.Conv2d(3, 3, 1)
+            self.act1 = nn.ReLU()
+
+        def forward(self, x):
+            return self.act1(self.conv1(x))
+
+    model = nn.Sequential(Bottleneck(), nn.Conv2d(3, 3, 3), timm.create_model("resnet18", num_classes=3))
+    conv = resfast.convert(model)
+    assert type(conv[0]) is Bottleneck and type(conv[1]) is nn.Conv2d
+    assert not any(isinstance(m, RESFAST_BLOCKS) for m in conv.modules())  # timm's own resnet blocks differ
+    x = torch.randn(1, 3, 32, 32)
+    torch.testing.assert_close(conv.eval()(x), model.eval()(x))
