@@ -22,6 +22,12 @@ def pair(v, name: str, op: str) -> tuple[int, int]:
 
 
 def check_input(op: str, x: Tensor, name: str = "input") -> None:
+    if isinstance(x, torch.fx.Proxy):
+        raise torch.fx.proxy.TraceError(
+            f"{op} cannot be traced by torch.fx.symbolic_trace: resfast's ops check shapes and choose a backend "
+            "from real tensor metadata, which a symbolic Proxy does not have. Capture a graph with torch.compile "
+            "or torch.export instead (both trace with real shapes)."
+        )
     if not isinstance(x, Tensor):
         raise TypeError(f"{op}: {name} must be a Tensor, got {type(x).__name__}")
     if x.dim() != 4:

@@ -27,20 +27,21 @@ from .batchnorm import BatchNormParams, batch_norm_eager, resolve_bn
 def conv_bn_relu_eager(a: ConvBnReluArgs) -> Tensor:
     bn = resolve_bn(a.bn, a.training)
     y = F.conv2d(a.x, a.weight, a.bias, a.stride, a.padding, a.dilation, a.groups)
+    # y is a fresh BatchNorm output that no backward needs: add and ReLU may work in place (as the originals do)
     y = batch_norm_eager(y, bn)
     if a.residual is not None:
-        y = y + a.residual
+        y = y.add_(a.residual)
     if a.relu:
-        y = F.relu(y)
+        y = F.relu(y, inplace=True)
     return y.contiguous(memory_format=out_memory_format(a.x))
 
 
 def bn_relu_conv_eager(a: BnReluConvArgs) -> Tensor:
     bn = resolve_bn(a.bn, a.training)
-    y = F.relu(batch_norm_eager(a.x, bn))
+    y = F.relu(batch_norm_eager(a.x, bn), inplace=True)
     y = F.conv2d(y, a.weight, a.bias, a.stride, a.padding, a.dilation, a.groups)
     if a.residual is not None:
-        y = y + a.residual
+        y = y.add_(a.residual)  # conv2d's backward does not need its output
     return y.contiguous(memory_format=out_memory_format(a.x))
 
 
@@ -55,7 +56,7 @@ def res2net_chain_eager(a: Res2NetChainArgs) -> Tensor:
         if a.block_type == "normal" and prev is not None:
             sp = prev + sp
         y = F.conv2d(sp, w, b, a.stride, a.dilation, a.dilation, a.groups)
-        prev = F.relu(batch_norm_eager(y, bn))
+        prev = F.relu(batch_norm_eager(y, bn), inplace=True)
         outs[i] = prev
     if a.passthrough is not None:
         p = spx[a.passthrough]

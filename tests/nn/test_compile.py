@@ -1,0 +1,72 @@
+"""torch.compile(fullgraph=True) of the blocks matches eager (running stats included); fx.symbolic_trace's
+limits are documented and tested."""
+
+
+import pytest
+import torch
+from conftest import randomize_bn
+from torch import nn
+
+import resfast
+
+
+def _blocks():
+    def ds():
+        return nn.Sequential(nn.Conv2d(32, 64, 1, 2, bias=False), nn.BatchNorm2d(64))
+
+    return {
+        "bottle2neck_stage": (lambda: resfast.Bottle2neck(32, 16, 2, ds(), norm_layer=nn.BatchNorm2d), 32),
+        "bottle2neck_normal": (lambda: resfast.Bottle2neck(64, 16, norm_layer=nn.BatchNorm2d), 64),
+        "resnext_bottleneck": (lambda: resfast.Bottleneck(64, 16, groups=8, base_width=8), 64),
+        "res2net_seed001": (lambda: resfast.Res2NetBottleneck(64, 16), 64),
+        "preact_bottleneck": (lambda: resfast.PreActBottleneck(64, 16), 64),
+    }
+
+
+@pytest.mark.parametrize("name", list(_blocks()))
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+def test_compile_fullgraph_matches_eager(name, train):
+    make, cin = _blocks()[name]
+    torch.manual_seed(0)
+    eager = randomize_bn(make()).train(train)
+    compiled_mod = randomize_bn(make()).train(train)
+    compiled_mod.load_state_dict(eager.state_dict())
+    compiled = torch.compile(compiled_mod, fullgraph=True, backend="aot_eager")
+    for _ in range(2):
+        x = torch.randn(2, cin, 8, 8)
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ya, yb = eager(xa), compiled(xb)
+        torch.testing.assert_close(yb, ya, rtol=1e-5, atol=1e-5)
+        ya.sum().backward()
+        yb.sum().backward()
+        torch.testing.assert_close(xb.grad, xa.grad, rtol=1e-5, atol=1e-5)
+    for k, v in eager.state_dict().items():
+        torch.testing.assert_close(compiled_mod.state_dict()[k], v, rtol=1e-5, atol=1e-5, msg=k)
+
+
+def test_compile_inductor_res2net_block_eval():
+    """One real inductor compile (C++ codegen on the CPU) of a Res2Net stage block."""
+    make, cin = _blocks()["bottle2neck_stage"]
+    m = randomize_bn(make()).eval()
+    x = torch.randn(2, cin, 9, 9).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        ref = m(x)
+        out = torch.compile(m, fullgraph=True)(x)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_fx_symbolic_trace_is_not_supported_and_says_why():
+    """Documented in the README: the ops validate shapes in Python, which symbolic tracing cannot do.
+    torch.compile and torch.export (which trace with real shapes) are the supported ways to capture a graph."""
+    blk = resfast.Bottleneck(64, 16)
+    with pytest.raises(torch.fx.proxy.TraceError, match="cannot be traced by torch.fx.symbolic_trace.*torch.compile or torch.export"):
+        torch.fx.symbolic_trace(blk)
+
+
+def test_torch_export_works():
+    blk = resfast.Bottle2neck(64, 16, norm_layer=nn.BatchNorm2d).eval()
+    x = torch.randn(2, 64, 8, 8)
+    ep = torch.export.export(blk, (x,))
+    torch.testing.assert_close(ep.module()(x), blk(x))
+
+
