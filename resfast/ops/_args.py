@@ -176,15 +176,6 @@ def prepare_res2net_chain(x, weights, bns, scale, biases, stride, dilation, grou
     )
 
 
-def out_memory_format(x: Tensor):
-    """channels_last in -> channels_last out; everything else -> contiguous NCHW."""
-    import torch
-
-    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    return torch.contiguous_format
-
-
 __all__: Sequence[str] = [
     "ConvBnReluArgs",
     "BnReluConvArgs",

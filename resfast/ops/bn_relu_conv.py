@@ -33,7 +33,8 @@ def bn_relu_conv(
         residual: (N, C_out, H_out, W_out) added to the conv output (the block's shortcut), or None.
 
     Returns:
-        (N, C_out, H_out, W_out), channels_last if ``x`` is channels_last, else contiguous.
+        (N, C_out, H_out, W_out) in the layout PyTorch's convolution picks, as the original layers do
+        (channels_last when ``x`` is channels_last).
     """
     args = prepare_bn_relu_conv(x, bn, weight, bias, stride, padding, dilation, groups, training, residual)
     return dispatch.run("bn_relu_conv", args)

@@ -37,7 +37,8 @@ def conv_bn_relu(
         residual: (N, C_out, H_out, W_out) added after BN and before the ReLU.
 
     Returns:
-        (N, C_out, H_out, W_out), channels_last if ``x`` is channels_last, else contiguous.
+        (N, C_out, H_out, W_out) in the layout PyTorch's convolution picks, as the original layers do
+        (channels_last when ``x`` is channels_last).
     """
     args = prepare_conv_bn_relu(x, weight, bn, bias, stride, padding, dilation, groups, training, relu, residual)
     return dispatch.run("conv_bn_relu", args)

@@ -16,7 +16,6 @@ from ._args import (
     BnReluConvArgs,
     ConvBnReluArgs,
     Res2NetChainArgs,
-    out_memory_format,
     prepare_bn_relu_conv,
     prepare_conv_bn_relu,
     prepare_res2net_chain,
@@ -33,7 +32,7 @@ def conv_bn_relu_eager(a: ConvBnReluArgs) -> Tensor:
         y = y.add_(a.residual)
     if a.relu:
         y = F.relu(y, inplace=True)
-    return y.contiguous(memory_format=out_memory_format(a.x))
+    return y
 
 
 def bn_relu_conv_eager(a: BnReluConvArgs) -> Tensor:
@@ -42,7 +41,7 @@ def bn_relu_conv_eager(a: BnReluConvArgs) -> Tensor:
     y = F.conv2d(y, a.weight, a.bias, a.stride, a.padding, a.dilation, a.groups)
     if a.residual is not None:
         y = y.add_(a.residual)  # conv2d's backward does not need its output
-    return y.contiguous(memory_format=out_memory_format(a.x))
+    return y
 
 
 def res2net_chain_eager(a: Res2NetChainArgs) -> Tensor:
@@ -62,8 +61,8 @@ def res2net_chain_eager(a: Res2NetChainArgs) -> Tensor:
         p = spx[a.passthrough]
         # timm pools the pass-through split of every 'stage' block, stride 1 included (count_include_pad=True)
         outs[a.passthrough] = F.avg_pool2d(p, 3, a.stride, 1) if a.block_type == "stage" else p
-    out = torch.cat(outs, 1) if len(outs) > 1 else outs[0].clone()
-    return out.contiguous(memory_format=out_memory_format(a.x))
+    # the output's layout follows PyTorch's own rules, as in the originals (channels_last in -> channels_last out)
+    return torch.cat(outs, 1) if len(outs) > 1 else outs[0].clone()
 
 
 def conv_bn_relu_ref(

@@ -47,7 +47,8 @@ def res2net_chain(
         training: BatchNorm in training mode (batch statistics, running buffers updated) or eval mode.
 
     Returns:
-        (N, C, H_out, W_out): the outputs of all splits concatenated in split order, channels_last if ``x`` is.
+        (N, C, H_out, W_out): the outputs of all splits concatenated in split order, in the layout PyTorch
+        picks, as the originals do (channels_last when ``x`` is channels_last).
     """
     args = prepare_res2net_chain(x, weights, bns, scale, biases, stride, dilation, groups, order, block_type, training)
     return dispatch.run("res2net_chain", args)
