@@ -3,12 +3,13 @@
 ``from resfast import Res2NetBottleneck``, ``resfast.convert(model)``, ``resfast.ops.res2net_chain``.
 """
 
-from . import _ext  # noqa: F401  (loads resfast._C if it can; warns once if it cannot)
-from . import ops
-from .ops.dispatch import BackendUnavailableError, backend, get_backend, set_backend
-from .version import __version__
-
-from . import nn  # noqa: E402
+from . import (
+    _ext,  # noqa: F401  (loads resfast._C if it can; warns once if it cannot)
+    models,  # noqa: E402
+    nn,  # noqa: E402
+    ops,
+)
+from .convert import convert  # noqa: E402
 from .nn import (  # noqa: E402
     BasicBlock,
     Bottle2neck,
@@ -20,8 +21,8 @@ from .nn import (  # noqa: E402
     ResBlock,
     SEModule,
 )
-from . import models  # noqa: E402
-from .convert import convert  # noqa: E402
+from .ops.dispatch import BackendUnavailableError, backend, get_backend, set_backend
+from .version import __version__
 
 __all__ = [
     "__version__",

@@ -73,7 +73,7 @@ def time_models(models: dict, x, warmup: int, iters: int, desc: str) -> dict:
     with torch.inference_mode():
         for i in range(warmup + iters):
             order = list(models.items())
-            if i % 2:  # alternate who goes first: the second run of a pair can benefit from warm caches
+            if i % 2:  # alternate who goes first: a model run right after another can find warm caches
                 order.reverse()
             for k, model in order:
                 _sync(x.device)
@@ -114,26 +114,26 @@ def run(args) -> dict:
     torch.manual_seed(0)
     x = torch.randn(args.batch, 3, args.size, args.size, device=device, dtype=dtype).contiguous(memory_format=fmt)
     # which backend resfast's ops take for these inputs (auto falls back silently; say where and why)
-    probe = dispatch.select("conv_bn_relu", resfast.ops._args.prepare_conv_bn_relu(
-        x, torch.empty(8, 3, 1, 1, device=device, dtype=dtype), resfast.ops.BatchNormParams(
-            running_mean=torch.zeros(8, device=device, dtype=dtype), running_var=torch.ones(8, device=device, dtype=dtype)),
-        None, 1, 0, 1, 1, False, True, None))
+    probe = dispatch.get(dispatch.backend_for_input(x))
     skipped = {n: r for n, per_op in dispatch.availability().items() for r in per_op["conv_bn_relu"][:1]}
-    rows = []
+    timed, diffs = {}, {}
     for name in args.models:
         eager = _eager_model(name).to(device=device, dtype=dtype, memory_format=fmt).eval()
         fused = resfast.convert(eager).eval()
         with torch.inference_mode():
             ref, out = eager(x), fused(x)
-        max_diff = (ref.float() - out.float()).abs().max().item()
-        times = time_models({"eager": eager, "resfast": fused}, x, args.warmup, args.iters, name)
-        for impl, t in times.items():
-            med = statistics.median(t)
-            rows.append({
-                "model": name, "impl": impl, "backend": probe.name if impl == "resfast" else "pytorch",
-                "median_ms": med * 1e3, "p20_ms": _q(t, 0.2) * 1e3, "p80_ms": _q(t, 0.8) * 1e3,
-                "images_per_s": args.batch / med, "max_abs_diff_vs_eager": max_diff if impl == "resfast" else 0.0,
-            })
+        diffs[name] = (ref.float() - out.float()).abs().max().item()
+        timed[(name, "eager")], timed[(name, "resfast")] = eager, fused
+    # one interleaved loop over every model, so that machine drift cannot bias any ratio, across models included
+    times = time_models(timed, x, args.warmup, args.iters, "timing")
+    rows = []
+    for (name, impl), t in times.items():
+        med = statistics.median(t)
+        rows.append({
+            "model": name, "impl": impl, "backend": probe.name if impl == "resfast" else "pytorch",
+            "median_ms": med * 1e3, "p20_ms": _q(t, 0.2) * 1e3, "p80_ms": _q(t, 0.8) * 1e3,
+            "images_per_s": args.batch / med, "max_abs_diff_vs_eager": diffs[name] if impl == "resfast" else 0.0,
+        })
     base = {r["model"]: r["images_per_s"] for r in rows if r["impl"] == "eager"}
     for r in rows:
         r["ratio_vs_eager"] = r["images_per_s"] / base[r["model"]]
@@ -193,7 +193,8 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
     p.add_argument("--device", default="auto", help="auto (cuda if present, else cpu), cpu, cuda, cuda:1 ...")
-    p.add_argument("--nchw", dest="channels_last", action="store_false", help="contiguous NCHW instead of channels_last")
+    p.add_argument("--nchw", dest="channels_last", action="store_false",
+                   help="contiguous NCHW instead of channels_last")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     p.add_argument("--out", type=Path, default=None, help="also write the result as JSON here")
     args = p.parse_args(argv)

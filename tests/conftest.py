@@ -43,7 +43,7 @@ def assert_same_state(a: nn.Module, b: nn.Module, **tol):
     sa, sb = a.state_dict(), b.state_dict()
     assert list(sa) == list(sb)
     for k in sa:
-        torch.testing.assert_close(sa[k], sb[k], msg=lambda m: f"{k}: {m}", **tol)
+        torch.testing.assert_close(sa[k], sb[k], msg=lambda m, k=k: f"{k}: {m}", **tol)
 
 
 def compare_modules(orig: nn.Module, new: nn.Module, x: torch.Tensor, train: bool, steps: int = 2, **tol):
@@ -55,18 +55,18 @@ def compare_modules(orig: nn.Module, new: nn.Module, x: torch.Tensor, train: boo
         xa = x.detach().clone().requires_grad_(True)
         xb = x.detach().clone().requires_grad_(True)
         ya, yb = orig(xa), new(xb)
-        torch.testing.assert_close(yb, ya, msg=lambda m: f"output, step {step}: {m}", **tol)
+        torch.testing.assert_close(yb, ya, msg=lambda m, step=step: f"output, step {step}: {m}", **tol)
         g = torch.randn_like(ya)
         ya.backward(g)
         yb.backward(g)
-        torch.testing.assert_close(xb.grad, xa.grad, msg=lambda m: f"input grad, step {step}: {m}", **tol)
+        torch.testing.assert_close(xb.grad, xa.grad, msg=lambda m, step=step: f"input grad, step {step}: {m}", **tol)
         pa, pb = dict(orig.named_parameters()), dict(new.named_parameters())
         assert list(pa) == list(pb)
         for k in pa:
             if pa[k].grad is None:
                 assert pb[k].grad is None, k
                 continue
-            torch.testing.assert_close(pb[k].grad, pa[k].grad, msg=lambda m: f"grad {k}: {m}", **tol)
+            torch.testing.assert_close(pb[k].grad, pa[k].grad, msg=lambda m, k=k: f"grad {k}: {m}", **tol)
         orig.zero_grad()
         new.zero_grad()
         assert_same_state(orig, new, **tol)

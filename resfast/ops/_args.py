@@ -67,7 +67,9 @@ def _conv_params(op, x, weight, stride, padding, dilation, groups):
     padding = checks.pair(padding, "padding", op)
     dilation = checks.pair(dilation, "dilation", op)
     if min(stride) < 1 or min(dilation) < 1 or min(padding) < 0:
-        raise ValueError(f"{op}: stride and dilation must be >= 1 and padding >= 0, got {stride}, {dilation}, {padding}")
+        raise ValueError(
+            f"{op}: stride and dilation must be >= 1 and padding >= 0, got {stride}, {dilation}, {padding}"
+        )
     checks.check_conv_weight(op, x.shape[1], weight, groups)
     checks.check_same(op, x, weight, "weight")
     oh, ow = checks.conv_out_hw(op, x.shape[2], x.shape[3], tuple(weight.shape[2:]), stride, padding, dilation)
@@ -129,7 +131,9 @@ def prepare_res2net_chain(x, weights, bns, scale, biases, stride, dilation, grou
     if not isinstance(scale, int) or scale < 1:
         raise ValueError(f"{op}: scale must be a positive int, got {scale!r}")
     if not isinstance(stride, int) or stride < 1 or not isinstance(dilation, int) or dilation < 1:
-        raise ValueError(f"{op}: stride and dilation must be positive ints, got stride={stride!r}, dilation={dilation!r}")
+        raise ValueError(
+            f"{op}: stride and dilation must be positive ints, got stride={stride!r}, dilation={dilation!r}"
+        )
     if block_type == "normal" and stride != 1:
         raise ValueError(
             f"{op}: a 'normal' block adds each split's output into the next split, so it needs stride 1 "
@@ -166,7 +170,8 @@ def prepare_res2net_chain(x, weights, bns, scale, biases, stride, dilation, grou
         hw = checks.conv_out_hw(op, x.shape[2], x.shape[3], (3, 3), (stride,) * 2, (dilation,) * 2, (dilation,) * 2)
         out_hw = hw
         checks.check_batch_stats(
-            op, (x.shape[0], conv_in) + hw, checks.needs_batch_stats(bn, training), f"split {conv_splits[i]}'s conv output"
+            op, (x.shape[0], conv_in) + hw, checks.needs_batch_stats(bn, training),
+            f"split {conv_splits[i]}'s conv output",
         )
     if out_hw is None and block_type == "stage":
         checks.conv_out_hw(op, x.shape[2], x.shape[3], (3, 3), (stride,) * 2, (1, 1), (1, 1))

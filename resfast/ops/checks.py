@@ -31,7 +31,9 @@ def check_input(op: str, x: Tensor, name: str = "input") -> None:
     if not isinstance(x, Tensor):
         raise TypeError(f"{op}: {name} must be a Tensor, got {type(x).__name__}")
     if x.dim() != 4:
-        raise ValueError(f"{op}: expected a 4-D {name} (N, C, H, W), got a {x.dim()}-D tensor of shape {tuple(x.shape)}")
+        raise ValueError(
+            f"{op}: expected a 4-D {name} (N, C, H, W), got a {x.dim()}-D tensor of shape {tuple(x.shape)}"
+        )
     if not (x.is_floating_point()):
         raise TypeError(f"{op}: {name} must be a floating-point tensor, got {x.dtype}")
 
@@ -112,7 +114,9 @@ def check_residual(op: str, x: Tensor, residual: Optional[Tensor], out_shape: Se
         return
     check_input(op, residual, "residual")
     if tuple(residual.shape) != tuple(out_shape):
-        raise ValueError(f"{op}: residual has shape {tuple(residual.shape)} but the output has shape {tuple(out_shape)}")
+        raise ValueError(
+            f"{op}: residual has shape {tuple(residual.shape)} but the output has shape {tuple(out_shape)}"
+        )
     check_same(op, x, residual, "residual")
 
 

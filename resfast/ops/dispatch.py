@@ -93,7 +93,8 @@ class CudaBackend(Backend):
         if _ext.C is None:
             reasons.append(f"the extension resfast._C is not loaded ({_ext.C_ERROR})")
         elif not _ext.build_info().get("with_cuda", False):
-            reasons.append("resfast._C was built without CUDA sources (" + _ext.build_info().get("cuda_skip_reason", "") + ")")
+            why = _ext.build_info().get("cuda_skip_reason", "")
+            reasons.append(f"resfast._C was built without CUDA sources ({why})")
         if torch.version.cuda is None:
             reasons.append("this torch is a CPU-only build")
         elif not torch.cuda.is_available():
@@ -186,6 +187,20 @@ def select(op: str, args) -> Backend:
 
 def run(op: str, args):
     return select(op, args).run(op, args)
+
+
+def backend_for_input(x: torch.Tensor, op: str = "conv_bn_relu") -> str:
+    """The backend the current choice gives `op` for inputs like `x` (its device and dtype), e.g. for reports."""
+    from ._args import prepare_conv_bn_relu
+
+    C = x.shape[1] if x.dim() == 4 else 1
+    probe = torch.empty((1, C, 2, 2), device=x.device, dtype=x.dtype)
+    w = torch.empty((C, C, 1, 1), device=x.device, dtype=x.dtype)
+    stats = torch.zeros(C, device=x.device, dtype=x.dtype)
+    from .batchnorm import BatchNormParams
+
+    bn = BatchNormParams(running_mean=stats, running_var=stats + 1)
+    return select(op, prepare_conv_bn_relu(probe, w, bn, None, 1, 0, 1, 1, False, True, None)).name
 
 
 def availability() -> dict[str, dict[str, list[str]]]:

@@ -59,7 +59,8 @@ def test_fx_symbolic_trace_is_not_supported_and_says_why():
     """Documented in the README: the ops validate shapes in Python, which symbolic tracing cannot do.
     torch.compile and torch.export (which trace with real shapes) are the supported ways to capture a graph."""
     blk = resfast.Bottleneck(64, 16)
-    with pytest.raises(torch.fx.proxy.TraceError, match="cannot be traced by torch.fx.symbolic_trace.*torch.compile or torch.export"):
+    match = "cannot be traced by torch.fx.symbolic_trace.*torch.compile or torch.export"
+    with pytest.raises(torch.fx.proxy.TraceError, match=match):
         torch.fx.symbolic_trace(blk)
 
 

@@ -13,8 +13,9 @@ from resfast.ops import BatchNormParams
 
 def _layers(scale, order, width, groups, stride, dilation, bias, dtype):
     n = max(1, scale - 1) if order == "timm" else scale - 1
-    cin = width if not (order == "timm" and scale == 1) else width
-    convs = [nn.Conv2d(cin, cin, 3, stride, dilation, dilation, groups=groups, bias=bias, dtype=dtype) for _ in range(n)]
+    cin = width
+    convs = [nn.Conv2d(cin, cin, 3, stride, dilation, dilation, groups=groups, bias=bias, dtype=dtype)
+             for _ in range(n)]
     bns = [nn.BatchNorm2d(cin, dtype=dtype) for _ in range(n)]
     with torch.no_grad():
         for bn in bns:
@@ -88,7 +89,8 @@ def test_matches_reference(scale, order, block_type, stride, groups, dilation, t
             torch.testing.assert_close(a.state_dict()[k], v, rtol=0, atol=1e-14, msg=k)
 
 
-@pytest.mark.parametrize("order,block_type,stride", [("timm", "normal", 1), ("timm", "stage", 2), ("paper", "normal", 1)])
+@pytest.mark.parametrize("order,block_type,stride",
+                         [("timm", "normal", 1), ("timm", "stage", 2), ("paper", "normal", 1)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_channels_last_in_channels_last_out(order, block_type, stride, dtype):
     x, ref, out, *_ = _case(4, order, block_type, stride, 1, 1, True, True, bias=True, dtype=dtype)

@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Sets up everything resfast needs in a virtual environment (default .venv; RESFAST_VENV to change), then builds
+# the C++/CUDA extension in place. Idempotent: a second run only checks, and rebuilds what changed.
+#
+# torch: the CUDA (cu130) build of torch 2.13.0 from the registry. Machines of this project carry a pip config
+# whose find-links holds a CPU-only wheel of the same version, which pip would otherwise prefer; that one
+# install bypasses the config. With the CUDA build, torchvision/timm import and .cu sources compile (no GPU
+# needed to compile).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+VENV=${RESFAST_VENV:-.venv}
+PYTHON=${PYTHON:-python3}
+TORCH_VERSION=2.13.0
+TORCHVISION_VERSION=0.28.0
+
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "== resfast setup: creating $VENV"
+  "$PYTHON" -m venv "$VENV"
+fi
+PY="$VENV/bin/python"
+
+has_cuda_torch() {
+  "$PY" - "$TORCH_VERSION" <<'PYEOF' 2>/dev/null
+import sys, torch
+sys.exit(0 if torch.__version__.split("+")[0] == sys.argv[1] and torch.version.cuda else 1)
+PYEOF
+}
+
+if ! has_cuda_torch; then
+  echo "== resfast setup: installing the CUDA build of torch $TORCH_VERSION (about 5 GB)"
+  "$PY" -m pip uninstall -y torch >/dev/null 2>&1 || true
+  env -u PIP_FIND_LINKS PIP_CONFIG_FILE=/dev/null "$PY" -m pip install --progress-bar off "torch==$TORCH_VERSION"
+  has_cuda_torch || { echo "resfast setup: torch $TORCH_VERSION with CUDA did not install" >&2; exit 1; }
+fi
+
+echo "== resfast setup: test and build dependencies"
+"$PY" -m pip install --progress-bar off -q "torchvision==$TORCHVISION_VERSION" timm triton numpy pytest hypothesis \
+  ninja pybind11 tqdm ruff
+has_cuda_torch || { echo "resfast setup: a dependency replaced the CUDA build of torch" >&2; exit 1; }
+
+echo "== resfast setup: building resfast._C (MAX_JOBS=${MAX_JOBS:-2})"
+MAX_JOBS=${MAX_JOBS:-2} "$PY" setup.py -q build_ext --inplace
+# Make the working tree importable from anywhere in the venv (what an editable install does), without
+# a second build in pip's temporary directory.
+SITE=$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+echo "$(pwd)" > "$SITE/resfast-dev.pth"
+"$PY" -c 'import resfast, resfast._ext as e; print("== resfast setup: resfast", resfast.__version__, "| _C:", "loaded" if e.C else e.C_ERROR)'
