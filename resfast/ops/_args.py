@@ -155,7 +155,7 @@ def prepare_res2net_chain(x, weights, bns, scale, biases, stride, dilation, grou
     biases = (None,) * n if biases is None else tuple(biases)
     if len(biases) != n:
         raise ValueError(f"{op}: expected {n} conv biases (or None), got {len(biases)}")
-    conv_in = width if conv_splits != (0,) or passthrough is not None else channels
+    conv_in = width  # with timm's scale == 1 the single conv takes the whole input, and width == channels
     out_hw = None
     for i, (w, b, bn) in enumerate(zip(weights, biases, bns)):
         name = f"weights[{i}]"

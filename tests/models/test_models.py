@@ -94,3 +94,15 @@ def test_num_classes_and_unknown_model():
 def test_res2net_is_zero_initialised_like_timm():
     m = models.res2net50_26w_4s()
     assert all(float(b.bn3.weight.detach().abs().sum()) == 0 for b in m.modules() if hasattr(b, "convs"))
+
+
+@pytest.mark.parametrize("name", ["res2net50_26w_4s", "resnext50_32x4d", "resnet50_v2"])
+def test_channels_last_model(name):
+    orig = randomize_bn(_original(name)).eval().to(memory_format=torch.channels_last)
+    new = models.get_model(name, weights=orig.state_dict()).eval().to(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        torch.testing.assert_close(new(x), orig(x), rtol=1e-5, atol=1e-5)
+        # the trunk (stem + first stage of resfast blocks) keeps channels_last; the logits are 2-D
+        feats = new.layer1(new.maxpool(new.relu(new.bn1(new.conv1(x)))))
+        assert feats.is_contiguous(memory_format=torch.channels_last) and not feats.is_contiguous()

@@ -210,3 +210,18 @@ def test_torchvision_resnet_accepts_resfast_bottleneck():
     new.load_state_dict(ref.state_dict(), strict=True)
     x = torch.randn(1, 3, 64, 64)
     torch.testing.assert_close(new(x), ref(x))
+
+
+def test_sync_batchnorm_keeps_the_module_path(monkeypatch):
+    """convert_sync_batchnorm swaps in SyncBatchNorm: the block must run it (synchronised statistics), not a
+    fused op that would silently drop the synchronisation."""
+    orig, new, cin = _pair("bottle2neck_stage_s4_stride2")
+    new = nn.SyncBatchNorm.convert_sync_batchnorm(new).eval()
+    from resfast.ops import dispatch
+
+    calls = []
+    real = dispatch.run
+    monkeypatch.setattr(dispatch, "run", lambda op, args: calls.append(op) or real(op, args))
+    x = torch.randn(2, cin, 8, 8, dtype=torch.float64)
+    torch.testing.assert_close(new(x), orig.eval()(x), rtol=1e-10, atol=1e-10)
+    assert calls == []
