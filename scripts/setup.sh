@@ -36,7 +36,7 @@ fi
 
 echo "== resfast setup: test and build dependencies"
 "$PY" -m pip install --progress-bar off -q "torchvision==$TORCHVISION_VERSION" timm triton numpy pytest hypothesis \
-  ninja pybind11 tqdm ruff
+  ninja pybind11 tqdm ruff matplotlib
 has_cuda_torch || { echo "resfast setup: a dependency replaced the CUDA build of torch" >&2; exit 1; }
 
 echo "== resfast setup: building resfast._C (MAX_JOBS=${MAX_JOBS:-2})"
