@@ -1,11 +1,13 @@
 """resfast.convert: swap every recognised ResNet-family block in a model for its resfast equivalent.
 
-Recognised: torchvision's BasicBlock/Bottleneck (also inside detection backbones, FrozenBatchNorm2d included),
-timm's res2net Bottle2neck, and the seed articles' blocks (Res2NetBottleneck, Res2Block, ResBlock,
-BasicBlockV2/BottleneckV2, and seed 002's BasicBlock/Bottleneck), matched by class name and exact set of
-child modules. The replacement takes over the original's parameters, buffers, submodules, attributes and
-hooks (it is the same object state under the resfast class), so weights, outputs and state_dict keys are
-unchanged. Everything else is left alone.
+Recognised: torchvision's BasicBlock/Bottleneck (also inside detection backbones, FrozenBatchNorm2d included)
+and timm's res2net Bottle2neck by their exact class; and blocks written like the seed articles'
+(Res2NetBottleneck, Res2Block, ResBlock, BasicBlockV2/BottleneckV2, seed 002's BasicBlock/Bottleneck), matched
+by class name and child modules and then *verified*: a randomised copy of the block and of its conversion must
+give the same outputs and running statistics in eval and in training mode, otherwise the block is left alone
+(a look-alike with other semantics, e.g. a pre-activation block named BasicBlock, is never swapped).
+The replacement takes over the original's parameters, buffers, submodules, attributes and hooks (it is the same
+object state under the resfast class), so weights, outputs and state_dict keys are unchanged.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import copy
 from typing import Optional, Type
 
+import torch
 from torch import nn
 
 from .nn import (
@@ -57,7 +60,24 @@ _REQUIRED_ATTRS = {
 _DEFAULTS = {Bottle2neck: {"drop_block": nn.Identity, "drop_path": lambda: None, "se": lambda: None}}
 
 
+# Library classes trusted by their exact module and name; everything else must pass the behavioural check.
+_LIBRARY = {
+    ("torchvision.models.resnet", "BasicBlock"),
+    ("torchvision.models.resnet", "Bottleneck"),
+    ("timm.models.res2net", "Bottle2neck"),
+}
+
+
 def _target(m: nn.Module) -> Optional[Type[nn.Module]]:
+    cls = _candidate(m)
+    if cls is None:
+        return None
+    if (type(m).__module__, type(m).__name__) in _LIBRARY:
+        return cls
+    return cls if _behaves_the_same(m, cls) else None
+
+
+def _candidate(m: nn.Module) -> Optional[Type[nn.Module]]:
     name = type(m).__name__
     if name not in _BY_NAME or m.__class__.__module__.startswith("resfast."):
         return None
@@ -70,6 +90,48 @@ def _target(m: nn.Module) -> Optional[Type[nn.Module]]:
     if name in ("BasicBlockV2", "BottleneckV2", "BasicBlock", "Bottleneck") and not hasattr(m, "downsample"):
         return None
     return cls
+
+
+def _in_channels(m: nn.Module) -> Optional[int]:
+    first = m.residual_function[0] if hasattr(m, "residual_function") else getattr(m, "conv1", None)
+    return getattr(first, "in_channels", None)
+
+
+def _randomize(m: nn.Module, seed: int = 0) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, t in list(m.named_parameters()) + list(m.named_buffers()):
+            if not t.is_floating_point():
+                continue
+            r = torch.rand(t.shape, generator=g, dtype=torch.float64)
+            t.copy_(r + 0.5 if name.endswith("running_var") else (r - 0.5) * (2.0 if t.dim() <= 1 else 1.0))
+
+
+def _behaves_the_same(m: nn.Module, cls: Type[nn.Module]) -> bool:
+    """Run a randomised float64 copy of `m` and of its conversion on a small input, in eval and training mode:
+    same outputs and same buffers, or the block is not converted."""
+    cin = _in_channels(m)
+    params = list(m.parameters())
+    if cin is None or not params or params[0].device.type == "meta":
+        return False
+    device = params[0].device
+    try:
+        a = copy.deepcopy(m).to(torch.float64)
+        _randomize(a)
+        b = _adopt(copy.deepcopy(a), cls)
+        g = torch.Generator().manual_seed(1)
+        for train in (False, True):
+            a.train(train)
+            b.train(train)
+            x = torch.randn(2, cin, 9, 9, generator=g, dtype=torch.float64).to(device)
+            with torch.no_grad():
+                ya, yb = a(x.clone()), b(x.clone())
+            if ya.shape != yb.shape or not torch.allclose(ya, yb, rtol=1e-9, atol=1e-9):
+                return False
+        return all(torch.equal(u, v) or (u.is_floating_point() and torch.allclose(u, v, rtol=1e-9, atol=1e-9))
+                   for u, v in zip(a.state_dict().values(), b.state_dict().values()))
+    except Exception:  # anything the probe cannot run is not converted
+        return False
 
 
 def _adopt(m: nn.Module, cls: Type[nn.Module]) -> nn.Module:

@@ -109,3 +109,32 @@ def test_unrecognised_blocks_are_left_alone():
     assert not any(isinstance(m, RESFAST_BLOCKS) for m in conv.modules())  # timm's own resnet blocks differ
     x = torch.randn(1, 3, 32, 32)
     torch.testing.assert_close(conv.eval()(x), model.eval()(x))
+
+
+def test_lookalike_with_other_semantics_is_not_converted():
+    """A pre-activation block named BasicBlock (same children as torchvision's) must not be swapped for the
+    post-activation one: the behavioural check rejects it, and the model's outputs stay the same."""
+
+    class BasicBlock(nn.Module):  # e.g. bearpaw/pytorch-classification's preresnet block
+        expansion = 1
+
+        def __init__(self, inplanes, planes, stride=1, downsample=None):
+            super().__init__()
+            self.bn1 = nn.BatchNorm2d(inplanes)
+            self.relu = nn.ReLU(inplace=True)
+            self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, 1, bias=False)
+            self.bn2 = nn.BatchNorm2d(planes)
+            self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+            self.downsample = downsample
+
+        def forward(self, x):
+            out = self.conv1(self.relu(self.bn1(x)))
+            out = self.conv2(self.relu(self.bn2(out)))
+            return out + (x if self.downsample is None else self.downsample(x))
+
+    m = nn.Sequential(BasicBlock(16, 16), seed002.BasicBlock(16, 16)).eval()
+    c = resfast.convert(m)
+    assert type(c[0]) is BasicBlock  # rejected by the check
+    assert isinstance(c[1], rnn.BasicBlock)  # seed 002's true torchvision-style block passes it
+    x = torch.randn(2, 16, 8, 8)
+    torch.testing.assert_close(c(x), m(x), rtol=0, atol=0)
