@@ -59,6 +59,8 @@ def main(argv=None, prog="python -m resfast.bench", models_default=("res2net50_2
         print(format_compare(c))
         return 1 if c["slower"] else 0
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser(prog, models_default).error(f"--device {args.device}: no CUDA device is visible here")
     gpu = device.type == "cuda"
     defaults = {
         (False, False): dict(batch=8, size=224, iters=10, warmup=2, dtype="float32"),

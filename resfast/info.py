@@ -81,7 +81,11 @@ def main(argv=None) -> int:
     rows = []
     for name in args.model:
         kwargs = {} if args.num_classes is None else {"num_classes": args.num_classes}
-        rows.append(summarize(get_model(name, **kwargs), (3, args.size, args.size), name))
+        try:
+            model = get_model(name, **kwargs)
+        except ValueError as e:
+            p.error(str(e))
+        rows.append(summarize(model, (3, args.size, args.size), name))
     print(format_summaries(rows))
     return 0
 

@@ -4,8 +4,9 @@
 #
 # torch: the CUDA (cu130) build of torch 2.13.0 from the registry. Machines of this project carry a pip config
 # whose find-links holds a CPU-only wheel of the same version, which pip would otherwise prefer; that one
-# install bypasses the config. With the CUDA build, torchvision/timm import and .cu sources compile (no GPU
-# needed to compile).
+# install bypasses the config (the whole config: its find-links and its local extra indexes, so torch and its
+# CUDA wheels come from the registry). With the CUDA build, torchvision/timm import and .cu sources compile
+# (no GPU needed to compile).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

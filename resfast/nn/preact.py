@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from ._common import bn_conv, fusable
+from ._common import bn_conv, fusable, fusable_relu
 
 
 class PreActBasicBlock(nn.Module):
@@ -26,7 +26,7 @@ class PreActBasicBlock(nn.Module):
         self.downsample = downsample
 
     def forward(self, x: Tensor) -> Tensor:
-        if not fusable((self.conv1, self.bn1), (self.conv2, self.bn2)):
+        if not (fusable((self.conv1, self.bn1), (self.conv2, self.bn2)) and fusable_relu(self.relu)):
             return self._forward_modules(x)
         identity = x if self.downsample is None else self.downsample(x)
         out = bn_conv(x, self.bn1, self.conv1)
@@ -56,7 +56,8 @@ class PreActBottleneck(nn.Module):
         self.downsample = downsample
 
     def forward(self, x: Tensor) -> Tensor:
-        if not fusable((self.conv1, self.bn1), (self.conv2, self.bn2), (self.conv3, self.bn3)):
+        if not (fusable((self.conv1, self.bn1), (self.conv2, self.bn2), (self.conv3, self.bn3))
+                and fusable_relu(self.relu)):
             return self._forward_modules(x)
         identity = x if self.downsample is None else self.downsample(x)
         out = bn_conv(x, self.bn1, self.conv1)

@@ -88,25 +88,28 @@ def _check_bias(op, x, bias, channels, name="bias"):
 def prepare_conv_bn_relu(x, weight, bn, bias, stride, padding, dilation, groups, training, relu, residual):
     op = "resfast.conv_bn_relu"
     checks.check_input(op, x)
+    checks.check_flag(op, training, "training")
+    checks.check_flag(op, relu, "relu")
     bn = as_bn_params(bn)
     stride, padding, dilation, out_shape = _conv_params(op, x, weight, stride, padding, dilation, groups)
     _check_bias(op, x, bias, weight.shape[0])
     checks.check_bn(op, x, bn, weight.shape[0])
     checks.check_residual(op, x, residual, out_shape)
     checks.check_batch_stats(op, out_shape, checks.needs_batch_stats(bn, training), "the conv output")
-    return ConvBnReluArgs(x, weight, bias, bn, stride, padding, dilation, groups, bool(training), bool(relu), residual)
+    return ConvBnReluArgs(x, weight, bias, bn, stride, padding, dilation, groups, training, relu, residual)
 
 
 def prepare_bn_relu_conv(x, bn, weight, bias, stride, padding, dilation, groups, training, residual):
     op = "resfast.bn_relu_conv"
     checks.check_input(op, x)
+    checks.check_flag(op, training, "training")
     bn = as_bn_params(bn)
     checks.check_bn(op, x, bn, x.shape[1])
     checks.check_batch_stats(op, x.shape, checks.needs_batch_stats(bn, training), "the input")
     stride, padding, dilation, out_shape = _conv_params(op, x, weight, stride, padding, dilation, groups)
     _check_bias(op, x, bias, weight.shape[0])
     checks.check_residual(op, x, residual, out_shape)
-    return BnReluConvArgs(x, bn, weight, bias, stride, padding, dilation, groups, bool(training), residual)
+    return BnReluConvArgs(x, bn, weight, bias, stride, padding, dilation, groups, training, residual)
 
 
 def chain_layout(scale: int, order: str) -> tuple[tuple[int, ...], Optional[int]]:
@@ -128,12 +131,11 @@ def prepare_res2net_chain(x, weights, bns, scale, biases, stride, dilation, grou
         raise ValueError(f"{op}: order must be one of {ORDERS}, got {order!r}")
     if block_type not in BLOCK_TYPES:
         raise ValueError(f"{op}: block_type must be one of {BLOCK_TYPES}, got {block_type!r}")
-    if not isinstance(scale, int) or scale < 1:
-        raise ValueError(f"{op}: scale must be a positive int, got {scale!r}")
-    if not isinstance(stride, int) or stride < 1 or not isinstance(dilation, int) or dilation < 1:
-        raise ValueError(
-            f"{op}: stride and dilation must be positive ints, got stride={stride!r}, dilation={dilation!r}"
-        )
+    checks.check_flag(op, training, "training")
+    checks.check_int(op, scale, "scale")
+    checks.check_int(op, stride, "stride")
+    checks.check_int(op, dilation, "dilation")
+    checks.check_int(op, groups, "groups")
     if block_type == "normal" and stride != 1:
         raise ValueError(
             f"{op}: a 'normal' block adds each split's output into the next split, so it needs stride 1 "
@@ -176,7 +178,7 @@ def prepare_res2net_chain(x, weights, bns, scale, biases, stride, dilation, grou
     if out_hw is None and block_type == "stage":
         checks.conv_out_hw(op, x.shape[2], x.shape[3], (3, 3), (stride,) * 2, (1, 1), (1, 1))
     return Res2NetChainArgs(
-        x, weights, biases, bns, scale, width, stride, dilation, groups, order, block_type, bool(training),
+        x, weights, biases, bns, scale, width, stride, dilation, groups, order, block_type, training,
         conv_splits, passthrough,
     )
 

@@ -19,7 +19,9 @@ class BatchNormParams(NamedTuple):
     """The tensors and settings of one BatchNorm2d.
 
     ``weight``/``bias`` are None for ``affine=False``; ``running_mean``/``running_var`` are None for
-    ``track_running_stats=False``. ``frozen=True`` is torchvision's FrozenBatchNorm2d: running statistics
+    ``track_running_stats=False`` at construction. ``track_running_stats=False`` with buffers present (the flag
+    switched off later) is nn.BatchNorm2d's third case: batch statistics and no update in training, the
+    running statistics in eval. ``frozen=True`` is torchvision's FrozenBatchNorm2d: running statistics
     always, never updated, computed as ``x * (w * rsqrt(rv + eps)) + (b - rm * w * rsqrt(rv + eps))``.
     """
 
@@ -31,6 +33,7 @@ class BatchNormParams(NamedTuple):
     momentum: Optional[float] = 0.1
     eps: float = 1e-5
     frozen: bool = False
+    track_running_stats: bool = True
 
     @property
     def num_features(self) -> Optional[int]:
@@ -45,7 +48,7 @@ class ResolvedBN(NamedTuple):
 
     weight: Optional[Tensor]
     bias: Optional[Tensor]
-    running_mean: Optional[Tensor]
+    running_mean: Optional[Tensor]  # what F.batch_norm receives: None when batch statistics are not tracked
     running_var: Optional[Tensor]
     use_batch_stats: bool  # normalise with this batch's statistics (training, or no running stats)
     update_running: bool  # running_mean/running_var are updated in place with `factor`
@@ -80,9 +83,17 @@ def as_bn_params(bn) -> BatchNormParams:
     """BatchNormParams from a BatchNormParams, an nn.BatchNorm2d or a FrozenBatchNorm2d."""
     if isinstance(bn, BatchNormParams):
         return bn
+    if isinstance(bn, nn.SyncBatchNorm):
+        raise TypeError(
+            "SyncBatchNorm synchronises statistics across processes, which resfast's ops do not do: run the "
+            "module itself (resfast's blocks do so automatically)"
+        )
     if isinstance(bn, nn.modules.batchnorm._BatchNorm):
+        if not isinstance(bn, nn.BatchNorm2d):
+            raise TypeError(f"expected a BatchNorm2d, got {type(bn).__name__} (resfast's ops normalise 4-D inputs)")
         return BatchNormParams(
-            bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.num_batches_tracked, bn.momentum, bn.eps, False
+            bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.num_batches_tracked, bn.momentum, bn.eps, False,
+            bool(bn.track_running_stats),
         )
     if isinstance(bn, nn.Module) and is_frozen_bn(bn):
         return BatchNormParams(bn.weight, bn.bias, bn.running_mean, bn.running_var, None, None, bn.eps, True)
@@ -98,20 +109,23 @@ def resolve_bn(bn: BatchNormParams, training: bool) -> ResolvedBN:
     """
     if bn.frozen:
         return ResolvedBN(bn.weight, bn.bias, bn.running_mean, bn.running_var, False, False, 0.0, bn.eps, True)
-    tracking = bn.running_mean is not None
+    has_buffers = bn.running_mean is not None
     factor = 0.0 if bn.momentum is None else bn.momentum
-    if training and tracking and bn.num_batches_tracked is not None:
+    if training and bn.track_running_stats and bn.num_batches_tracked is not None:
         bn.num_batches_tracked.add_(1)
         if bn.momentum is None:  # cumulative moving average
             factor = 1.0 / float(bn.num_batches_tracked)
-    use_batch_stats = training or not tracking
+    use_batch_stats = training or not has_buffers
+    # as nn.BatchNorm2d: the buffers are passed (and, with batch statistics, updated) unless training without
+    # tracking; in eval they are used whenever they exist
+    pass_buffers = has_buffers and (not training or bn.track_running_stats)
     return ResolvedBN(
         bn.weight,
         bn.bias,
-        bn.running_mean,
-        bn.running_var,
+        bn.running_mean if pass_buffers else None,
+        bn.running_var if pass_buffers else None,
         use_batch_stats,
-        use_batch_stats and tracking,
+        use_batch_stats and pass_buffers,
         factor,
         bn.eps,
         False,

@@ -14,9 +14,9 @@ from .batchnorm import BatchNormParams
 
 
 def pair(v, name: str, op: str) -> tuple[int, int]:
-    if isinstance(v, int):
+    if isinstance(v, int) and not isinstance(v, bool):
         return (v, v)
-    if isinstance(v, (tuple, list)) and len(v) == 2 and all(isinstance(i, int) for i in v):
+    if isinstance(v, (tuple, list)) and len(v) == 2 and all(isinstance(i, int) and not isinstance(i, bool) for i in v):
         return (int(v[0]), int(v[1]))
     raise TypeError(f"{op}: {name} must be an int or a pair of ints, got {v!r}")
 
@@ -59,7 +59,7 @@ def check_conv_weight(op: str, x_channels: int, weight: Tensor, groups: int, nam
     if not isinstance(weight, Tensor) or weight.dim() != 4:
         shape = tuple(weight.shape) if isinstance(weight, Tensor) else type(weight).__name__
         raise ValueError(f"{op}: {name} must be a 4-D conv weight (C_out, C_in/groups, kH, kW), got {shape}")
-    if not isinstance(groups, int) or groups < 1:
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
         raise ValueError(f"{op}: groups must be a positive int, got {groups!r}")
     if x_channels % groups != 0:
         raise ValueError(f"{op}: groups={groups} does not divide the {x_channels} input channels")
@@ -72,14 +72,23 @@ def check_conv_weight(op: str, x_channels: int, weight: Tensor, groups: int, nam
         )
 
 
-def check_bn(op: str, x: Tensor, bn: BatchNormParams, channels: int, name: str = "bn", *, dtype: bool = False) -> None:
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def check_bn(op: str, x: Tensor, bn: BatchNormParams, channels: int, name: str = "bn") -> None:
     for field in ("weight", "bias", "running_mean", "running_var"):
         t = getattr(bn, field)
         if t is None:
             continue
         if t.dim() != 1 or t.shape[0] != channels:
             raise ValueError(f"{op}: {name}.{field} has shape {tuple(t.shape)} but {channels} channels are normalised")
-        check_same(op, x, t, f"{name}.{field}", dtype=dtype and field in ("weight", "bias"))
+        check_same(op, x, t, f"{name}.{field}", dtype=False)
+        # BatchNorm takes its input's dtype, or float32 statistics for a half/bfloat16 input (as PyTorch does)
+        mixed_ok = t.dtype == torch.float32 and x.dtype in _LOW_PRECISION
+        if t.dtype != x.dtype and not mixed_ok and not _autocast_on(x):
+            raise TypeError(
+                f"{op}: {name}.{field} has dtype {t.dtype} but the input has dtype {x.dtype}; convert one of them"
+            )
     if (bn.running_mean is None) != (bn.running_var is None):
         raise ValueError(f"{op}: {name} needs both running_mean and running_var, or neither")
     if bn.frozen and (bn.weight is None or bn.bias is None or bn.running_mean is None):
@@ -122,3 +131,13 @@ def check_residual(op: str, x: Tensor, residual: Optional[Tensor], out_shape: Se
 
 def needs_batch_stats(bn: BatchNormParams, training: bool) -> bool:
     return not bn.frozen and (training or bn.running_mean is None)
+
+
+def check_flag(op: str, value, name: str) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{op}: {name} must be a bool, got {value!r}")
+
+
+def check_int(op: str, value, name: str, minimum: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{op}: {name} must be an int >= {minimum}, got {value!r}")

@@ -50,7 +50,7 @@ class Backend:
         if op not in OPS:
             raise ValueError(f"unknown resfast op {op!r}; ops are {OPS}")
         reasons = list(self.static_reasons(op))
-        if not reasons and args is not None:
+        if args is not None:  # every reason, so an explicit request explains everything that stands in the way
             reasons += self._input_reasons(op, args)
         return reasons
 
@@ -173,7 +173,8 @@ def select(op: str, args) -> Backend:
     name = _state.name
     if name == "auto":
         for b in _BACKENDS.values():
-            if not b.not_supported_reasons(op, args):
+            # cheap first: backends ruled out whatever the inputs are never look at the inputs
+            if not b.static_reasons(op) and not b._input_reasons(op, args):
                 return b
         raise AssertionError("unreachable: the eager backend supports every op")
     b = _BACKENDS[name]

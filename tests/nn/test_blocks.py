@@ -225,3 +225,11 @@ def test_sync_batchnorm_keeps_the_module_path(monkeypatch):
     x = torch.randn(2, cin, 8, 8, dtype=torch.float64)
     torch.testing.assert_close(new(x), orig.eval()(x), rtol=1e-10, atol=1e-10)
     assert calls == []
+
+
+def test_preact_block_with_other_activation_keeps_module_path():
+    """A block whose `relu` was swapped for another activation runs its modules, not the fused ReLU op."""
+    orig, new, cin = _pair("seed004_bottleneck_v2")
+    orig.relu = nn.LeakyReLU(0.5)
+    new.relu = nn.LeakyReLU(0.5)
+    compare_modules(orig, new, torch.randn(2, cin, 8, 8, dtype=torch.float64), True, rtol=1e-10, atol=1e-10)

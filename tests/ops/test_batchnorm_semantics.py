@@ -95,3 +95,43 @@ def test_one_value_per_channel_in_training_is_an_error_and_touches_nothing():
     assert int(bn.num_batches_tracked) == 0
     # eval with one value is fine
     ops.conv_bn_relu(torch.randn(1, 4, 1, 1, dtype=torch.float64), w, bn, training=False)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_track_running_stats_switched_off_after_construction(training):
+    """nn.BatchNorm2d's third case: buffers exist but track_running_stats is False: batch statistics and no
+    buffer update in training, running statistics in eval (found in review)."""
+    ref, bn = _bn(4), _bn(4)
+    with torch.no_grad():
+        ref.running_mean.uniform_(-1, 1)
+        ref.running_var.uniform_(0.5, 2)
+    bn.load_state_dict(ref.state_dict())
+    ref.track_running_stats = bn.track_running_stats = False
+    ref.train(training)
+    w = torch.randn(4, 4, 1, 1, dtype=torch.float64)
+    for _ in range(2):
+        x = torch.randn(3, 4, 5, 5, dtype=torch.float64)
+        torch.testing.assert_close(ops.conv_bn_relu(x, w, bn, training=training), F.relu(ref(F.conv2d(x, w))))
+        torch.testing.assert_close(ops.bn_relu_conv(x, bn, w, training=training), F.conv2d(F.relu(ref(x)), w))
+    for k, v in ref.state_dict().items():
+        assert torch.equal(bn.state_dict()[k], v), k
+
+
+def test_bad_batchnorm_arguments_are_named():
+    x = torch.randn(2, 4, 3, 3)
+    w = torch.randn(4, 4, 1, 1)
+    with pytest.raises(TypeError, match="bn.weight has dtype torch.float64 but the input has dtype torch.float32"):
+        ops.conv_bn_relu(x, w, nn.BatchNorm2d(4).double())
+    with pytest.raises(TypeError, match="SyncBatchNorm"):
+        ops.conv_bn_relu(x, w, nn.SyncBatchNorm(4))
+    with pytest.raises(TypeError, match="expected a BatchNorm2d, got BatchNorm1d"):
+        ops.conv_bn_relu(x, w, nn.BatchNorm1d(4))
+    with pytest.raises(TypeError, match="training must be a bool"):
+        ops.conv_bn_relu(x, w, nn.BatchNorm2d(4), training="no")
+    with pytest.raises(ValueError, match="groups must be a positive int"):
+        ops.conv_bn_relu(x, w, nn.BatchNorm2d(4), groups=True)
+    with pytest.raises(ValueError, match="scale must be an int >= 1"):
+        ops.res2net_chain(x, [], [], scale=True, order="paper")
+    # float32 statistics with a bfloat16 input are what PyTorch allows: accepted
+    out = ops.bn_relu_conv(x.bfloat16(), nn.BatchNorm2d(4).eval(), w.bfloat16())
+    assert out.dtype == torch.bfloat16

@@ -86,3 +86,10 @@ def test_availability_lists_every_backend_and_op():
     assert set(av) == {"cuda", "triton", "eager"}
     assert all(set(per) == set(dispatch.OPS) for per in av.values())
     assert all(not r for r in av["eager"].values())
+
+
+def test_explicit_backend_lists_input_reasons_too():
+    with resfast.backend("triton"), pytest.raises(resfast.BackendUnavailableError) as e:
+        ops.conv_bn_relu(torch.randn(2, 4, 3, 3), torch.randn(4, 4, 1, 1), nn.BatchNorm2d(4))
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        assert "TRITON_INTERPRET=1" in str(e.value)
