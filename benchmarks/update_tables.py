@@ -30,14 +30,22 @@ def models_table(r: dict) -> list[str]:
 
 
 def ops_table(r: dict) -> list[str]:
-    out = ["| layer | mode | batch | dtype | provider | median ms | vs eager-cl | GB/s | % of floor |",
-           "| --- | --- | ---: | --- | --- | ---: | ---: | ---: | ---: |"]
-    for row in r["rows"]:
-        if row.get("skipped"):
-            continue
-        out.append(f"| {row['layer']} | {row['mode']} | {row['batch']} | {row['dtype']} | {row['provider']} | "
-                   f"{row['median_ms']:.3f} | {_f(row.get('speedup_vs_eager'), '{:.2f}x')} | "
-                   f"{_f(row.get('gbs'), '{:.1f}')} | {_f(row.get('pct_of_floor'), '{:.0f}%')} |")
+    """One row a layer (and mode, batch, dtype), one column a provider: median ms (speedup vs eager-cl)."""
+    measured = [row for row in r["rows"] if not row.get("skipped")]
+    providers = list(dict.fromkeys(row["provider"] for row in measured))
+    keys = list(dict.fromkeys((row["layer"], row["mode"], row["batch"], row["dtype"]) for row in measured))
+    cell = {((row["layer"], row["mode"], row["batch"], row["dtype"]), row["provider"]): row for row in measured}
+    out = ["| layer | mode | batch | dtype | " + " | ".join(f"{p} ms" for p in providers) + " | eager-cl % of floor |",
+           "| --- | --- | ---: | --- | " + " | ".join("---:" for _ in providers) + " | ---: |"]
+    for k in keys:
+        cells = []
+        for p in providers:
+            row = cell.get((k, p))
+            sp = row.get("speedup_vs_eager") if row else None
+            cells.append("" if row is None else f"{row['median_ms']:.3f}" + ("" if p == "eager-cl" or sp is None
+                                                                              else f" ({sp:.2f}x)"))
+        floor = cell.get((k, "eager-cl"), {}).get("pct_of_floor")
+        out.append(f"| {k[0]} | {k[1]} | {k[2]} | {k[3]} | " + " | ".join(cells) + f" | {_f(floor, '{:.0f}%')} |")
     skipped = sorted({(row["provider"], row["skipped"]) for row in r["rows"] if row.get("skipped")})
     if skipped:
         out.append("")

@@ -86,7 +86,7 @@ def main(argv=None, prog="python -m resfast.bench", models_default=("res2net50_2
                    "size": args.size, "dtype": args.dtype, "channels_last": args.channels_last,
                    "warmup": args.warmup, "iters": args.iters},
         "resfast_backend": next((r["backend"] for r in rows if r["provider"] == "resfast"), None) or "n/a",
-        "backends_not_used": {n: per_op["conv_bn_relu"][0] for n, per_op in _unavailable().items()},
+        "backends_not_used": {n: "; ".join(per_op["conv_bn_relu"]) for n, per_op in _unavailable().items()},
         "skipped": skipped,
         "rows": rows,
     }

@@ -58,7 +58,11 @@ def report() -> str:
     lines.append(f"backend in force: {dispatch.get_backend()} (RESFAST_BACKEND, resfast.set_backend, resfast.backend)")
     for name, per_op in dispatch.availability().items():
         runnable = [op for op, reasons in per_op.items() if not reasons]
+        explicit = [op for op, reasons in per_op.items() if reasons and all(r.startswith("auto: ") for r in reasons)]
         status = "can run " + ", ".join(runnable) if runnable else "cannot run here"
+        if explicit:
+            status = ("can run " + ", ".join(explicit) + " when selected explicitly"
+                      + ("; " + status if runnable else ""))
         lines.append(f"  {name:<7} {status}")
         for op, reasons in per_op.items():
             for r in reasons:

@@ -15,6 +15,8 @@ import time
 
 import torch
 
+from .timing import quantile
+
 MODELS = {
     "resnet50": ("torchvision", "resnet50"),
     "res2net50_26w_4s": ("timm", "res2net50_26w_4s"),
@@ -72,23 +74,34 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def time_interleaved(fns: dict, device, warmup: int, iters: int, desc: str) -> dict:
-    """Seconds per call of each fn. Calls are interleaved and the order alternates (a b c, c b a, ...) so that
-    machine drift and warm caches bias no provider, and ratios across models are fair too."""
-    bar = progress((warmup + iters) * len(fns), desc)
+def time_interleaved(fns: dict, device, warmup: int, iters: int, desc: str, rounds: int = 2) -> dict:
+    """Seconds per call of each fn, measured in interleaved blocks: in each of `rounds` rounds every provider
+    runs one warm-up call and then a block of consecutive timed calls, the providers' order alternating between
+    rounds (a b c, c b a, ...). Blocks keep providers from disturbing each other's timings (thread pools, caches
+    of a different model: measured to spread CPU timings by up to 2x when single calls were interleaved); the
+    alternating order spreads machine drift evenly over all providers."""
+    per_block = max(1, -(-iters // rounds))
+    bar = progress(rounds * (per_block + 1) * len(fns) + warmup * len(fns), desc)
     times = {k: [] for k in fns}
-    for i in range(warmup + iters):
+    for fn in fns.values():  # initial warm-up (compilation, allocator) once per provider
+        for _ in range(warmup):
+            fn()
+            bar.update(1)
+    _sync(device)
+    for rnd in range(rounds):
         order = list(fns.items())
-        if i % 2:
+        if rnd % 2:
             order.reverse()
         for k, fn in order:
-            _sync(device)
-            t0 = time.perf_counter()
             fn()
             _sync(device)
-            if i >= warmup:
-                times[k].append(time.perf_counter() - t0)
             bar.update(1)
+            for _ in range(per_block):
+                t0 = time.perf_counter()
+                fn()
+                _sync(device)
+                times[k].append(time.perf_counter() - t0)
+                bar.update(1)
     bar.close()
     return times
 
@@ -164,8 +177,6 @@ def run(models, modes, providers, batch, size, dtype, device, channels_last, war
         times = time_interleaved(steps, device, warmup, iters, f"timing {mode}")
         for (name, p), t in times.items():
             med = statistics.median(t)
-            from .timing import quantile
-
             rows.append({
                 "kind": "models", "model": name, "provider": p, "mode": mode, "batch": batch, "size": size,
                 "dtype": str(dtype).replace("torch.", ""), "backend": backend if p == "resfast" else "pytorch",
@@ -189,7 +200,7 @@ def format_table(result: dict) -> str:
         f"resfast ops ran on backend '{result['resfast_backend']}'",
     ]
     for name, reason in result.get("backends_not_used", {}).items():
-        lines.append(f"  ({name}: {reason})")
+        lines.append(f"  ({name} not used: {reason})")
     head = (f"{'model':<18} {'mode':<6} {'provider':<21} {'median ms':>10} {'images/s':>9} {'vs eager':>9} "
             f"{'peak MB':>8} {'max |diff|':>10} {'blocks':>7}")
     lines += ["", head, "-" * len(head)]

@@ -173,6 +173,12 @@ def time_layer(layer, provider, mode, batch, device, dtype) -> dict:
         return {"skipped": reason}
     training = mode != "forward"
     call, leaves, nbytes = build_call(layer, batch, device, dtype, provider != "eager-nchw", training)
+    if provider.startswith("resfast-"):  # a backend may still refuse these inputs (training, grads, dtype ...)
+        try:
+            with torch.no_grad() if mode == "forward" else torch.enable_grad():
+                call(fn)
+        except dispatch.BackendUnavailableError as e:
+            return {"skipped": str(e).split(":", 1)[1].strip().replace("\n  - ", "; ").lstrip("- ")}
     if mode == "forward":
         def run():
             with torch.no_grad():

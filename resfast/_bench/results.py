@@ -91,7 +91,8 @@ def format_compare(c: dict) -> str:
 
 
 def plot_result(result: dict, png: Path) -> bool:
-    """images/s per model and provider (models), or speedup over eager per layer (ops). False without matplotlib."""
+    """images/s per model and provider (models), or speedup over eager channels_last per layer (ops, one
+    horizontal bar group a layer). False without matplotlib."""
     try:
         import matplotlib
 
@@ -102,26 +103,33 @@ def plot_result(result: dict, png: Path) -> bool:
     rows = [r for r in result["rows"] if r.get(METRIC) is not None]
     if not rows:
         return False
-    if result["kind"] == "models":
-        groups = sorted({(r["model"], r["mode"]) for r in rows})
-        value, ylabel = "images_per_s", "images/s"
-    else:
-        groups = sorted({(r["op"], r["layer"], r["mode"]) for r in rows})
-        value, ylabel = "speedup_vs_eager", "speedup vs eager (channels_last)"
+    models = result["kind"] == "models"
+    fields = ("model", "mode") if models else ("layer", "mode", "batch", "dtype")
+    value, label = ("images_per_s", "images/s") if models else ("speedup_vs_eager", "speedup vs eager channels_last")
+    groups = list(dict.fromkeys(tuple(r[k] for k in fields) for r in rows))
     providers = sorted({r["provider"] for r in rows})
-    fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(groups) * max(1, len(providers)) / 2), 4.5))
+    lookup = {(tuple(r[k] for k in fields), r["provider"]): r.get(value) or 0 for r in rows}
     width = 0.8 / len(providers)
-    for i, p in enumerate(providers):
-        ys = []
-        for g in groups:
-            match = [r for r in rows if r["provider"] == p and tuple(r[k] for k in (
-                ("model", "mode") if result["kind"] == "models" else ("op", "layer", "mode"))) == g]
-            ys.append(match[0].get(value) or 0 if match else 0)
-        ax.bar([j + i * width for j in range(len(groups))], ys, width, label=p)
-    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(groups))])
-    ax.set_xticklabels(["\n".join(map(str, g)) for g in groups], fontsize=7, rotation=0 if len(groups) < 8 else 60)
-    ax.set_ylabel(ylabel)
-    ax.set_title(f"{result['kind']}: {result['device']} | torch {result['versions']['torch']}", fontsize=9)
+    title = f"{result['kind']}: {result['device']} | torch {result['versions']['torch']}"
+    if models:
+        fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(groups)), 4.5))
+        for i, p in enumerate(providers):
+            ax.bar([j + i * width for j in range(len(groups))], [lookup.get((g, p), 0) for g in groups], width,
+                   label=p)
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(groups))])
+        ax.set_xticklabels(["\n".join(map(str, g)) for g in groups], fontsize=7)
+        ax.set_ylabel(label)
+    else:
+        fig, ax = plt.subplots(figsize=(10, 1.5 + 0.22 * len(groups) * max(1, len(providers) / 2)))
+        for i, p in enumerate(providers):
+            ax.barh([j + i * width for j in range(len(groups))], [lookup.get((g, p), 0) for g in groups], width,
+                    label=p)
+        ax.set_yticks([j + 0.4 - width / 2 for j in range(len(groups))])
+        ax.set_yticklabels([" ".join(map(str, g)) for g in groups], fontsize=6)
+        ax.invert_yaxis()
+        ax.axvline(1.0, color="k", lw=0.6)
+        ax.set_xlabel(label)
+    ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(png, dpi=110)

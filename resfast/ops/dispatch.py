@@ -45,6 +45,14 @@ class Backend:
     def static_reasons(self, op: str) -> tuple[str, ...]:
         return _static_reasons(self.name, op)
 
+    def auto_reasons(self, op: str) -> list[str]:
+        """Extra reasons `auto` does not pick this backend (an explicit request still may)."""
+        return []
+
+    def environment_reasons(self) -> list[str]:
+        """Reasons from this machine that rule out the usual inputs (for reports; the inputs decide per call)."""
+        return []
+
     def not_supported_reasons(self, op: str, args=None) -> list[str]:
         """Why this backend cannot run `op` on `args` (prepared op arguments); empty when it can."""
         if op not in OPS:
@@ -65,15 +73,29 @@ class EagerBackend(Backend):
 
 class TritonBackend(Backend):
     name = "triton"
-    kernels: dict[str, Callable] = {}
+    # ops with a Triton implementation (resfast/triton/ops.py, imported on first use, not at `import resfast`)
+    implemented = ("conv_bn_relu",)
+    # Kernels tested only under TRITON_INTERPRET=1 so far: `auto` does not pick them until they have been
+    # verified on a GPU; an explicit `resfast.backend("triton")` does.
+    verified_on_gpu = False
 
     def _static_reasons(self, op):
         reasons = []
         if importlib.util.find_spec("triton") is None:
             reasons.append("triton is not installed (pip install triton)")
-        if op not in self.kernels:
+        if op not in self.implemented:
             reasons.append(f"no Triton kernel is implemented for {op} yet")
         return reasons
+
+    def environment_reasons(self):
+        if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") != "1":
+            return ["no CUDA device is visible and TRITON_INTERPRET=1 is not set (the interpreter runs Triton on "
+                    "CPU tensors)"]
+        return []
+
+    def auto_reasons(self, op):
+        return [] if self.verified_on_gpu else [
+            "the Triton kernels are not verified on a GPU yet: auto does not use them; select backend 'triton'"]
 
     def _input_reasons(self, op, args):
         dev = args.x.device.type
@@ -81,7 +103,16 @@ class TritonBackend(Backend):
             return ["the input is on the CPU; Triton runs on CUDA devices, or on the CPU with TRITON_INTERPRET=1"]
         if dev not in ("cpu", "cuda"):
             return [f"the input is on {dev}; Triton runs on CUDA devices"]
-        return []
+        if op not in self.implemented:
+            return []
+        from ..triton.ops import input_reasons
+
+        return input_reasons(op, args)
+
+    def run(self, op, args):
+        from ..triton.ops import KERNELS
+
+        return KERNELS[op](args)
 
 
 class CudaBackend(Backend):
@@ -174,7 +205,7 @@ def select(op: str, args) -> Backend:
     if name == "auto":
         for b in _BACKENDS.values():
             # cheap first: backends ruled out whatever the inputs are never look at the inputs
-            if not b.static_reasons(op) and not b._input_reasons(op, args):
+            if not b.static_reasons(op) and not b.auto_reasons(op) and not b._input_reasons(op, args):
                 return b
         raise AssertionError("unreachable: the eager backend supports every op")
     b = _BACKENDS[name]
@@ -205,5 +236,10 @@ def backend_for_input(x: torch.Tensor, op: str = "conv_bn_relu") -> str:
 
 
 def availability() -> dict[str, dict[str, list[str]]]:
-    """{backend: {op: reasons}} for inputs on this machine's default device: what `python -m resfast.info` prints."""
-    return {name: {op: list(b.static_reasons(op)) for op in OPS} for name, b in _BACKENDS.items()}
+    """{backend: {op: reasons}} on this machine, whatever the inputs: what `python -m resfast.info` prints.
+    Reasons that only keep `auto` away start with "auto: "."""
+    return {
+        name: {op: list(b.static_reasons(op)) + b.environment_reasons() + [f"auto: {r}" for r in b.auto_reasons(op)]
+               for op in OPS}
+        for name, b in _BACKENDS.items()
+    }

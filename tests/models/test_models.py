@@ -3,8 +3,8 @@ training mode with gradients and running stats; weights from a path or dict; num
 
 import pytest
 import torch
-from conftest import compare_modules, randomize_bn
 from fixtures import seed000, seed001, seed003, seed004
+from helpers import compare_modules, randomize_bn
 
 from resfast import models
 

@@ -5,8 +5,8 @@ import functools
 
 import pytest
 import torch
-from conftest import compare_modules, randomize_bn
 from fixtures import seed000, seed001, seed002, seed003, seed004
+from helpers import compare_modules, randomize_bn
 from torch import nn
 
 import resfast

@@ -4,7 +4,7 @@ limits are documented and tested."""
 
 import pytest
 import torch
-from conftest import randomize_bn
+from helpers import randomize_bn
 from torch import nn
 
 import resfast

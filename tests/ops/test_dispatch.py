@@ -27,14 +27,18 @@ def test_auto_runs_eager_here_when_nothing_else_can():
 
 @pytest.mark.parametrize("name", ["triton", "cuda"])
 def test_explicit_backend_that_cannot_run_lists_reasons_and_touches_nothing(name):
-    if not dispatch.get(name).not_supported_reasons("conv_bn_relu"):
-        pytest.skip(f"{name} can run here")
+    from resfast.ops._args import prepare_conv_bn_relu
+
     bn = nn.BatchNorm2d(4)
+    x, w = torch.randn(2, 4, 3, 3), torch.randn(4, 4, 1, 1)
+    reasons = dispatch.get(name).not_supported_reasons(
+        "conv_bn_relu", prepare_conv_bn_relu(x, w, bn, None, 1, 0, 1, 1, True, True, None))
+    assert reasons  # training-mode BatchNorm on a CPU tensor: neither backend runs it today
     with resfast.backend(name), pytest.raises(resfast.BackendUnavailableError) as e:
-        ops.conv_bn_relu(torch.randn(2, 4, 3, 3), torch.randn(4, 4, 1, 1), bn, training=True)
+        ops.conv_bn_relu(x, w, bn, training=True)
     msg = str(e.value)
     assert f"'{name}' was requested but cannot run conv_bn_relu" in msg
-    for reason in dispatch.get(name).not_supported_reasons("conv_bn_relu"):
+    for reason in reasons:
         assert reason in msg
     assert int(bn.num_batches_tracked) == 0 and torch.equal(bn.running_mean, torch.zeros(4))
 

@@ -1,0 +1,1 @@
+"""resfast's Triton backend: kernels and launchers (see conv.py). Imported lazily by the dispatch layer."""

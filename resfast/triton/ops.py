@@ -1,0 +1,63 @@
+"""The Triton backend's op implementations (from prepared op arguments) and what they support.
+
+So far: ``conv_bn_relu`` with eval-mode BatchNorm (running statistics or FrozenBatchNorm2d), forward only.
+Training-mode BatchNorm, backward, the Res2Net chain and the pre-activation op come with the Triton issues.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from ..ops.checks import needs_batch_stats
+
+CUDA_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+INTERPRETER_DTYPES = (torch.float32, torch.float64)
+
+
+def input_reasons(op: str, args) -> list[str]:
+    """Why the Triton implementation of `op` cannot take these prepared arguments (empty when it can)."""
+    reasons = []
+    x = args.x
+    interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    if x.device.type == "cuda":
+        if x.dtype not in CUDA_DTYPES:
+            reasons.append(f"dtype {x.dtype} is not supported by the Triton kernels on CUDA")
+    elif x.device.type == "cpu" and interpret:
+        if x.dtype not in INTERPRETER_DTYPES:
+            reasons.append(f"dtype {x.dtype} is not supported under the Triton interpreter (float32/float64)")
+    if op == "conv_bn_relu":
+        if needs_batch_stats(args.bn, args.training):
+            reasons.append("BatchNorm with batch statistics (training) is not implemented in the Triton backend yet")
+        tensors = [t for t in (x, args.weight, args.bias, args.residual, args.bn.weight, args.bn.bias) if t is not None]
+        if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+            reasons.append("the inputs require grad and the Triton conv_bn_relu has no backward yet")
+    return reasons
+
+
+def fold_bn(bn, conv_bias, dtype):
+    """Eval BatchNorm (running statistics) folded to per-channel (scale, shift), in the statistics' precision."""
+    stat_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    rv = bn.running_var.to(stat_dtype)
+    scale = torch.rsqrt(rv + bn.eps)
+    if bn.weight is not None:
+        scale = scale * bn.weight.to(stat_dtype)
+    shift = -bn.running_mean.to(stat_dtype) * scale
+    if bn.bias is not None:
+        shift = shift + bn.bias.to(stat_dtype)
+    if conv_bias is not None:
+        shift = shift + conv_bias.to(stat_dtype) * scale
+    return scale, shift
+
+
+def conv_bn_relu(args):
+    from .conv import conv_bn_act_fwd, pack_weight
+
+    scale, shift = fold_bn(args.bn, args.bias, args.x.dtype)
+    w = pack_weight(args.weight.to(scale.dtype), scale).to(args.x.dtype)
+    return conv_bn_act_fwd(args.x, w, shift, tuple(args.weight.shape[2:]), args.stride, args.padding,
+                           args.dilation, args.groups, args.residual, args.relu)
+
+
+KERNELS = {"conv_bn_relu": conv_bn_relu}

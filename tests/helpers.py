@@ -1,0 +1,57 @@
+"""Helpers shared by the tests (import as `from helpers import ...`)."""
+
+import torch
+from torch import nn
+
+
+def randomize_bn(model: nn.Module, generator_seed: int = 0) -> nn.Module:
+    """Non-trivial BatchNorm parameters and running statistics, so eval mode tests something."""
+    g = torch.Generator().manual_seed(generator_seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                if m.weight is not None:
+                    m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
+                    m.bias.copy_(torch.rand(m.bias.shape, generator=g) - 0.5)
+                if m.running_mean is not None:
+                    m.running_mean.copy_(torch.rand(m.running_mean.shape, generator=g) - 0.5)
+                    m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+    return model
+
+
+def bn_state(model: nn.Module):
+    return {k: v.clone() for k, v in model.state_dict().items() if "running" in k or "num_batches" in k}
+
+
+def assert_same_state(a: nn.Module, b: nn.Module, **tol):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert list(sa) == list(sb)
+    for k in sa:
+        torch.testing.assert_close(sa[k], sb[k], msg=lambda m, k=k: f"{k}: {m}", **tol)
+
+
+def compare_modules(orig: nn.Module, new: nn.Module, x: torch.Tensor, train: bool, steps: int = 2, **tol):
+    """Outputs, input and parameter gradients, and the whole state (running stats included) after `steps`
+    forward/backward passes, original vs resfast, from identical weights."""
+    orig.train(train)
+    new.train(train)
+    for step in range(steps):
+        xa = x.detach().clone().requires_grad_(True)
+        xb = x.detach().clone().requires_grad_(True)
+        ya, yb = orig(xa), new(xb)
+        torch.testing.assert_close(yb, ya, msg=lambda m, step=step: f"output, step {step}: {m}", **tol)
+        g = torch.randn_like(ya)
+        ya.backward(g)
+        yb.backward(g)
+        torch.testing.assert_close(xb.grad, xa.grad, msg=lambda m, step=step: f"input grad, step {step}: {m}", **tol)
+        pa, pb = dict(orig.named_parameters()), dict(new.named_parameters())
+        assert list(pa) == list(pb)
+        for k in pa:
+            if pa[k].grad is None:
+                assert pb[k].grad is None, k
+                continue
+            torch.testing.assert_close(pb[k].grad, pa[k].grad, msg=lambda m, k=k: f"grad {k}: {m}", **tol)
+        orig.zero_grad()
+        new.zero_grad()
+        assert_same_state(orig, new, **tol)
+    return ya, yb
