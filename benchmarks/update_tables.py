@@ -56,15 +56,17 @@ def ops_table(r: dict) -> list[str]:
 def section(results_dir: Path) -> str:
     files = sorted(results_dir.glob("*.json"), key=lambda p: (json.loads(p.read_text()).get("date", ""), p.name))
     latest = {}
-    for p in files:  # the newest result of each kind and device
+    for p in files:  # the newest result of each entry point, kind and device
         r = json.loads(p.read_text())
-        latest[(r.get("kind", "models"), r["device"])] = (p, r)
+        entry = " ".join(r["command"].split()[:2])  # "python -m" / "python benchmarks/bench_models.py"
+        entry = r["command"].split()[2] if entry == "python -m" else entry.split()[-1]
+        latest[(r.get("kind", "models"), r["device"], entry)] = (p, r)
     lines = [BEGIN, ""]
     if not latest:
         lines.append("No results yet.")
-    for (kind, device), (p, r) in sorted(latest.items()):
+    for (kind, device, entry), (p, r) in sorted(latest.items()):
         v = r["versions"]
-        lines += [f"### {kind}: {device}", "",
+        lines += [f"### {kind} ({entry}): {device}", "",
                   f"`{r['command']}` — {r['date']}, torch {v['torch']}, triton {v.get('triton')}, "
                   f"CUDA {v.get('cuda')}, resfast {v['resfast']} ({v['git_commit']}), driver {r.get('driver', 'n/a')}."
                   f" File: [`results/{p.name}`](results/{p.name})"

@@ -70,7 +70,7 @@ def test_bench_ops_script_and_tables(tmp_path):
     assert subprocess.run(upd + ["--check"], cwd=ROOT).returncode == 1
     assert subprocess.run(upd, cwd=ROOT, capture_output=True).returncode == 0
     text = readme.read_text()
-    assert "### ops: " in text and "s4 chain stage C832" in text and "results/r.json" in text
+    assert "### ops (benchmarks/bench_ops.py): " in text and "s4 chain stage C832" in text and "results/r.json" in text
     assert subprocess.run(upd + ["--check"], cwd=ROOT).returncode == 0
 
 
