@@ -12,8 +12,20 @@ from resfast import ops
 from resfast.ops import dispatch
 
 pytest.importorskip("triton")
-pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+pytestmark = pytest.mark.skipif(not INTERPRET and not torch.cuda.is_available(),
                                 reason="needs TRITON_INTERPRET=1 (set by tests/conftest.py without a GPU) or a GPU")
+# The interpreter runs CPU tensors; on a GPU machine the same tests run the compiled kernels on CUDA tensors.
+DEVICE = "cpu" if INTERPRET else "cuda"
+
+
+@pytest.fixture(autouse=True)
+def _exact_fp32():
+    """TF32 off, so fp32 results of the kernel and of cuDNN's reference are both exact enough for 1e-4."""
+    prev = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32 = prev
 
 # (C_in, C_out, k, stride, padding, dilation, groups)
 CONVS = [
@@ -43,14 +55,16 @@ def _bn(C, dtype, frozen=False):
 
 
 def _run(conv, shape, dtype, channels_last, residual, relu, bias, frozen=False):
+    if dtype == torch.float64 and DEVICE == "cuda":
+        pytest.skip("float64 runs under the interpreter only")
     cin, cout, k, s, p, d, g = conv
     N, H, W = shape
-    x = torch.randn(N, cin, H, W, dtype=dtype)
+    x = torch.randn(N, cin, H, W, dtype=dtype, device=DEVICE)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    w = torch.randn(cout, cin // g, k, k, dtype=dtype) * 0.3
-    b = torch.randn(cout, dtype=dtype) if bias else None
-    bn = _bn(cout, dtype, frozen)
+    w = torch.randn(cout, cin // g, k, k, dtype=dtype, device=DEVICE) * 0.3
+    b = torch.randn(cout, dtype=dtype, device=DEVICE) if bias else None
+    bn = _bn(cout, dtype, frozen).to(DEVICE)
     ref_y = ops.conv_bn_relu_ref(x, w, bn, bias=b, stride=s, padding=p, dilation=d, groups=g, relu=relu)
     res = torch.randn_like(ref_y) if residual else None
     ref = ops.conv_bn_relu_ref(x, w, bn, bias=b, stride=s, padding=p, dilation=d, groups=g, relu=relu,
@@ -96,8 +110,9 @@ def test_matches_torchvision_resnext_block_in_eval():
                 m.running_mean.uniform_(-0.3, 0.3)
                 m.running_var.uniform_(0.5, 1.5)
                 m.weight.uniform_(0.5, 1.5)
+    blk = blk.to(DEVICE)
     fused = resfast.convert(blk)
-    x = torch.randn(2, 32, 6, 6).contiguous(memory_format=torch.channels_last)
+    x = torch.randn(2, 32, 6, 6, device=DEVICE).contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
         ref = blk(x)
         with resfast.backend("triton"):
@@ -106,7 +121,8 @@ def test_matches_torchvision_resnext_block_in_eval():
 
 
 def test_refuses_what_it_does_not_implement():
-    x, w, bn = torch.randn(2, 4, 3, 3), torch.randn(4, 4, 1, 1), nn.BatchNorm2d(4)
+    x, w = torch.randn(2, 4, 3, 3, device=DEVICE), torch.randn(4, 4, 1, 1, device=DEVICE)
+    bn = nn.BatchNorm2d(4).to(DEVICE)
     with resfast.backend("triton"), pytest.raises(resfast.BackendUnavailableError, match="batch statistics"):
         ops.conv_bn_relu(x, w, bn, training=True)
     with resfast.backend("triton"), pytest.raises(resfast.BackendUnavailableError, match="require grad"):
@@ -120,8 +136,8 @@ def test_auto_does_not_pick_unverified_triton():
     assert not dispatch.get("triton").verified_on_gpu
     from resfast.ops._args import prepare_conv_bn_relu
 
-    a = prepare_conv_bn_relu(torch.randn(2, 4, 3, 3), torch.randn(4, 4, 1, 1), nn.BatchNorm2d(4).eval(), None, 1,
-                             0, 1, 1, False, True, None)
+    a = prepare_conv_bn_relu(torch.randn(2, 4, 3, 3, device=DEVICE), torch.randn(4, 4, 1, 1, device=DEVICE),
+                             nn.BatchNorm2d(4).eval().to(DEVICE), None, 1, 0, 1, 1, False, True, None)
     with resfast.backend("auto"), torch.no_grad():
         assert dispatch.select("conv_bn_relu", a).name == "eager"
     with resfast.backend("triton"), torch.no_grad():

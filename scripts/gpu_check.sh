@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# One command for a lent GPU machine (torch, triton, timm, torchvision preinstalled; no network): build the
+# extension against the machine's torch, run the whole test suite (Triton tests then run compiled kernels on
+# CUDA tensors), and the benchmarks. Full logs and result files go under ${OUT:-gpu-out}/; a short summary last.
+#
+#   bash scripts/gpu_check.sh            # on the device tool: run(command="bash scripts/gpu_check.sh")
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-gpu-out}
+mkdir -p "$OUT"
+PY=${PYTHON:-python}
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+
+$PY -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__, torch.cuda.get_device_name())' \
+  | tee "$OUT/versions.txt"
+MAX_JOBS=${MAX_JOBS:-16} $PY setup.py -q build_ext --inplace > "$OUT/build.log" 2>&1; echo "build rc=$?" | tee -a "$OUT/summary.txt"
+$PY -m resfast.info > "$OUT/info.txt" 2>&1
+$PY -m pytest tests -q -p no:cacheprovider > "$OUT/pytest.log" 2>&1
+tail -3 "$OUT/pytest.log" | tee -a "$OUT/summary.txt"
+$PY -m resfast.bench --out-dir "$OUT/results" > "$OUT/bench.txt" 2>&1; echo "bench rc=$?" | tee -a "$OUT/summary.txt"
+$PY benchmarks/bench_ops.py --quick --out-dir "$OUT/results" > "$OUT/bench_ops.txt" 2>&1; echo "bench_ops rc=$?" | tee -a "$OUT/summary.txt"
+tail -12 "$OUT/bench.txt"
