@@ -23,14 +23,16 @@ from torch import Tensor
 
 @triton.jit
 def _conv_bn_act_fwd_kernel(
-    X_ptr, W_ptr, B_ptr, R_ptr, Y_ptr,
+    X_ptr, A_ptr, W_ptr, B_ptr, R_ptr, Y_ptr,
     N, C_in, H, W, C_out, H_out, W_out,
     sxn, sxc, sxh, sxw,
+    san, sac, sah, saw,
     srn, src, srh, srw,
     syn, syc, syh, syw,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     CIN_G: tl.constexpr, COUT_G: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
-    HAS_RES: tl.constexpr, RELU: tl.constexpr, ACC_F64: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    HAS_ADD: tl.constexpr, HAS_RES: tl.constexpr, RELU: tl.constexpr, ACC_F64: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -65,6 +67,10 @@ def _conv_bn_act_fwd_kernel(
         cin = (group * CIN_G + c).to(tl.int64)
         a_ptrs = X_ptr + on[:, None] * sxn + cin[None, :] * sxc + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw
         a = tl.load(a_ptrs, mask=a_mask, other=0.0)
+        if HAS_ADD:  # prologue: the conv input is x + A (Res2Net adds the previous split's output), never stored
+            ad_ptrs = (A_ptr + on[:, None] * san + cin[None, :] * sac + ih.to(tl.int64) * sah
+                       + iw.to(tl.int64) * saw)
+            a += tl.load(ad_ptrs, mask=a_mask, other=0.0)
         # packed weights: [K_TOTAL, C_out], row k, column = absolute output channel
         b_ptrs = W_ptr + offs_k.to(tl.int64)[:, None] * C_out + cout.to(tl.int64)[None, :]
         b = tl.load(b_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
@@ -100,14 +106,24 @@ def conv_bn_act_fwd(
     groups: int,
     residual: Optional[Tensor] = None,
     relu: bool = True,
+    add: Optional[Tensor] = None,
+    out: Optional[Tensor] = None,
 ) -> Tensor:
-    """Launch the kernel. x (N, C_in, H, W) any strides; returns (N, C_out, H_out, W_out) channels_last."""
+    """Launch the kernel. x (N, C_in, H, W) any strides; ``add`` (x's shape) is added to x while loading;
+    writes ``out`` (any strides, e.g. a channel slice of a larger tensor) or returns a new channels_last tensor."""
     N, C_in, H, W = x.shape
     C_out = w_packed.shape[1]
     kh, kw = kernel_size
     H_out = (H + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
     W_out = (W + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
-    y = torch.empty((N, C_out, H_out, W_out), device=x.device, dtype=x.dtype, memory_format=torch.channels_last)
+    if out is None:
+        y = torch.empty((N, C_out, H_out, W_out), device=x.device, dtype=x.dtype, memory_format=torch.channels_last)
+    else:
+        if tuple(out.shape) != (N, C_out, H_out, W_out):
+            raise ValueError(f"out has shape {tuple(out.shape)}, expected {(N, C_out, H_out, W_out)}")
+        y = out
+    if add is not None and tuple(add.shape) != tuple(x.shape):
+        raise ValueError(f"add has shape {tuple(add.shape)}, expected the input's {tuple(x.shape)}")
     M = N * H_out * W_out
     if M == 0 or C_out == 0:
         return y
@@ -117,14 +133,15 @@ def conv_bn_act_fwd(
     BLOCK_N = max(16, min(64, triton.next_power_of_2(cout_g)))
     BLOCK_K = max(16, min(32, triton.next_power_of_2(cin_g * kh * kw)))
     r = residual if residual is not None else y
+    a = add if add is not None else x
     grid = (triton.cdiv(M, BLOCK_M), groups * triton.cdiv(cout_g, BLOCK_N))
     _conv_bn_act_fwd_kernel[grid](
-        x, w_packed, bias, r, y,
+        x, a, w_packed, bias, r, y,
         N, C_in, H, W, C_out, H_out, W_out,
-        *x.stride(), *r.stride(), *y.stride(),
+        *x.stride(), *a.stride(), *r.stride(), *y.stride(),
         stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
         CIN_G=cin_g, COUT_G=cout_g, KH=kh, KW=kw,
-        HAS_RES=residual is not None, RELU=relu, ACC_F64=x.dtype == torch.float64,
+        HAS_ADD=add is not None, HAS_RES=residual is not None, RELU=relu, ACC_F64=x.dtype == torch.float64,
         # fp32 follows cuDNN's TF32 switch, as nn.Conv2d does; other dtypes take Triton's default
         INPUT_PRECISION=("tf32" if torch.backends.cudnn.allow_tf32 and x.is_cuda else "ieee")
         if x.dtype == torch.float32 else None,

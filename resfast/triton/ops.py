@@ -1,7 +1,10 @@
 """The Triton backend's op implementations (from prepared op arguments) and what they support.
 
-So far: ``conv_bn_relu`` with eval-mode BatchNorm (running statistics or FrozenBatchNorm2d), forward only.
-Training-mode BatchNorm, backward, the Res2Net chain and the pre-activation op come with the Triton issues.
+So far, forward only, eval-mode BatchNorm (running statistics or FrozenBatchNorm2d):
+``conv_bn_relu``, and ``res2net_chain`` (scale - 1 conv launches, each reading its split in place, adding the
+previous split's output in its prologue and writing its channel slice of the output; the pass-through split is
+copied or average-pooled into its slice with ATen for now). Training, backward and ``bn_relu_conv`` come with
+the Triton issues.
 """
 
 from __future__ import annotations
@@ -27,6 +30,13 @@ def input_reasons(op: str, args) -> list[str]:
     elif x.device.type == "cpu" and interpret:
         if x.dtype not in INTERPRETER_DTYPES:
             reasons.append(f"dtype {x.dtype} is not supported under the Triton interpreter (float32/float64)")
+    if op == "res2net_chain":
+        if any(needs_batch_stats(bn, args.training) for bn in args.bns):
+            reasons.append("BatchNorm with batch statistics (training) is not implemented in the Triton backend yet")
+        tensors = [x, *args.weights, *[b for b in args.biases if b is not None],
+                   *[t for bn in args.bns for t in (bn.weight, bn.bias) if t is not None]]
+        if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+            reasons.append("the inputs require grad and the Triton res2net_chain has no backward yet")
     if op == "conv_bn_relu":
         if needs_batch_stats(args.bn, args.training):
             reasons.append("BatchNorm with batch statistics (training) is not implemented in the Triton backend yet")
@@ -60,4 +70,34 @@ def conv_bn_relu(args):
                            args.dilation, args.groups, args.residual, args.relu)
 
 
-KERNELS = {"conv_bn_relu": conv_bn_relu}
+def res2net_chain(args):
+    import torch.nn.functional as F
+
+    from .conv import conv_bn_act_fwd, pack_weight
+
+    x, wd, s, d = args.x, args.width, args.stride, args.dilation
+    N, C, H, W = x.shape
+    out = torch.empty((N, C, (H - 1) // s + 1, (W - 1) // s + 1), device=x.device, dtype=x.dtype,
+                      memory_format=torch.channels_last)
+    single = args.passthrough is None  # timm with scale == 1: one conv over the whole input
+
+    def split(t, i):
+        return t if single else t[:, i * wd:(i + 1) * wd]
+
+    prev = None
+    for w, b, bn, i in zip(args.weights, args.biases, args.bns, args.conv_splits):
+        scale, shift = fold_bn(bn, b, x.dtype)
+        wp = pack_weight(w.to(scale.dtype), scale).to(x.dtype)
+        dst = split(out, i)
+        add = prev if args.block_type == "normal" else None
+        conv_bn_act_fwd(split(x, i), wp, shift, (3, 3), (s, s), (d, d), (d, d), args.groups, relu=True, add=add,
+                        out=dst)
+        prev = dst
+    if args.passthrough is not None:
+        p = args.passthrough
+        src = split(x, p)
+        split(out, p).copy_(F.avg_pool2d(src, 3, s, 1) if args.block_type == "stage" else src)
+    return out
+
+
+KERNELS = {"conv_bn_relu": conv_bn_relu, "res2net_chain": res2net_chain}

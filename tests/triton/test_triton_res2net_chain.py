@@ -1,0 +1,107 @@
+"""The Triton res2net_chain (eval BatchNorm) against the eager reference: both orders, normal and stage blocks,
+stride, groups, dilation, scale 1..5, odd sizes, NCHW and channels_last, fp32 and float64; and a whole timm
+Bottle2neck through the Triton backend."""
+
+import itertools
+import os
+
+import pytest
+import torch
+from torch import nn
+
+import resfast
+from resfast import ops
+
+pytest.importorskip("triton")
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+pytestmark = pytest.mark.skipif(not INTERPRET and not torch.cuda.is_available(),
+                                reason="needs TRITON_INTERPRET=1 (set by tests/conftest.py without a GPU) or a GPU")
+DEVICE = "cpu" if INTERPRET else "cuda"
+
+
+@pytest.fixture(autouse=True)
+def _exact_fp32():
+    prev = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32 = prev
+
+
+def _bns(n, width, dtype):
+    bns = [nn.BatchNorm2d(width, dtype=dtype).eval() for _ in range(n)]
+    with torch.no_grad():
+        for bn in bns:
+            bn.weight.uniform_(-1.5, 1.5)
+            bn.bias.uniform_(-0.5, 0.5)
+            bn.running_mean.uniform_(-0.5, 0.5)
+            bn.running_var.uniform_(0.5, 1.5)
+    return [bn.to(DEVICE) for bn in bns]
+
+
+CASES = [c for c in itertools.product([1, 2, 4, 5], ["timm", "paper"], ["normal", "stage"], [1, 2], [1, 2], [1, 2])
+         if not (c[2] == "normal" and c[3] != 1) and not (c[0] == 1 and c[1] == "paper")]
+
+
+@pytest.mark.parametrize("scale,order,block_type,stride,groups,dilation", CASES)
+def test_matches_reference(scale, order, block_type, stride, groups, dilation):
+    dtype = torch.float64 if INTERPRET else torch.float32
+    width = 3 * groups  # odd widths per group
+    n = max(1, scale - 1) if order == "timm" else scale - 1
+    x = torch.randn(2, scale * width, 7, 6, dtype=dtype, device=DEVICE).contiguous(memory_format=torch.channels_last)
+    ws = [torch.randn(width, width // groups, 3, 3, dtype=dtype, device=DEVICE) * 0.3 for _ in range(n)]
+    bs = [torch.randn(width, dtype=dtype, device=DEVICE) for _ in range(n)]
+    bns = _bns(n, width, dtype)
+    kw = dict(scale=scale, biases=bs, stride=stride, dilation=dilation, groups=groups, order=order,
+              block_type=block_type)
+    ref = ops.res2net_chain_ref(x, ws, bns, **kw)
+    with resfast.backend("triton"), torch.no_grad():
+        out = ops.res2net_chain(x, ws, bns, **kw)
+    tol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out, ref, **tol)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1), (1, 3, 2), (3, 9, 11)], ids=str)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
+@pytest.mark.parametrize("block_type,stride", [("normal", 1), ("stage", 2)])
+def test_odd_shapes_fp32(shape, channels_last, block_type, stride):
+    N, H, W = shape
+    width = 26  # Res2Net 26w: not a multiple of 8
+    x = torch.randn(N, 4 * width, H, W, device=DEVICE)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    ws = [torch.randn(width, width, 3, 3, device=DEVICE) * 0.1 for _ in range(3)]
+    bns = _bns(3, width, torch.float32)
+    ref = ops.res2net_chain_ref(x, ws, bns, scale=4, stride=stride, block_type=block_type)
+    with resfast.backend("triton"), torch.no_grad():
+        out = ops.res2net_chain(x, ws, bns, scale=4, stride=stride, block_type=block_type)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_timm_bottle2neck_through_triton():
+    timm_res2net = pytest.importorskip("timm.models.res2net")
+    ds = nn.Sequential(nn.Conv2d(32, 64, 1, 2, bias=False), nn.BatchNorm2d(64))
+    for blk in (timm_res2net.Bottle2neck(32, 16, 2, ds, norm_layer=nn.BatchNorm2d),
+                timm_res2net.Bottle2neck(64, 16, norm_layer=nn.BatchNorm2d)):
+        blk.eval()
+        with torch.no_grad():
+            for m in blk.modules():
+                if isinstance(m, nn.BatchNorm2d):
+                    m.running_mean.uniform_(-0.3, 0.3)
+                    m.running_var.uniform_(0.5, 1.5)
+                    m.weight.uniform_(0.5, 1.5)
+        blk = blk.to(DEVICE)
+        fused = resfast.convert(blk)
+        x = torch.randn(2, blk.conv1.in_channels, 8, 7, device=DEVICE).contiguous(memory_format=torch.channels_last)
+        with torch.no_grad():
+            ref = blk(x)
+            with resfast.backend("triton"):
+                out = fused(x)
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_training_chain_is_refused():
+    x = torch.randn(2, 8, 4, 4, device=DEVICE)
+    ws = [torch.randn(2, 2, 3, 3, device=DEVICE) for _ in range(3)]
+    with resfast.backend("triton"), pytest.raises(resfast.BackendUnavailableError, match="batch statistics"):
+        ops.res2net_chain(x, ws, _bns(3, 2, torch.float32), scale=4, training=True)
