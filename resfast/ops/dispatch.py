@@ -74,7 +74,7 @@ class EagerBackend(Backend):
 class TritonBackend(Backend):
     name = "triton"
     # ops with a Triton implementation (resfast/triton/ops.py, imported on first use, not at `import resfast`)
-    implemented = ("conv_bn_relu", "res2net_chain")
+    implemented = ("conv_bn_relu", "bn_relu_conv", "res2net_chain")
     # Kernels tested only under TRITON_INTERPRET=1 so far: `auto` does not pick them until they have been
     # verified on a GPU; an explicit `resfast.backend("triton")` does.
     verified_on_gpu = False

@@ -23,7 +23,7 @@ from torch import Tensor
 
 @triton.jit
 def _conv_bn_act_fwd_kernel(
-    X_ptr, A_ptr, W_ptr, B_ptr, R_ptr, Y_ptr,
+    X_ptr, A_ptr, PS_ptr, PT_ptr, W_ptr, B_ptr, R_ptr, Y_ptr,
     N, C_in, H, W, C_out, H_out, W_out,
     sxn, sxc, sxh, sxw,
     san, sac, sah, saw,
@@ -31,7 +31,8 @@ def _conv_bn_act_fwd_kernel(
     syn, syc, syh, syw,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     CIN_G: tl.constexpr, COUT_G: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
-    HAS_ADD: tl.constexpr, HAS_RES: tl.constexpr, RELU: tl.constexpr, ACC_F64: tl.constexpr,
+    HAS_ADD: tl.constexpr, PRE_BN_RELU: tl.constexpr, HAS_RES: tl.constexpr, RELU: tl.constexpr,
+    ACC_F64: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -71,6 +72,11 @@ def _conv_bn_act_fwd_kernel(
             ad_ptrs = (A_ptr + on[:, None] * san + cin[None, :] * sac + ih.to(tl.int64) * sah
                        + iw.to(tl.int64) * saw)
             a += tl.load(ad_ptrs, mask=a_mask, other=0.0)
+        if PRE_BN_RELU:  # pre-activation: relu(x * s[c] + t[c]) as the tile is loaded; padding stays zero after it
+            ps = tl.load(PS_ptr + cin, mask=k_mask, other=0.0).to(acc_dtype)
+            pt = tl.load(PT_ptr + cin, mask=k_mask, other=0.0).to(acc_dtype)
+            act = tl.maximum(a.to(acc_dtype) * ps[None, :] + pt[None, :], 0.0)
+            a = tl.where(a_mask, act, 0.0).to(X_ptr.dtype.element_ty)
         # packed weights: [K_TOTAL, C_out], row k, column = absolute output channel
         b_ptrs = W_ptr + offs_k.to(tl.int64)[:, None] * C_out + cout.to(tl.int64)[None, :]
         b = tl.load(b_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
@@ -108,9 +114,12 @@ def conv_bn_act_fwd(
     relu: bool = True,
     add: Optional[Tensor] = None,
     out: Optional[Tensor] = None,
+    pre_scale: Optional[Tensor] = None,
+    pre_shift: Optional[Tensor] = None,
 ) -> Tensor:
     """Launch the kernel. x (N, C_in, H, W) any strides; ``add`` (x's shape) is added to x while loading;
-    writes ``out`` (any strides, e.g. a channel slice of a larger tensor) or returns a new channels_last tensor."""
+    writes ``out`` (any strides, e.g. a channel slice of a larger tensor) or returns a new channels_last tensor.
+    ``pre_scale``/``pre_shift`` (C_in,) apply ``relu(x * pre_scale + pre_shift)`` to the input as it is loaded."""
     N, C_in, H, W = x.shape
     C_out = w_packed.shape[1]
     kh, kw = kernel_size
@@ -134,14 +143,18 @@ def conv_bn_act_fwd(
     BLOCK_K = max(16, min(32, triton.next_power_of_2(cin_g * kh * kw)))
     r = residual if residual is not None else y
     a = add if add is not None else x
+    pre = pre_scale is not None
+    ps = pre_scale if pre else bias
+    pt = pre_shift if pre else bias
     grid = (triton.cdiv(M, BLOCK_M), groups * triton.cdiv(cout_g, BLOCK_N))
     _conv_bn_act_fwd_kernel[grid](
-        x, a, w_packed, bias, r, y,
+        x, a, ps, pt, w_packed, bias, r, y,
         N, C_in, H, W, C_out, H_out, W_out,
         *x.stride(), *a.stride(), *r.stride(), *y.stride(),
         stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
         CIN_G=cin_g, COUT_G=cout_g, KH=kh, KW=kw,
-        HAS_ADD=add is not None, HAS_RES=residual is not None, RELU=relu, ACC_F64=x.dtype == torch.float64,
+        HAS_ADD=add is not None, PRE_BN_RELU=pre, HAS_RES=residual is not None, RELU=relu,
+        ACC_F64=x.dtype == torch.float64,
         # fp32 follows cuDNN's TF32 switch, as nn.Conv2d does; other dtypes take Triton's default
         INPUT_PRECISION=("tf32" if torch.backends.cudnn.allow_tf32 and x.is_cuda else "ieee")
         if x.dtype == torch.float32 else None,

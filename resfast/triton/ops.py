@@ -1,10 +1,11 @@
 """The Triton backend's op implementations (from prepared op arguments) and what they support.
 
 So far, forward only, eval-mode BatchNorm (running statistics or FrozenBatchNorm2d):
-``conv_bn_relu``, and ``res2net_chain`` (scale - 1 conv launches, each reading its split in place, adding the
+``conv_bn_relu``, ``bn_relu_conv`` (BatchNorm + ReLU applied to the input tile as it is loaded), and
+``res2net_chain`` (scale - 1 conv launches, each reading its split in place, adding the
 previous split's output in its prologue and writing its channel slice of the output; the pass-through split is
-copied or average-pooled into its slice with ATen for now). Training, backward and ``bn_relu_conv`` come with
-the Triton issues.
+copied or average-pooled into its slice with ATen for now). Training and backward come with the Triton
+issues.
 """
 
 from __future__ import annotations
@@ -37,12 +38,12 @@ def input_reasons(op: str, args) -> list[str]:
                    *[t for bn in args.bns for t in (bn.weight, bn.bias) if t is not None]]
         if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
             reasons.append("the inputs require grad and the Triton res2net_chain has no backward yet")
-    if op == "conv_bn_relu":
+    if op in ("conv_bn_relu", "bn_relu_conv"):
         if needs_batch_stats(args.bn, args.training):
             reasons.append("BatchNorm with batch statistics (training) is not implemented in the Triton backend yet")
         tensors = [t for t in (x, args.weight, args.bias, args.residual, args.bn.weight, args.bn.bias) if t is not None]
         if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-            reasons.append("the inputs require grad and the Triton conv_bn_relu has no backward yet")
+            reasons.append(f"the inputs require grad and the Triton {op} has no backward yet")
     return reasons
 
 
@@ -68,6 +69,18 @@ def conv_bn_relu(args):
     w = pack_weight(args.weight.to(scale.dtype), scale).to(args.x.dtype)
     return conv_bn_act_fwd(args.x, w, shift, tuple(args.weight.shape[2:]), args.stride, args.padding,
                            args.dilation, args.groups, args.residual, args.relu)
+
+
+def bn_relu_conv(args):
+    from .conv import conv_bn_act_fwd, pack_weight
+
+    scale, shift = fold_bn(args.bn, None, args.x.dtype)
+    w = pack_weight(args.weight, torch.ones(args.weight.shape[0], device=args.weight.device,
+                                            dtype=args.weight.dtype)).to(args.x.dtype)
+    bias = (args.bias.to(scale.dtype) if args.bias is not None
+            else torch.zeros(args.weight.shape[0], device=args.x.device, dtype=scale.dtype))
+    return conv_bn_act_fwd(args.x, w, bias, tuple(args.weight.shape[2:]), args.stride, args.padding, args.dilation,
+                           args.groups, args.residual, relu=False, pre_scale=scale, pre_shift=shift)
 
 
 def res2net_chain(args):
@@ -100,4 +113,4 @@ def res2net_chain(args):
     return out
 
 
-KERNELS = {"conv_bn_relu": conv_bn_relu, "res2net_chain": res2net_chain}
+KERNELS = {"conv_bn_relu": conv_bn_relu, "bn_relu_conv": bn_relu_conv, "res2net_chain": res2net_chain}
