@@ -1,5 +1,8 @@
 """Helpers shared by the tests (import as `from helpers import ...`)."""
 
+import os
+
+import pytest
 import torch
 from torch import nn
 
@@ -55,3 +58,12 @@ def compare_modules(orig: nn.Module, new: nn.Module, x: torch.Tensor, train: boo
         new.zero_grad()
         assert_same_state(orig, new, **tol)
     return ya, yb
+
+
+# Triton tests: the interpreter runs CPU tensors (CI); on a GPU machine the same tests run compiled kernels on
+# CUDA tensors. tests/conftest.py sets TRITON_INTERPRET=1 when no GPU is visible.
+TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+TRITON_DEVICE = "cpu" if TRITON_INTERPRET else "cuda"
+needs_triton_runtime = pytest.mark.skipif(
+    not TRITON_INTERPRET and not torch.cuda.is_available(),
+    reason="needs TRITON_INTERPRET=1 (set by tests/conftest.py without a GPU) or a GPU")

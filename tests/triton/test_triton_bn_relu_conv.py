@@ -1,28 +1,18 @@
 """The Triton bn_relu_conv (eval BatchNorm + ReLU applied to the input tile as it is loaded) against the eager
 reference: padding stays zero after the activation, grouped/strided/dilated, bias, residual, both layouts."""
 
-import os
-
 import pytest
 import torch
+from helpers import TRITON_DEVICE, TRITON_INTERPRET, needs_triton_runtime, randomize_bn
 from torch import nn
 
 import resfast
 from resfast import ops
 
 pytest.importorskip("triton")
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-pytestmark = pytest.mark.skipif(not INTERPRET and not torch.cuda.is_available(),
-                                reason="needs TRITON_INTERPRET=1 (set by tests/conftest.py without a GPU) or a GPU")
-DEVICE = "cpu" if INTERPRET else "cuda"
-
-
-@pytest.fixture(autouse=True)
-def _exact_fp32():
-    prev = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cudnn.allow_tf32 = prev
+pytestmark = needs_triton_runtime
+DEVICE = TRITON_DEVICE
+INTERPRET = TRITON_INTERPRET
 
 
 # (C_in, C_out, k, stride, padding, dilation, groups)
@@ -63,12 +53,7 @@ def test_preact_bottleneck_through_triton():
     """Seed 004's BottleneckV2 as resfast.PreActBottleneck, every unit on the Triton backend (eval)."""
     blk = resfast.PreActBottleneck(32, 16, 2, nn.Sequential(nn.Conv2d(32, 64, 1, 2, bias=False), nn.BatchNorm2d(64)))
     blk.eval()
-    with torch.no_grad():
-        for m in blk.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.3, 0.3)
-                m.running_var.uniform_(0.5, 1.5)
-                m.weight.uniform_(0.5, 1.5)
+    randomize_bn(blk)
     blk = blk.to(DEVICE)
     x = torch.randn(2, 32, 9, 8, device=DEVICE).contiguous(memory_format=torch.channels_last)
     with torch.no_grad():

@@ -1,10 +1,9 @@
 """The Triton conv_bn_relu (implicit GEMM, eval BatchNorm folded, residual + ReLU epilogue) against the eager
 reference, under TRITON_INTERPRET=1 on CPU tensors, float32 and float64, over the shapes that break kernels."""
 
-import os
-
 import pytest
 import torch
+from helpers import TRITON_DEVICE, TRITON_INTERPRET, needs_triton_runtime, randomize_bn
 from torch import nn
 
 import resfast
@@ -12,20 +11,9 @@ from resfast import ops
 from resfast.ops import dispatch
 
 pytest.importorskip("triton")
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-pytestmark = pytest.mark.skipif(not INTERPRET and not torch.cuda.is_available(),
-                                reason="needs TRITON_INTERPRET=1 (set by tests/conftest.py without a GPU) or a GPU")
-# The interpreter runs CPU tensors; on a GPU machine the same tests run the compiled kernels on CUDA tensors.
-DEVICE = "cpu" if INTERPRET else "cuda"
-
-
-@pytest.fixture(autouse=True)
-def _exact_fp32():
-    """TF32 off, so fp32 results of the kernel and of cuDNN's reference are both exact enough for 1e-4."""
-    prev = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cudnn.allow_tf32 = prev
+pytestmark = needs_triton_runtime
+DEVICE = TRITON_DEVICE
+INTERPRET = TRITON_INTERPRET
 
 # (C_in, C_out, k, stride, padding, dilation, groups)
 CONVS = [
@@ -104,12 +92,7 @@ def test_matches_torchvision_resnext_block_in_eval():
     """A whole converted ResNeXt block with the Triton conv for every conv_bn_relu (eval, no grad)."""
     tvm = pytest.importorskip("torchvision.models.resnet")
     blk = tvm.Bottleneck(32, 8, groups=4, base_width=16).eval()
-    with torch.no_grad():
-        for m in blk.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.3, 0.3)
-                m.running_var.uniform_(0.5, 1.5)
-                m.weight.uniform_(0.5, 1.5)
+    randomize_bn(blk)
     blk = blk.to(DEVICE)
     fused = resfast.convert(blk)
     x = torch.randn(2, 32, 6, 6, device=DEVICE).contiguous(memory_format=torch.channels_last)

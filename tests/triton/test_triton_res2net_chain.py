@@ -3,28 +3,19 @@ stride, groups, dilation, scale 1..5, odd sizes, NCHW and channels_last, fp32 an
 Bottle2neck through the Triton backend."""
 
 import itertools
-import os
 
 import pytest
 import torch
+from helpers import TRITON_DEVICE, TRITON_INTERPRET, needs_triton_runtime, randomize_bn
 from torch import nn
 
 import resfast
 from resfast import ops
 
 pytest.importorskip("triton")
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-pytestmark = pytest.mark.skipif(not INTERPRET and not torch.cuda.is_available(),
-                                reason="needs TRITON_INTERPRET=1 (set by tests/conftest.py without a GPU) or a GPU")
-DEVICE = "cpu" if INTERPRET else "cuda"
-
-
-@pytest.fixture(autouse=True)
-def _exact_fp32():
-    prev = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cudnn.allow_tf32 = prev
+pytestmark = needs_triton_runtime
+DEVICE = TRITON_DEVICE
+INTERPRET = TRITON_INTERPRET
 
 
 def _bns(n, width, dtype):
@@ -84,12 +75,7 @@ def test_timm_bottle2neck_through_triton():
     for blk in (timm_res2net.Bottle2neck(32, 16, 2, ds, norm_layer=nn.BatchNorm2d),
                 timm_res2net.Bottle2neck(64, 16, norm_layer=nn.BatchNorm2d)):
         blk.eval()
-        with torch.no_grad():
-            for m in blk.modules():
-                if isinstance(m, nn.BatchNorm2d):
-                    m.running_mean.uniform_(-0.3, 0.3)
-                    m.running_var.uniform_(0.5, 1.5)
-                    m.weight.uniform_(0.5, 1.5)
+        randomize_bn(blk)
         blk = blk.to(DEVICE)
         fused = resfast.convert(blk)
         x = torch.randn(2, blk.conv1.in_channels, 8, 7, device=DEVICE).contiguous(memory_format=torch.channels_last)
