@@ -67,3 +67,33 @@ TRITON_DEVICE = "cpu" if TRITON_INTERPRET else "cuda"
 needs_triton_runtime = pytest.mark.skipif(
     not TRITON_INTERPRET and not torch.cuda.is_available(),
     reason="needs TRITON_INTERPRET=1 (set by tests/conftest.py without a GPU) or a GPU")
+
+
+def assert_fused_close(fused: torch.Tensor, eager: torch.Tensor, ref: torch.Tensor, floor: float = 1e-6,
+                       factor: float = 2.0):
+    """The project's accuracy rule for fused paths that round differently from eager (folded BatchNorm, other
+    conv algorithms): err(fused) <= factor * err(eager, same dtype) + floor * max|ref|, both errors measured
+    against a higher-precision reference `ref` (float64)."""
+    ref = ref.double()
+    err_fused = (fused.double() - ref).abs().max().item()
+    err_eager = (eager.double() - ref).abs().max().item()
+    bound = factor * err_eager + floor * max(1.0, ref.abs().max().item())
+    assert err_fused <= bound, f"fused error {err_fused:.3g} > {factor} x eager error {err_eager:.3g} + floor"
+
+
+def check_fused_model(orig: nn.Module, new: nn.Module, x: torch.Tensor):
+    """`new` (resfast, default backend) against `orig` (eager) under the accuracy rule, with a float64 copy of
+    `orig` as the reference; and, on the eager backend, `new` must equal `orig` to fp32 precision."""
+    import copy
+
+    import resfast
+
+    ref_model = copy.deepcopy(orig).double()
+    with torch.no_grad():
+        ref = ref_model(x.double())
+        eager = orig(x)
+        fused = new(x)
+        assert_fused_close(fused, eager, ref)
+        with resfast.backend("eager"):
+            torch.testing.assert_close(new(x), eager, rtol=1e-5, atol=1e-5)
+    return fused

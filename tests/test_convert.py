@@ -1,9 +1,11 @@
 """resfast.convert on whole timm/torchvision/seed models and a detector backbone: identical outputs."""
 
+import copy
+
 import pytest
 import torch
 from fixtures import seed000, seed001, seed002, seed003, seed004
-from helpers import compare_modules, randomize_bn
+from helpers import assert_fused_close, check_fused_model, compare_modules, randomize_bn
 from torch import nn
 
 import resfast
@@ -47,8 +49,9 @@ def test_convert_whole_model_identical_logits(name):
     assert not any(isinstance(b, RESFAST_BLOCKS) for b in _blocks(orig)), "inplace=False must not touch the input"
     assert list(conv.state_dict()) == list(orig.state_dict())
     x = torch.randn(2, 3, 64, 64)
-    with torch.no_grad():
+    with torch.no_grad(), resfast.backend("eager"):  # the same computation: bit-identical
         torch.testing.assert_close(conv(x), orig(x), rtol=0, atol=0)
+    check_fused_model(orig, conv, x)  # the default backend (folded BatchNorm on CPU): the accuracy rule
 
 
 @pytest.mark.parametrize("name", ["timm_res2net50_26w_4s", "tv_resnext50_32x4d", "seed001", "seed004_resnet18_v2"])
@@ -77,9 +80,13 @@ def test_convert_detector_backbone_with_frozen_bn():
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         a, b = bb(x), conv(x)
+        ref = copy.deepcopy(bb).double()(x.double())
+        with resfast.backend("eager"):
+            c = conv(x)
     assert list(a) == list(b)
     for k in a:
-        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-5)
+        assert_fused_close(b[k], a[k], ref[k])
+        torch.testing.assert_close(c[k], a[k], rtol=1e-5, atol=1e-5)
 
 
 def test_inplace_and_root_block():

@@ -22,7 +22,7 @@ def test_report_versions_build_and_backends():
     text = _run()
     assert f"resfast      {resfast.__version__}" in text
     assert f"torch        {torch.__version__}" in text
-    for name in ("cuda", "triton", "eager"):
+    for name in ("cuda", "triton", "cpu", "eager"):
         assert f"\n  {name:<7} " in text
     assert "eager   can run res2net_chain, conv_bn_relu, bn_relu_conv" in text
     if _ext.C is not None:

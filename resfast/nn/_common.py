@@ -8,6 +8,7 @@ from torch import Tensor, nn
 
 from .. import ops
 from ..ops.batchnorm import is_supported_bn
+from ..ops.fold import FoldCache, block_cache  # noqa: F401  (block_cache: re-exported for the blocks)
 
 
 def fusable_conv(conv: Optional[nn.Module]) -> bool:
@@ -29,8 +30,10 @@ def fusable(*pairs) -> bool:
     return all(fusable_conv(c) and is_supported_bn(b) for c, b in pairs)
 
 
-def conv_bn(x: Tensor, conv: nn.Conv2d, bn: nn.Module, relu: bool = True, residual: Optional[Tensor] = None) -> Tensor:
-    """ops.conv_bn_relu with the conv's own hyper-parameters and the BatchNorm module's training flag."""
+def conv_bn(x: Tensor, conv: nn.Conv2d, bn: nn.Module, relu: bool = True, residual: Optional[Tensor] = None,
+            cache: Optional[FoldCache] = None) -> Tensor:
+    """ops.conv_bn_relu with the conv's own hyper-parameters and the BatchNorm module's training flag; `cache` is
+    the calling block's :func:`block_cache`."""
     return ops.conv_bn_relu(
         x,
         conv.weight,
@@ -43,10 +46,12 @@ def conv_bn(x: Tensor, conv: nn.Conv2d, bn: nn.Module, relu: bool = True, residu
         training=bn.training,
         relu=relu,
         residual=residual,
+        fold_cache=cache,
     )
 
 
-def bn_conv(x: Tensor, bn: nn.Module, conv: nn.Conv2d, residual: Optional[Tensor] = None) -> Tensor:
+def bn_conv(x: Tensor, bn: nn.Module, conv: nn.Conv2d, residual: Optional[Tensor] = None,
+            cache: Optional[FoldCache] = None) -> Tensor:
     """ops.bn_relu_conv with the conv's own hyper-parameters and the BatchNorm module's training flag."""
     return ops.bn_relu_conv(
         x,
@@ -59,7 +64,19 @@ def bn_conv(x: Tensor, bn: nn.Module, conv: nn.Conv2d, residual: Optional[Tensor
         groups=conv.groups,
         training=bn.training,
         residual=residual,
+        fold_cache=cache,
     )
+
+
+def shortcut(x: Tensor, downsample: Optional[nn.Module], cache: Optional[FoldCache] = None) -> Tensor:
+    """The residual branch: x, or ``downsample(x)``; a plain ``Sequential(Conv2d, BatchNorm)`` downsample (timm's and
+    torchvision's) runs as one conv_bn_relu op without the ReLU, so its BatchNorm is folded too."""
+    if downsample is None:
+        return x
+    if (type(downsample) is nn.Sequential and len(downsample) == 2
+            and fusable((downsample[0], downsample[1]))):
+        return conv_bn(x, downsample[0], downsample[1], relu=False, cache=cache)
+    return downsample(x)
 
 
 def conv3x3(in_planes: int, out_planes: int, stride: int = 1, groups: int = 1, dilation: int = 1) -> nn.Conv2d:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from ._common import bn_conv, fusable, fusable_relu
+from ._common import block_cache, bn_conv, fusable, fusable_relu, shortcut
 
 
 class PreActBasicBlock(nn.Module):
@@ -28,9 +28,10 @@ class PreActBasicBlock(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if not (fusable((self.conv1, self.bn1), (self.conv2, self.bn2)) and fusable_relu(self.relu)):
             return self._forward_modules(x)
-        identity = x if self.downsample is None else self.downsample(x)
-        out = bn_conv(x, self.bn1, self.conv1)
-        return bn_conv(out, self.bn2, self.conv2, residual=identity)
+        cache = block_cache(self)
+        identity = shortcut(x, self.downsample, cache)
+        out = bn_conv(x, self.bn1, self.conv1, cache=cache)
+        return bn_conv(out, self.bn2, self.conv2, residual=identity, cache=cache)
 
     def _forward_modules(self, x: Tensor) -> Tensor:
         out = self.conv1(self.relu(self.bn1(x)))
@@ -59,10 +60,11 @@ class PreActBottleneck(nn.Module):
         if not (fusable((self.conv1, self.bn1), (self.conv2, self.bn2), (self.conv3, self.bn3))
                 and fusable_relu(self.relu)):
             return self._forward_modules(x)
-        identity = x if self.downsample is None else self.downsample(x)
-        out = bn_conv(x, self.bn1, self.conv1)
-        out = bn_conv(out, self.bn2, self.conv2)
-        return bn_conv(out, self.bn3, self.conv3, residual=identity)
+        cache = block_cache(self)
+        identity = shortcut(x, self.downsample, cache)
+        out = bn_conv(x, self.bn1, self.conv1, cache=cache)
+        out = bn_conv(out, self.bn2, self.conv2, cache=cache)
+        return bn_conv(out, self.bn3, self.conv3, residual=identity, cache=cache)
 
     def _forward_modules(self, x: Tensor) -> Tensor:
         out = self.conv1(self.relu(self.bn1(x)))

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from .. import ops
 from ..ops.batchnorm import is_supported_bn
-from ._common import conv_bn, fusable, fusable_conv, fusable_relu
+from ._common import block_cache, conv_bn, fusable, fusable_conv, fusable_relu, shortcut
 
 
 def _chain_fusable(convs, bns) -> bool:
@@ -27,7 +27,8 @@ def _chain_fusable(convs, bns) -> bool:
     )
 
 
-def _chain(x: Tensor, convs, bns, scale: int, stride: int, dilation: int, groups: int, order: str, block_type: str):
+def _chain(x: Tensor, convs, bns, scale: int, stride: int, dilation: int, groups: int, order: str, block_type: str,
+           cache=None):
     return ops.res2net_chain(
         x,
         [c.weight for c in convs],
@@ -40,6 +41,7 @@ def _chain(x: Tensor, convs, bns, scale: int, stride: int, dilation: int, groups
         order=order,
         block_type=block_type,
         training=bns[0].training if len(bns) else False,
+        fold_cache=cache,
     )
 
 
@@ -128,21 +130,22 @@ class Bottle2neck(nn.Module):
         if not self._fusable():
             return self._forward_modules(x)
         c = self.convs[0]
-        out = conv_bn(x, self.conv1, self.bn1)
+        cache = block_cache(self)
+        out = conv_bn(x, self.conv1, self.bn1, cache=cache)
         out = _chain(
             out, self.convs, self.bns, self.scale, c.stride[0], c.dilation[0], c.groups, "timm",
-            "stage" if self.is_first else "normal",
+            "stage" if self.is_first else "normal", cache,
         )
         out = self.drop_block(out)
-        shortcut = x if self.downsample is None else self.downsample(x)
+        identity = shortcut(x, self.downsample, cache)
         if self.se is None and self.drop_path is None:
-            return conv_bn(out, self.conv3, self.bn3, residual=shortcut)
-        out = conv_bn(out, self.conv3, self.bn3, relu=False)
+            return conv_bn(out, self.conv3, self.bn3, residual=identity, cache=cache)
+        out = conv_bn(out, self.conv3, self.bn3, relu=False, cache=cache)
         if self.se is not None:
             out = self.se(out)
         if self.drop_path is not None:
             out = self.drop_path(out)
-        return F.relu(out + shortcut)
+        return F.relu(out + identity)
 
     def _forward_modules(self, x: Tensor) -> Tensor:
         shortcut = x
@@ -231,12 +234,13 @@ class Res2NetBottleneck(nn.Module):
         if not self._fusable():
             return self._forward_modules(x)
         groups = self.conv2[0].groups if len(self.conv2) else 1
-        out = conv_bn(x, self.conv1, self.bn1)
-        out = _chain(out, self.conv2, self.bn2, self.scales, 1, 1, groups, "paper", "normal")
-        identity = self.downsample(x) if self.downsample else x
+        cache = block_cache(self)
+        out = conv_bn(x, self.conv1, self.bn1, cache=cache)
+        out = _chain(out, self.conv2, self.bn2, self.scales, 1, 1, groups, "paper", "normal", cache)
+        identity = shortcut(x, self.downsample, cache) if self.downsample else x
         if self.se is None:
-            return conv_bn(out, self.conv3, self.bn3, residual=identity)
-        out = self.se(conv_bn(out, self.conv3, self.bn3, relu=False))
+            return conv_bn(out, self.conv3, self.bn3, residual=identity, cache=cache)
+        out = self.se(conv_bn(out, self.conv3, self.bn3, relu=False, cache=cache))
         return F.relu(out + identity)
 
     def _forward_modules(self, x: Tensor) -> Tensor:
@@ -295,6 +299,8 @@ class Res2Block(nn.Module):
         if not self._fusable():
             return F.relu(self.residual_function(x) + self.shortcut(x))
         rf = self.residual_function
-        out = conv_bn(x, rf[0], rf[1])
-        out = conv_bn(out, rf[3], rf[4])
-        return conv_bn(out, rf[6], rf[7], residual=self.shortcut(x))
+        cache = block_cache(self)
+        out = conv_bn(x, rf[0], rf[1], cache=cache)
+        out = conv_bn(out, rf[3], rf[4], cache=cache)
+        sc = shortcut(x, self.shortcut, cache) if len(self.shortcut) else x
+        return conv_bn(out, rf[6], rf[7], residual=sc, cache=cache)

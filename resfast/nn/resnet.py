@@ -12,7 +12,7 @@ from typing import Callable, Optional
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._common import conv1x1, conv3x3, conv_bn, fusable, fusable_relu
+from ._common import block_cache, conv1x1, conv3x3, conv_bn, fusable, fusable_relu, shortcut
 
 
 class BasicBlock(nn.Module):
@@ -49,9 +49,10 @@ class BasicBlock(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if not (fusable((self.conv1, self.bn1), (self.conv2, self.bn2)) and fusable_relu(self.relu)):
             return self._forward_modules(x)
-        identity = x if self.downsample is None else self.downsample(x)
-        out = conv_bn(x, self.conv1, self.bn1)
-        return conv_bn(out, self.conv2, self.bn2, residual=identity)
+        cache = block_cache(self)
+        identity = shortcut(x, self.downsample, cache)
+        out = conv_bn(x, self.conv1, self.bn1, cache=cache)
+        return conv_bn(out, self.conv2, self.bn2, residual=identity, cache=cache)
 
     def _forward_modules(self, x: Tensor) -> Tensor:
         identity = x
@@ -97,10 +98,11 @@ class Bottleneck(nn.Module):
         pairs = ((self.conv1, self.bn1), (self.conv2, self.bn2), (self.conv3, self.bn3))
         if not (fusable(*pairs) and fusable_relu(self.relu)):
             return self._forward_modules(x)
-        identity = x if self.downsample is None else self.downsample(x)
-        out = conv_bn(x, self.conv1, self.bn1)
-        out = conv_bn(out, self.conv2, self.bn2)
-        return conv_bn(out, self.conv3, self.bn3, residual=identity)
+        cache = block_cache(self)
+        identity = shortcut(x, self.downsample, cache)
+        out = conv_bn(x, self.conv1, self.bn1, cache=cache)
+        out = conv_bn(out, self.conv2, self.bn2, cache=cache)
+        return conv_bn(out, self.conv3, self.bn3, residual=identity, cache=cache)
 
     def _forward_modules(self, x: Tensor) -> Tensor:
         identity = x
@@ -140,14 +142,15 @@ class ResBlock(nn.Module):
             pairs.append((self.shortcut, self.bn3))
         if not fusable(*pairs):
             return self._forward_modules(inputs)
-        y = conv_bn(inputs, self.conv1, self.bn1)
+        cache = block_cache(self)
+        y = conv_bn(inputs, self.conv1, self.bn1, cache=cache)
         if not self.use_residual:
-            return conv_bn(y, self.conv2, self.bn2)
+            return conv_bn(y, self.conv2, self.bn2, cache=cache)
         if self.use_1x1conv:
-            shortcut = conv_bn(inputs, self.shortcut, self.bn3, relu=False)
+            identity = conv_bn(inputs, self.shortcut, self.bn3, relu=False, cache=cache)
         else:
-            shortcut = inputs
-        return conv_bn(y, self.conv2, self.bn2, residual=shortcut)
+            identity = inputs
+        return conv_bn(y, self.conv2, self.bn2, residual=identity, cache=cache)
 
     def _forward_modules(self, inputs: Tensor) -> Tensor:
         y = F.relu(self.bn1(self.conv1(inputs)))

@@ -6,11 +6,13 @@
 * :func:`bn_act` - the C++/CUDA elementwise op ``relu(x * scale + shift + residual)``
 """
 
+from . import cpp as _cpp  # noqa: F401  (registers the fake kernels of the C++ ops)
 from .batchnorm import BatchNormParams, as_bn_params
 from .bn_act import bn_act, bn_act_ref
 from .bn_relu_conv import bn_relu_conv
 from .conv_bn_relu import conv_bn_relu
 from .dispatch import BackendUnavailableError, availability, backend, get_backend, set_backend
+from .fold import FoldCache, clear_fold_caches
 from .reference import bn_relu_conv_ref, conv_bn_relu_ref, res2net_chain_ref
 from .res2net_chain import res2net_chain
 
@@ -30,4 +32,6 @@ __all__ = [
     "get_backend",
     "availability",
     "BackendUnavailableError",
+    "FoldCache",
+    "clear_fold_caches",
 ]

@@ -13,6 +13,7 @@ from torch import Tensor
 
 from . import checks
 from .batchnorm import BatchNormParams, as_bn_params
+from .fold import FoldCache
 
 ORDERS = ("timm", "paper")
 BLOCK_TYPES = ("normal", "stage")
@@ -30,6 +31,7 @@ class ConvBnReluArgs(NamedTuple):
     training: bool
     relu: bool
     residual: Optional[Tensor]
+    cache: Optional[FoldCache] = None  # the calling block's folded weights (resfast.ops.fold)
 
 
 class BnReluConvArgs(NamedTuple):
@@ -43,6 +45,7 @@ class BnReluConvArgs(NamedTuple):
     groups: int
     training: bool
     residual: Optional[Tensor]
+    cache: Optional[FoldCache] = None  # the calling block's folded weights (resfast.ops.fold)
 
 
 class Res2NetChainArgs(NamedTuple):
@@ -60,6 +63,13 @@ class Res2NetChainArgs(NamedTuple):
     training: bool
     conv_splits: tuple[int, ...]  # the splits that go through a conv, in chain order
     passthrough: Optional[int]  # the split copied (normal) or avg-pooled (stage), if any
+    cache: Optional[FoldCache] = None  # the calling block's folded weights (resfast.ops.fold)
+
+
+def _check_cache(op, cache):
+    if cache is not None and not isinstance(cache, FoldCache):
+        raise TypeError(f"{op}: fold_cache must be a resfast.ops.fold.FoldCache or None, got {type(cache).__name__}")
+    return cache
 
 
 def _conv_params(op, x, weight, stride, padding, dilation, groups):
@@ -85,7 +95,8 @@ def _check_bias(op, x, bias, channels, name="bias"):
     checks.check_same(op, x, bias, name)
 
 
-def prepare_conv_bn_relu(x, weight, bn, bias, stride, padding, dilation, groups, training, relu, residual):
+def prepare_conv_bn_relu(x, weight, bn, bias, stride, padding, dilation, groups, training, relu, residual,
+                         cache=None):
     op = "resfast.conv_bn_relu"
     checks.check_input(op, x)
     checks.check_flag(op, training, "training")
@@ -96,10 +107,11 @@ def prepare_conv_bn_relu(x, weight, bn, bias, stride, padding, dilation, groups,
     checks.check_bn(op, x, bn, weight.shape[0])
     checks.check_residual(op, x, residual, out_shape)
     checks.check_batch_stats(op, out_shape, checks.needs_batch_stats(bn, training), "the conv output")
-    return ConvBnReluArgs(x, weight, bias, bn, stride, padding, dilation, groups, training, relu, residual)
+    return ConvBnReluArgs(x, weight, bias, bn, stride, padding, dilation, groups, training, relu, residual,
+                          _check_cache(op, cache))
 
 
-def prepare_bn_relu_conv(x, bn, weight, bias, stride, padding, dilation, groups, training, residual):
+def prepare_bn_relu_conv(x, bn, weight, bias, stride, padding, dilation, groups, training, residual, cache=None):
     op = "resfast.bn_relu_conv"
     checks.check_input(op, x)
     checks.check_flag(op, training, "training")
@@ -109,7 +121,8 @@ def prepare_bn_relu_conv(x, bn, weight, bias, stride, padding, dilation, groups,
     stride, padding, dilation, out_shape = _conv_params(op, x, weight, stride, padding, dilation, groups)
     _check_bias(op, x, bias, weight.shape[0])
     checks.check_residual(op, x, residual, out_shape)
-    return BnReluConvArgs(x, bn, weight, bias, stride, padding, dilation, groups, training, residual)
+    return BnReluConvArgs(x, bn, weight, bias, stride, padding, dilation, groups, training, residual,
+                          _check_cache(op, cache))
 
 
 def chain_layout(scale: int, order: str) -> tuple[tuple[int, ...], Optional[int]]:
@@ -124,7 +137,8 @@ def chain_layout(scale: int, order: str) -> tuple[tuple[int, ...], Optional[int]
     return tuple(range(1, scale)), 0
 
 
-def prepare_res2net_chain(x, weights, bns, scale, biases, stride, dilation, groups, order, block_type, training):
+def prepare_res2net_chain(x, weights, bns, scale, biases, stride, dilation, groups, order, block_type, training,
+                          cache=None):
     op = "resfast.res2net_chain"
     checks.check_input(op, x)
     if order not in ORDERS:
@@ -179,7 +193,7 @@ def prepare_res2net_chain(x, weights, bns, scale, biases, stride, dilation, grou
         checks.conv_out_hw(op, x.shape[2], x.shape[3], (3, 3), (stride,) * 2, (1, 1), (1, 1))
     return Res2NetChainArgs(
         x, weights, biases, bns, scale, width, stride, dilation, groups, order, block_type, training,
-        conv_splits, passthrough,
+        conv_splits, passthrough, _check_cache(op, cache),
     )
 
 

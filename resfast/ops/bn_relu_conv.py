@@ -8,6 +8,7 @@ from torch import Tensor
 
 from . import dispatch
 from ._args import prepare_bn_relu_conv
+from .fold import FoldCache
 
 
 def bn_relu_conv(
@@ -22,6 +23,7 @@ def bn_relu_conv(
     groups: int = 1,
     training: bool = False,
     residual: Optional[Tensor] = None,
+    fold_cache: Optional[FoldCache] = None,
 ) -> Tensor:
     """``conv2d(relu(bn(x)), weight, bias) + residual``, the pre-activation unit of ResNetV2 (seed 004).
 
@@ -32,9 +34,11 @@ def bn_relu_conv(
             ``torch.nn.functional.conv2d``.
         residual: (N, C_out, H_out, W_out) added to the conv output (the block's shortcut), or None.
 
+        fold_cache: a :class:`resfast.ops.fold.FoldCache` the caller keeps (a block passes its own) so the
+            backends that fold eval BatchNorm into the weights do it once, not per call.
     Returns:
         (N, C_out, H_out, W_out) in the layout PyTorch's convolution picks, as the original layers do
         (channels_last when ``x`` is channels_last).
     """
-    args = prepare_bn_relu_conv(x, bn, weight, bias, stride, padding, dilation, groups, training, residual)
+    args = prepare_bn_relu_conv(x, bn, weight, bias, stride, padding, dilation, groups, training, residual, fold_cache)
     return dispatch.run("bn_relu_conv", args)

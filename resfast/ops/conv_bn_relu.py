@@ -8,6 +8,7 @@ from torch import Tensor
 
 from . import dispatch
 from ._args import prepare_conv_bn_relu
+from .fold import FoldCache
 
 
 def conv_bn_relu(
@@ -23,6 +24,7 @@ def conv_bn_relu(
     training: bool = False,
     relu: bool = True,
     residual: Optional[Tensor] = None,
+    fold_cache: Optional[FoldCache] = None,
 ) -> Tensor:
     """``relu(bn(conv2d(x, weight, bias)) + residual)``: ResNeXt's grouped 3x3, ResNet's 1x1/3x3, seed-000's block.
 
@@ -36,9 +38,12 @@ def conv_bn_relu(
         relu: apply the ReLU (False gives conv + BN (+ residual), e.g. before an SE module).
         residual: (N, C_out, H_out, W_out) added after BN and before the ReLU.
 
+        fold_cache: a :class:`resfast.ops.fold.FoldCache` the caller keeps (a block passes its own) so the
+            backends that fold eval BatchNorm into the weights do it once, not per call.
     Returns:
         (N, C_out, H_out, W_out) in the layout PyTorch's convolution picks, as the original layers do
         (channels_last when ``x`` is channels_last).
     """
-    args = prepare_conv_bn_relu(x, weight, bn, bias, stride, padding, dilation, groups, training, relu, residual)
+    args = prepare_conv_bn_relu(x, weight, bn, bias, stride, padding, dilation, groups, training, relu, residual,
+                                fold_cache)
     return dispatch.run("conv_bn_relu", args)

@@ -1,7 +1,8 @@
 """Backend choice: which implementation runs an op, and why the others cannot.
 
-Backends, in `auto` preference order: `cuda` (the C++/CUDA extension), `triton`, `eager` (plain PyTorch,
-always available, defines the semantics). Each answers ``not_supported_reasons(op, args) -> list[str]``.
+Backends, in `auto` preference order: `cuda` (the C++/CUDA extension on CUDA tensors), `triton`, `cpu` (the
+C++ extension's CPU kernels: eval-mode fast path over oneDNN), `eager` (plain PyTorch, always available,
+defines the semantics). Each answers ``not_supported_reasons(op, args) -> list[str]``.
 `auto` picks the first backend with no reasons; a backend named explicitly (``RESFAST_BACKEND``,
 :func:`set_backend`, ``with backend(...)``) that cannot run raises :class:`BackendUnavailableError` listing
 every reason. Facts that do not depend on the inputs (is triton installed, was _C built with CUDA) are
@@ -22,7 +23,7 @@ from .. import _ext
 from .reference import EAGER_IMPLS
 
 OPS = ("res2net_chain", "conv_bn_relu", "bn_relu_conv")
-BACKENDS = ("cuda", "triton", "eager")
+BACKENDS = ("cuda", "triton", "cpu", "eager")
 CHOICES = ("auto",) + BACKENDS
 
 
@@ -140,7 +141,35 @@ class CudaBackend(Backend):
         return []
 
 
-_BACKENDS: dict[str, Backend] = {b.name: b for b in (CudaBackend(), TritonBackend(), EagerBackend())}
+class CpuBackend(Backend):
+    """resfast._C's CPU kernels (csrc/cpu/, glue in resfast/ops/cpp.py): inference for now."""
+
+    name = "cpu"
+
+    def _static_reasons(self, op):
+        if _ext.C is None:
+            return [f"the extension resfast._C is not loaded ({_ext.C_ERROR})"]
+        from .cpp import missing_ops
+
+        missing = missing_ops()
+        if missing:
+            return [f"resfast._C lacks the ops {missing} (an older build: rebuild with `make setup`)"]
+        return []
+
+    def _input_reasons(self, op, args):
+        from .cpp import input_reasons
+
+        return input_reasons(op, args)
+
+    def run(self, op, args):
+        from .cpp import KERNELS
+
+        return KERNELS[op](args)
+
+
+_BACKENDS: dict[str, Backend] = {
+    b.name: b for b in (CudaBackend(), TritonBackend(), CpuBackend(), EagerBackend())
+}
 _STATIC_CACHE: dict[tuple[str, str], tuple[str, ...]] = {}
 
 

@@ -8,6 +8,7 @@ from torch import Tensor
 
 from . import dispatch
 from ._args import prepare_res2net_chain
+from .fold import FoldCache
 
 
 def res2net_chain(
@@ -23,6 +24,7 @@ def res2net_chain(
     order: str = "timm",
     block_type: str = "normal",
     training: bool = False,
+    fold_cache: Optional[FoldCache] = None,
 ) -> Tensor:
     """The middle of a Res2Net bottleneck, over the `scale` equal channel splits of ``x``.
 
@@ -46,9 +48,12 @@ def res2net_chain(
         bns: one BatchNorm (BatchNormParams, nn.BatchNorm2d or FrozenBatchNorm2d) per conv.
         training: BatchNorm in training mode (batch statistics, running buffers updated) or eval mode.
 
+        fold_cache: a :class:`resfast.ops.fold.FoldCache` the caller keeps (a block passes its own) so the
+            backends that fold eval BatchNorm into the weights do it once, not per call.
     Returns:
         (N, C, H_out, W_out): the outputs of all splits concatenated in split order, in the layout PyTorch
         picks, as the originals do (channels_last when ``x`` is channels_last).
     """
-    args = prepare_res2net_chain(x, weights, bns, scale, biases, stride, dilation, groups, order, block_type, training)
+    args = prepare_res2net_chain(x, weights, bns, scale, biases, stride, dilation, groups, order, block_type, training,
+                                 fold_cache)
     return dispatch.run("res2net_chain", args)

@@ -4,7 +4,7 @@ training mode with gradients and running stats; weights from a path or dict; num
 import pytest
 import torch
 from fixtures import seed000, seed001, seed003, seed004
-from helpers import compare_modules, randomize_bn
+from helpers import check_fused_model, compare_modules, randomize_bn
 
 from resfast import models
 
@@ -39,8 +39,7 @@ def test_builder_matches_original_in_eval(name):
     new = models.get_model(name, weights=orig.state_dict()).eval()
     assert list(new.state_dict()) == list(orig.state_dict())
     x = torch.randn(2, 3, 64, 64)
-    with torch.no_grad():
-        torch.testing.assert_close(new(x), orig(x), rtol=1e-5, atol=1e-5)
+    check_fused_model(orig, new, x)
 
 
 @pytest.mark.parametrize("name", ["resnet18", "resnext50_32x4d", "res2net50_26w_4s", "res2next50", "resnet50_v2",
@@ -101,8 +100,8 @@ def test_channels_last_model(name):
     orig = randomize_bn(_original(name)).eval().to(memory_format=torch.channels_last)
     new = models.get_model(name, weights=orig.state_dict()).eval().to(memory_format=torch.channels_last)
     x = torch.randn(2, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+    check_fused_model(orig, new, x)
     with torch.no_grad():
-        torch.testing.assert_close(new(x), orig(x), rtol=1e-5, atol=1e-5)
         # the trunk (stem + first stage of resfast blocks) keeps channels_last; the logits are 2-D
         feats = new.layer1(new.maxpool(new.relu(new.bn1(new.conv1(x)))))
         assert feats.is_contiguous(memory_format=torch.channels_last) and not feats.is_contiguous()

@@ -87,7 +87,7 @@ def test_bad_env_value_warns():
 
 def test_availability_lists_every_backend_and_op():
     av = ops.availability()
-    assert set(av) == {"cuda", "triton", "eager"}
+    assert set(av) == {"cuda", "triton", "cpu", "eager"}
     assert all(set(per) == set(dispatch.OPS) for per in av.values())
     assert all(not r for r in av["eager"].values())
 

@@ -1,0 +1,240 @@
+// CPU kernels of the eval-mode fast path: convolutions with BatchNorm already folded into the weights and bias.
+//
+// conv_bias_act: y = relu?(conv2d(x, w) + bias + residual). float32/bfloat16 with oneDNN (mkldnn) run through
+//   mkldnn::_convolution_pointwise, the op inductor uses on CPU: the ReLU and the residual add are oneDNN
+//   post-ops, applied as the output is written, and `weight` may be a prepacked oneDNN tensor
+//   (mkldnn::_reorder_convolution_weight, cached by the block) so no weight reorder happens per call.
+//   Other dtypes (float64, float16) go through at::convolution with the add and ReLU in place after it.
+// res2net_chain_folded: the Res2Net 3x3 chain over the channel splits of x, written into one preallocated
+//   channels_last output (no torch.split copies, no torch.cat): each conv's output is written into its slice
+//   of the output and, in the same pass, added to the next split to form the next conv's input.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/library.h>
+
+#include "../resfast.h"
+
+namespace resfast {
+namespace {
+
+constexpr auto kCL = at::MemoryFormat::ChannelsLast;
+
+// The layout rule of every resfast op: channels_last in -> channels_last out, anything else -> NCHW.
+at::MemoryFormat layout_of(const at::Tensor& x) {
+  return x.is_contiguous(kCL) && !x.is_contiguous() ? kCL : at::MemoryFormat::Contiguous;
+}
+
+// Channels-last "rows": a 4-D tensor whose channels are contiguous and whose pixels are `row` elements apart
+// (a channels_last tensor, or a channel slice of one). Returns -1 for any other layout.
+int64_t cl_row_stride(const at::Tensor& t) {
+  if (t.dim() != 4) return -1;
+  const auto N = t.size(0), C = t.size(1), H = t.size(2), W = t.size(3);
+  const auto s = t.strides();
+  if (C > 1 && s[1] != 1) return -1;
+  const int64_t row = W > 1 ? s[3] : (H > 1 ? s[2] : (N > 1 ? s[0] / std::max<int64_t>(H * W, 1) : C));
+  if (row < C) return -1;
+  if (W > 1 && s[3] != row) return -1;
+  if (H > 1 && s[2] != row * W) return -1;
+  if (N > 1 && s[0] != row * W * H) return -1;
+  return row;
+}
+
+bool use_mkldnn(const at::Tensor& x, const at::Tensor& w) {
+  if (w.is_mkldnn()) return true;  // a prepacked weight is only made where oneDNN runs
+  return at::hasMKLDNN() && at::globalContext().userEnabledMkldnn() &&
+         (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16);
+}
+
+const c10::OperatorHandle& mkldnn_op(const char* overload) {
+  static const auto unary = c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_convolution_pointwise", "");
+  static const auto binary =
+      c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_convolution_pointwise", "binary");
+  return std::string(overload) == "binary" ? binary : unary;
+}
+
+at::Tensor conv_mkldnn(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias,
+                       at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                       const std::optional<at::Tensor>& residual, bool relu) {
+  std::vector<c10::IValue> stack;
+  const auto fmt = layout_of(x);
+  const auto x_cl = x.contiguous(fmt);
+  const c10::IValue none;
+  const c10::IValue no_scalars = c10::List<std::optional<at::Scalar>>();
+  if (residual.has_value()) {
+    // relu?(conv + bias + residual): oneDNN's binary "add" post-op, then the unary one
+    stack = {x_cl, residual->contiguous(fmt), w, bias, padding.vec(), stride.vec(), dilation.vec(), groups,
+             std::string("add"), none, relu ? c10::IValue(std::string("relu")) : none, no_scalars, none};
+    mkldnn_op("binary").callBoxed(&stack);
+  } else {
+    stack = {x_cl, w, bias, padding.vec(), stride.vec(), dilation.vec(), groups,
+             std::string(relu ? "relu" : "none"), no_scalars, none};
+    mkldnn_op("").callBoxed(&stack);
+  }
+  return stack[0].toTensor();
+}
+
+void check_conv(const char* op, const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias,
+                at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  RESFAST_CHECK(x.dim() == 4, op, "x must be 4-D (N, C, H, W), got ", x.dim(), "-D");
+  RESFAST_CHECK(x.device().is_cpu(), op, "the CPU kernel got x on ", x.device());
+  RESFAST_CHECK(at::isFloatingType(x.scalar_type()), op, "x must be floating point, got ", x.scalar_type());
+  RESFAST_CHECK(w.dim() == 4, op, "weight must be 4-D (C_out, C_in / groups, kH, kW), got ", w.dim(), "-D");
+  RESFAST_CHECK(w.scalar_type() == x.scalar_type(), op, "weight must have x's dtype ", x.scalar_type(), ", got ",
+                w.scalar_type());
+  RESFAST_CHECK(groups >= 1 && x.size(1) % groups == 0 && w.size(0) % groups == 0, op, "groups=", groups,
+                " must divide the input channels ", x.size(1), " and the output channels ", w.size(0));
+  RESFAST_CHECK(w.size(1) * groups == x.size(1), op, "weight expects ", w.size(1) * groups,
+                " input channels, x has ", x.size(1));
+  RESFAST_CHECK(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2, op,
+                "stride, padding and dilation must have 2 values");
+  if (bias.has_value()) {
+    RESFAST_CHECK(bias->dim() == 1 && bias->size(0) == w.size(0), op, "bias must have shape (", w.size(0),
+                  "), got ", bias->sizes());
+    RESFAST_CHECK(bias->scalar_type() == x.scalar_type(), op, "bias must have x's dtype ", x.scalar_type());
+  }
+}
+
+}  // namespace
+
+at::Tensor conv_bias_act_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                             at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                             int64_t groups, const std::optional<at::Tensor>& residual, bool relu) {
+  const char* op = "conv_bias_act";
+  check_conv(op, x, weight, bias, stride, padding, dilation, groups);
+  const auto out_size = [&](int d) {
+    return (x.size(d + 2) + 2 * padding[d] - dilation[d] * (weight.size(d + 2) - 1) - 1) / stride[d] + 1;
+  };
+  RESFAST_CHECK(out_size(0) > 0 && out_size(1) > 0, op, "the output would be empty: input ", x.sizes(),
+                ", kernel ", weight.sizes());
+  if (residual.has_value()) {
+    const std::vector<int64_t> expect{x.size(0), weight.size(0), out_size(0), out_size(1)};
+    RESFAST_CHECK(residual->sizes() == at::IntArrayRef(expect), op, "residual must have shape ", expect, ", got ",
+                  residual->sizes());
+    RESFAST_CHECK(residual->scalar_type() == x.scalar_type(), op, "residual must have x's dtype");
+  }
+  const auto fmt = layout_of(x);
+  if (x.size(0) == 0) {
+    return at::empty({0, weight.size(0), out_size(0), out_size(1)}, x.options().memory_format(fmt));
+  }
+  if (use_mkldnn(x, weight)) return conv_mkldnn(x, weight, bias, stride, padding, dilation, groups, residual, relu);
+  auto y = at::convolution(x.contiguous(fmt), weight, bias, stride, padding, dilation, false, {0, 0}, groups)
+               .contiguous(fmt);
+  if (residual.has_value()) y.add_(*residual);
+  if (relu) y.relu_();
+  return y;
+}
+
+namespace {
+
+// dst[p, c] = src[p, c] for p < P pixels, c < C channels; and, when next is given, nxt_out[p, c] = src[p, c] +
+// nxt[p, c]. Every tensor is channels-last rows (see cl_row_stride) with its own pixel stride.
+template <typename scalar_t>
+void write_and_add(const scalar_t* src, int64_t src_row, scalar_t* dst, int64_t dst_row, const scalar_t* nxt,
+                   int64_t nxt_row, scalar_t* nxt_out, int64_t out_row, int64_t P, int64_t C) {
+  using Vec = at::vec::Vectorized<scalar_t>;
+  at::parallel_for(0, P, std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1)), [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      const scalar_t* s = src + p * src_row;
+      scalar_t* d = dst + p * dst_row;
+      int64_t c = 0;
+      if (nxt == nullptr) {
+        for (; c + Vec::size() <= C; c += Vec::size()) Vec::loadu(s + c).store(d + c);
+        for (; c < C; ++c) d[c] = s[c];
+        continue;
+      }
+      const scalar_t* n = nxt + p * nxt_row;
+      scalar_t* o = nxt_out + p * out_row;
+      for (; c + Vec::size() <= C; c += Vec::size()) {
+        const Vec v = Vec::loadu(s + c);
+        v.store(d + c);
+        (v + Vec::loadu(n + c)).store(o + c);
+      }
+      for (; c < C; ++c) {
+        d[c] = s[c];
+        o[c] = s[c] + n[c];
+      }
+    }
+  });
+}
+
+// Copies `src` into `dst` (both channels-last rows) and, with `nxt`, writes src + nxt into a new channels_last
+// tensor, which it returns. Falls back to ATen for other layouts.
+at::Tensor write_split(const at::Tensor& src, const at::Tensor& dst, const std::optional<at::Tensor>& nxt) {
+  const int64_t sr = cl_row_stride(src), dr = cl_row_stride(dst), nr = nxt ? cl_row_stride(*nxt) : 0;
+  at::Tensor out;
+  if (nxt) out = at::empty_like(src);  // dense in src's layout
+  if (sr < 0 || dr < 0 || nr < 0 || (nxt && nxt->sizes() != src.sizes())) {
+    dst.copy_(src);
+    if (nxt) at::add_out(out, src, *nxt);
+    return out;
+  }
+  const int64_t P = src.size(0) * src.size(2) * src.size(3), C = src.size(1);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(), "res2net_chain_folded", [&] {
+    write_and_add<scalar_t>(src.const_data_ptr<scalar_t>(), sr, dst.mutable_data_ptr<scalar_t>(), dr,
+                            nxt ? nxt->const_data_ptr<scalar_t>() : nullptr, nr,
+                            nxt ? out.mutable_data_ptr<scalar_t>() : nullptr, C, P, C);
+  });
+  return out;
+}
+
+}  // namespace
+
+at::Tensor res2net_chain_folded_cpu(const at::Tensor& x_, at::TensorList weights, at::TensorList biases,
+                                    int64_t width, int64_t stride, int64_t dilation, int64_t groups,
+                                    c10::string_view block_type, at::IntArrayRef conv_splits, int64_t passthrough) {
+  const char* op = "res2net_chain_folded";
+  RESFAST_CHECK(x_.dim() == 4, op, "x must be 4-D (N, C, H, W), got ", x_.dim(), "-D");
+  RESFAST_CHECK(block_type == "normal" || block_type == "stage", op, "block_type must be 'normal' or 'stage'");
+  const bool stage = block_type == "stage";
+  RESFAST_CHECK(stride >= 1 && dilation >= 1, op, "stride and dilation must be >= 1");
+  RESFAST_CHECK(stage || stride == 1, op, "a 'normal' chain has stride 1, got ", stride);
+  RESFAST_CHECK(weights.size() == conv_splits.size() && biases.size() == weights.size() && !weights.empty(), op,
+                "need one weight and one bias per conv split: ", weights.size(), " weights, ", biases.size(),
+                " biases, ", conv_splits.size(), " splits");
+  RESFAST_CHECK(width >= 1, op, "width must be >= 1");
+  const int64_t nsplit = (int64_t)conv_splits.size() + (passthrough >= 0 ? 1 : 0);
+  const bool single = passthrough < 0 && conv_splits.size() == 1 && width == x_.size(1);
+  RESFAST_CHECK(single || width * nsplit == x_.size(1), op, "x has ", x_.size(1), " channels, expected ",
+                nsplit, " splits of ", width);
+  const auto fmt = layout_of(x_);
+  const auto x = x_.contiguous(fmt);
+  const int64_t N = x.size(0), H = x.size(2), W = x.size(3);
+  const int64_t Ho = (H - 1) / stride + 1, Wo = (W - 1) / stride + 1;
+  auto out = at::empty({N, x.size(1), Ho, Wo}, x.options().memory_format(fmt));
+  if (out.numel() == 0) return out;
+  auto split = [&](const at::Tensor& t, int64_t i) { return single ? t : t.narrow(1, i * width, width); };
+  const std::vector<int64_t> st{stride, stride}, pad{dilation, dilation}, dil{dilation, dilation};
+  // the first conv's input: its split, made contiguous once (the later ones come out of write_split)
+  at::Tensor inp = split(x, conv_splits[0]).contiguous(fmt);
+  for (size_t k = 0; k < conv_splits.size(); ++k) {
+    RESFAST_CHECK(weights[k].size(0) == width, op, "weight ", k, " must have ", width, " output channels");
+    const auto y = conv_bias_act_cpu(inp, weights[k], biases[k], st, pad, dil, groups, std::nullopt, true);
+    const bool last = k + 1 == conv_splits.size();
+    std::optional<at::Tensor> nxt;
+    if (!last && !stage) nxt = split(x, conv_splits[k + 1]);  // the next conv adds this conv's output
+    const auto next_inp = write_split(y, split(out, conv_splits[k]), nxt);
+    if (!last) inp = stage ? split(x, conv_splits[k + 1]).contiguous(fmt) : next_inp;
+  }
+  if (passthrough >= 0) {
+    const auto src = split(x, passthrough);
+    // timm: nn.AvgPool2d(3, stride, padding=1) with count_include_pad=True in 'stage' blocks, a copy otherwise
+    write_split(stage ? at::avg_pool2d(src, {3, 3}, {stride, stride}, {1, 1}, false, true) : src,
+                split(out, passthrough), std::nullopt);
+  }
+  return out;
+}
+
+TORCH_LIBRARY_IMPL(resfast, CPU, m) {
+  m.impl("conv_bias_act", &conv_bias_act_cpu);
+  m.impl("res2net_chain_folded", &res2net_chain_folded_cpu);
+}
+
+// A weight prepacked for oneDNN (an opaque mkldnn tensor) makes the dispatcher pick the MkldnnCPU key.
+TORCH_LIBRARY_IMPL(resfast, MkldnnCPU, m) {
+  m.impl("conv_bias_act", &conv_bias_act_cpu);
+  m.impl("res2net_chain_folded", &res2net_chain_folded_cpu);
+}
+
+}  // namespace resfast
