@@ -8,12 +8,16 @@ over (kh, kw, c_in) with the input read in place through its strides (NHWC/chann
 any strides work), zero padding by masking. Output is channels_last. Grouped convolutions run one group per
 program column (grid axis 1 covers groups x C_out-tiles). Offsets are int64 (tensors may pass 2^31 elements).
 Accumulation in fp32 (fp64 for float64 inputs, which the interpreter runs).
+
+Res2Net's pass-through split (a copy, or AvgPool2d(3, s, padding=1) in 'stage' blocks) is done by extra columns
+of the first conv launch's grid (program_id(1) >= n_conv_cols): they read the split in place and write its slice
+of the chain's output, so a chain of scale - 1 convs is scale - 1 launches and no ATen op.
 The idea is the implicit-GEMM convolution of cuDNN/CUTLASS and inductor's Triton conv template.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import triton
@@ -22,8 +26,44 @@ from torch import Tensor
 
 
 @triton.jit
-def _conv_bn_act_fwd_kernel(
-    X_ptr, A_ptr, PS_ptr, PT_ptr, W_ptr, B_ptr, R_ptr, Y_ptr,
+def _passthrough_tile(
+    P_ptr, Q_ptr, pid_m, pid_c,
+    N, C, H, W, H_out, W_out,
+    spn, spc, sph, spw,
+    sqn, sqc, sqh, sqw,
+    pool_stride,
+    POOL: tl.constexpr, ACC_F64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """One (BLOCK_M pixels x BLOCK_C channels) tile of Res2Net's pass-through split: a copy, or
+    AvgPool2d(3, pool_stride, padding=1) with count_include_pad=True (always divided by 9, as timm's)."""
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    offs_c = (pid_c * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)
+    m_mask = offs_m < N * H_out * W_out
+    c_mask = offs_c < C
+    ow = offs_m % W_out
+    oh = (offs_m // W_out) % H_out
+    on = offs_m // (W_out * H_out)
+    out_mask = m_mask[:, None] & c_mask[None, :]
+    if POOL:
+        acc_dtype = tl.float64 if ACC_F64 else tl.float32
+        acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=acc_dtype)
+        for t in tl.static_range(9):
+            ih = oh * pool_stride - 1 + t // 3
+            iw = ow * pool_stride - 1 + t % 3
+            ok = m_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            p_ptrs = P_ptr + on[:, None] * spn + offs_c[None, :] * spc + (ih * sph)[:, None] + (iw * spw)[:, None]
+            acc += tl.load(p_ptrs, mask=ok[:, None] & c_mask[None, :], other=0.0).to(acc_dtype)
+        val = acc / 9.0
+    else:
+        p_ptrs = P_ptr + on[:, None] * spn + offs_c[None, :] * spc + (oh * sph)[:, None] + (ow * spw)[:, None]
+        val = tl.load(p_ptrs, mask=out_mask, other=0.0)
+    q_ptrs = Q_ptr + on[:, None] * sqn + offs_c[None, :] * sqc + (oh * sqh)[:, None] + (ow * sqw)[:, None]
+    tl.store(q_ptrs, val.to(Q_ptr.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
+def _conv_tile(
+    X_ptr, A_ptr, PS_ptr, PT_ptr, W_ptr, B_ptr, R_ptr, Y_ptr, pid_m, pid_n,
     N, C_in, H, W, C_out, H_out, W_out,
     sxn, sxc, sxh, sxw,
     san, sac, sah, saw,
@@ -36,8 +76,7 @@ def _conv_bn_act_fwd_kernel(
     INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    """One (BLOCK_M output pixels x BLOCK_N output channels) tile of the convolution with its epilogue."""
     n_tiles_per_group = tl.cdiv(COUT_G, BLOCK_N)
     group = pid_n // n_tiles_per_group
     tile_n = pid_n % n_tiles_per_group
@@ -95,10 +134,112 @@ def _conv_bn_act_fwd_kernel(
     tl.store(y_ptrs, acc.to(Y_ptr.dtype.element_ty), mask=out_mask)
 
 
+@triton.jit
+def _conv_bn_act_fwd_kernel(
+    X_ptr, A_ptr, PS_ptr, PT_ptr, W_ptr, B_ptr, R_ptr, Y_ptr, P_ptr, Q_ptr,
+    N, C_in, H, W, C_out, H_out, W_out,
+    sxn, sxc, sxh, sxw,
+    san, sac, sah, saw,
+    srn, src, srh, srw,
+    syn, syc, syh, syw,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    n_conv_cols, C_pt,
+    spn, spc, sph, spw,
+    sqn, sqc, sqh, sqw,
+    pt_stride,
+    CIN_G: tl.constexpr, COUT_G: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+    HAS_CONV: tl.constexpr, HAS_ADD: tl.constexpr, PRE_BN_RELU: tl.constexpr, HAS_RES: tl.constexpr,
+    RELU: tl.constexpr, HAS_PT: tl.constexpr, PT_POOL: tl.constexpr,
+    ACC_F64: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    if pid_n >= n_conv_cols:
+        # extra columns of the grid: Res2Net's pass-through split, copied or pooled into its output slice, so the
+        # chain needs no separate launch (nor an ATen op) for it
+        if HAS_PT:
+            _passthrough_tile(P_ptr, Q_ptr, pid_m, pid_n - n_conv_cols, N, C_pt, H, W, H_out, W_out,
+                              spn, spc, sph, spw, sqn, sqc, sqh, sqw, pt_stride,
+                              PT_POOL, ACC_F64, BLOCK_M, BLOCK_C)
+    elif HAS_CONV:
+        _conv_tile(X_ptr, A_ptr, PS_ptr, PT_ptr, W_ptr, B_ptr, R_ptr, Y_ptr, pid_m, pid_n,
+                   N, C_in, H, W, C_out, H_out, W_out,
+                   sxn, sxc, sxh, sxw, san, sac, sah, saw, srn, src, srh, srw, syn, syc, syh, syw,
+                   stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+                   CIN_G, COUT_G, KH, KW, HAS_ADD, PRE_BN_RELU, HAS_RES, RELU, ACC_F64, INPUT_PRECISION,
+                   BLOCK_M, BLOCK_N, BLOCK_K)
+
+
 def pack_weight(weight: Tensor, scale: Tensor) -> Tensor:
     """(C_out, C_in/g, kH, kW) * scale[C_out] -> (kH * kW * C_in/g, C_out), k ordered (kh, kw, c)."""
     w = weight * scale.reshape(-1, 1, 1, 1).to(weight.dtype)
     return w.permute(2, 3, 1, 0).reshape(-1, weight.shape[0]).contiguous()
+
+
+class PassThrough(NamedTuple):
+    """Res2Net's pass-through split, done by extra programs of a conv launch: ``dst = src`` (pool False, stride 1)
+    or ``dst = avg_pool2d(src, 3, stride, padding=1)`` with count_include_pad (pool True). Both (N, C, ., .),
+    any strides (``dst`` is typically a channel slice of the chain's output)."""
+
+    src: Tensor
+    dst: Tensor
+    pool: bool
+    stride: int
+
+
+def _passthrough_launch_args(pt: Optional[PassThrough], like: Tensor, M: int, H_out: int, W_out: int):
+    """The kernel arguments of the pass-through programs, and how many grid columns they take."""
+    if pt is None:
+        return dict(P=like, Q=like, C_pt=0, sp=(0, 0, 0, 0), sq=(0, 0, 0, 0), stride=1, cols=0, BLOCK_C=16,
+                    pool=False)
+    src, dst = pt.src, pt.dst
+    if src.dim() != 4 or dst.dim() != 4:
+        raise ValueError(f"pass-through src and dst must be 4-D, got {src.dim()}-D and {dst.dim()}-D")
+    if pt.stride < 1 or (not pt.pool and pt.stride != 1):
+        raise ValueError(f"pass-through stride must be >= 1 (1 for a copy), got {pt.stride}")
+    N, C, H, W = src.shape
+    if pt.pool:
+        oh, ow = (H - 1) // pt.stride + 1, (W - 1) // pt.stride + 1  # AvgPool2d(3, stride, padding=1)
+    else:
+        oh, ow = H, W
+    if tuple(dst.shape) != (N, C, oh, ow) or (oh, ow) != (H_out, W_out) or N * oh * ow != M:
+        raise ValueError(f"pass-through dst has shape {tuple(dst.shape)}; expected {(N, C, oh, ow)}, with the "
+                         f"launch's {H_out}x{W_out} output pixels")
+    if src.dtype != dst.dtype or src.device != dst.device:
+        raise ValueError("pass-through src and dst must have the same dtype and device")
+    block_c = max(16, min(64, triton.next_power_of_2(C)))
+    return dict(P=src, Q=dst, C_pt=C, sp=src.stride(), sq=dst.stride(), stride=pt.stride,
+                cols=triton.cdiv(C, block_c), BLOCK_C=block_c, pool=bool(pt.pool))
+
+
+def _launch(grid, *args, **meta):
+    """Every launch of the kernel goes through here (tests wrap it to count launches)."""
+    _conv_bn_act_fwd_kernel[grid](*args, **meta)
+
+
+def passthrough_fwd(pt: PassThrough) -> None:
+    """Only the pass-through programs, for a chain with no conv (paper order with scale 1): one launch."""
+    N, C, H, W = pt.src.shape
+    H_out, W_out = pt.dst.shape[2], pt.dst.shape[3]
+    M = N * H_out * W_out
+    p = _passthrough_launch_args(pt, pt.src, M, H_out, W_out)
+    if M == 0 or C == 0:
+        return
+    BLOCK_M = 64
+    x = pt.src
+    _launch(
+        (triton.cdiv(M, BLOCK_M), p["cols"]),
+        x, x, x, x, x, x, x, x, p["P"], p["Q"],
+        N, 0, H, W, 0, H_out, W_out,
+        *(0,) * 16, 1, 1, 0, 0, 1, 1,
+        0, p["C_pt"], *p["sp"], *p["sq"], p["stride"],
+        CIN_G=1, COUT_G=1, KH=1, KW=1,
+        HAS_CONV=False, HAS_ADD=False, PRE_BN_RELU=False, HAS_RES=False, RELU=False, HAS_PT=True, PT_POOL=p["pool"],
+        ACC_F64=x.dtype == torch.float64, INPUT_PRECISION=None,
+        BLOCK_M=BLOCK_M, BLOCK_N=16, BLOCK_K=16, BLOCK_C=p["BLOCK_C"],
+    )
 
 
 def conv_bn_act_fwd(
@@ -116,10 +257,12 @@ def conv_bn_act_fwd(
     out: Optional[Tensor] = None,
     pre_scale: Optional[Tensor] = None,
     pre_shift: Optional[Tensor] = None,
+    passthrough: Optional[PassThrough] = None,
 ) -> Tensor:
     """Launch the kernel. x (N, C_in, H, W) any strides; ``add`` (x's shape) is added to x while loading;
     writes ``out`` (any strides, e.g. a channel slice of a larger tensor) or returns a new channels_last tensor.
-    ``pre_scale``/``pre_shift`` (C_in,) apply ``relu(x * pre_scale + pre_shift)`` to the input as it is loaded."""
+    ``pre_scale``/``pre_shift`` (C_in,) apply ``relu(x * pre_scale + pre_shift)`` to the input as it is loaded.
+    ``passthrough`` (same output pixels) is copied/pooled by extra programs of the same launch."""
     N, C_in, H, W = x.shape
     C_out = w_packed.shape[1]
     kh, kw = kernel_size
@@ -134,7 +277,8 @@ def conv_bn_act_fwd(
     if add is not None and tuple(add.shape) != tuple(x.shape):
         raise ValueError(f"add has shape {tuple(add.shape)}, expected the input's {tuple(x.shape)}")
     M = N * H_out * W_out
-    if M == 0 or C_out == 0:
+    p = _passthrough_launch_args(passthrough, x, M, H_out, W_out)
+    if M == 0 or C_out + p["C_pt"] == 0:
         return y
     cin_g, cout_g = C_in // groups, C_out // groups
     # tl.dot needs tiles of at least 16 on GPUs
@@ -146,18 +290,22 @@ def conv_bn_act_fwd(
     pre = pre_scale is not None
     ps = pre_scale if pre else bias
     pt = pre_shift if pre else bias
-    grid = (triton.cdiv(M, BLOCK_M), groups * triton.cdiv(cout_g, BLOCK_N))
-    _conv_bn_act_fwd_kernel[grid](
-        x, a, ps, pt, w_packed, bias, r, y,
+    n_conv_cols = groups * triton.cdiv(cout_g, BLOCK_N) if C_out else 0
+    grid = (triton.cdiv(M, BLOCK_M), n_conv_cols + p["cols"])
+    _launch(
+        grid,
+        x, a, ps, pt, w_packed, bias, r, y, p["P"], p["Q"],
         N, C_in, H, W, C_out, H_out, W_out,
         *x.stride(), *a.stride(), *r.stride(), *y.stride(),
         stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
+        n_conv_cols, p["C_pt"], *p["sp"], *p["sq"], p["stride"],
         CIN_G=cin_g, COUT_G=cout_g, KH=kh, KW=kw,
-        HAS_ADD=add is not None, PRE_BN_RELU=pre, HAS_RES=residual is not None, RELU=relu,
+        HAS_CONV=C_out > 0, HAS_ADD=add is not None, PRE_BN_RELU=pre, HAS_RES=residual is not None, RELU=relu,
+        HAS_PT=passthrough is not None, PT_POOL=p["pool"],
         ACC_F64=x.dtype == torch.float64,
         # fp32 follows cuDNN's TF32 switch, as nn.Conv2d does; other dtypes take Triton's default
         INPUT_PRECISION=("tf32" if torch.backends.cudnn.allow_tf32 and x.is_cuda else "ieee")
         if x.dtype == torch.float32 else None,
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, BLOCK_C=p["BLOCK_C"],
     )
     return y

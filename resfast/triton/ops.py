@@ -4,8 +4,8 @@ So far, forward only, eval-mode BatchNorm (running statistics or FrozenBatchNorm
 ``conv_bn_relu``, ``bn_relu_conv`` (BatchNorm + ReLU applied to the input tile as it is loaded), and
 ``res2net_chain`` (scale - 1 conv launches, each reading its split in place, adding the
 previous split's output in its prologue and writing its channel slice of the output; the pass-through split is
-copied or average-pooled into its slice with ATen for now). Training and backward come with the Triton
-issues.
+copied or average-pooled into its slice by extra programs of the first launch). Training and backward come with
+the Triton issues.
 """
 
 from __future__ import annotations
@@ -84,9 +84,7 @@ def bn_relu_conv(args):
 
 
 def res2net_chain(args):
-    import torch.nn.functional as F
-
-    from .conv import conv_bn_act_fwd, pack_weight
+    from .conv import PassThrough, conv_bn_act_fwd, pack_weight, passthrough_fwd
 
     x, wd, s, d = args.x, args.width, args.stride, args.dilation
     N, C, H, W = x.shape
@@ -97,6 +95,9 @@ def res2net_chain(args):
     def split(t, i):
         return t if single else t[:, i * wd:(i + 1) * wd]
 
+    # the pass-through split rides on the first launch (extra programs), so the chain is scale - 1 launches
+    pt = None if single else PassThrough(split(x, args.passthrough), split(out, args.passthrough),
+                                         pool=args.block_type == "stage", stride=s)
     prev = None
     for w, b, bn, i in zip(args.weights, args.biases, args.bns, args.conv_splits):
         scale, shift = fold_bn(bn, b, x.dtype)
@@ -104,12 +105,10 @@ def res2net_chain(args):
         dst = split(out, i)
         add = prev if args.block_type == "normal" else None
         conv_bn_act_fwd(split(x, i), wp, shift, (3, 3), (s, s), (d, d), (d, d), args.groups, relu=True, add=add,
-                        out=dst)
-        prev = dst
-    if args.passthrough is not None:
-        p = args.passthrough
-        src = split(x, p)
-        split(out, p).copy_(F.avg_pool2d(src, 3, s, 1) if args.block_type == "stage" else src)
+                        out=dst, passthrough=pt)
+        prev, pt = dst, None
+    if pt is not None:  # no conv at all (paper order, scale 1): the pass-through alone, one launch
+        passthrough_fwd(pt)
     return out
 
 
