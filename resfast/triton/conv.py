@@ -5,8 +5,10 @@ weights (``s = gamma / sqrt(running_var + eps)``) and the bias (``b' = beta - ru
 
 Layout: GEMM over M = N * H_out * W_out output pixels and N = C_out channels; K = C_in/groups * kH * kW runs
 over (kh, kw, c_in) with the input read in place through its strides (NHWC/channels_last is the fast path,
-any strides work), zero padding by masking. Output is channels_last. Grouped convolutions run one group per
-program column (grid axis 1 covers groups x C_out-tiles). Offsets are int64 (tensors may pass 2^31 elements).
+any strides work), zero padding by masking. Output is channels_last. Grouped convolutions: see conv_tiling
+(one group per program column when groups are wide; G_TILE groups per program with a block-diagonal weight when
+they are narrow, as ResNeXt's 4 or 8 channels per group; elementwise FMAs when depthwise).
+Offsets are int64 (tensors may pass 2^31 elements).
 Accumulation in fp32 (fp64 for float64 inputs, which the interpreter runs).
 
 Res2Net's pass-through split (a copy, or AvgPool2d(3, s, padding=1) in 'stage' blocks) is done by extra columns
@@ -62,6 +64,30 @@ def _passthrough_tile(
 
 
 @triton.jit
+def _load_input(
+    X_ptr, A_ptr, PS_ptr, PT_ptr, on, cin, ih, iw, mask, c_mask,
+    sxn, sxc, sxh, sxw, san, sac, sah, saw,
+    HAS_ADD: tl.constexpr, PRE_BN_RELU: tl.constexpr, ACC_F64: tl.constexpr,
+):
+    """The conv input at pixels (on, ih, iw) [rows] and channels cin [columns], zero where ~mask, with the
+    prologues: ``+ A`` (Res2Net adds the previous split's output; never stored) and ``relu(x * ps + pt)``
+    (pre-activation; padding stays zero after it)."""
+    cin = cin.to(tl.int64)
+    ih = ih.to(tl.int64)
+    iw = iw.to(tl.int64)
+    a = tl.load(X_ptr + on[:, None] * sxn + cin[None, :] * sxc + ih * sxh + iw * sxw, mask=mask, other=0.0)
+    if HAS_ADD:
+        a += tl.load(A_ptr + on[:, None] * san + cin[None, :] * sac + ih * sah + iw * saw, mask=mask, other=0.0)
+    if PRE_BN_RELU:
+        acc_dtype = tl.float64 if ACC_F64 else tl.float32
+        ps = tl.load(PS_ptr + cin, mask=c_mask, other=0.0).to(acc_dtype)
+        pt = tl.load(PT_ptr + cin, mask=c_mask, other=0.0).to(acc_dtype)
+        act = tl.maximum(a.to(acc_dtype) * ps[None, :] + pt[None, :], 0.0)
+        a = tl.where(mask, act, 0.0).to(X_ptr.dtype.element_ty)
+    return a
+
+
+@triton.jit
 def _conv_tile(
     X_ptr, A_ptr, PS_ptr, PT_ptr, W_ptr, B_ptr, R_ptr, Y_ptr, pid_m, pid_n,
     N, C_in, H, W, C_out, H_out, W_out,
@@ -70,56 +96,72 @@ def _conv_tile(
     srn, src, srh, srw,
     syn, syc, syh, syw,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
-    CIN_G: tl.constexpr, COUT_G: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+    CIN_G: tl.constexpr, COUT_G: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, G_TILE: tl.constexpr,
+    DIRECT: tl.constexpr,
     HAS_ADD: tl.constexpr, PRE_BN_RELU: tl.constexpr, HAS_RES: tl.constexpr, RELU: tl.constexpr,
     ACC_F64: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """One (BLOCK_M output pixels x BLOCK_N output channels) tile of the convolution with its epilogue."""
-    n_tiles_per_group = tl.cdiv(COUT_G, BLOCK_N)
-    group = pid_n // n_tiles_per_group
-    tile_n = pid_n % n_tiles_per_group
-
     offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
-    offs_cn = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)  # channel within the group
     m_mask = offs_m < N * H_out * W_out
-    n_mask = offs_cn < COUT_G
-    cout = group * COUT_G + offs_cn  # absolute output channel
-
     ow = offs_m % W_out
     oh = (offs_m // W_out) % H_out
     on = offs_m // (W_out * H_out)
-
     acc_dtype = tl.float64 if ACC_F64 else tl.float32
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=acc_dtype)
-    K_TOTAL: tl.constexpr = CIN_G * KH * KW
-    for k0 in range(0, K_TOTAL, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_mask = offs_k < K_TOTAL
-        # k -> (kh, kw, c) with c fastest: consecutive k read consecutive channels (contiguous in NHWC)
-        c = offs_k % CIN_G
-        kw_ = (offs_k // CIN_G) % KW
-        kh_ = offs_k // (CIN_G * KW)
-        ih = oh[:, None] * stride_h - pad_h + kh_[None, :] * dil_h
-        iw = ow[:, None] * stride_w - pad_w + kw_[None, :] * dil_w
-        a_mask = m_mask[:, None] & k_mask[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        cin = (group * CIN_G + c).to(tl.int64)
-        a_ptrs = X_ptr + on[:, None] * sxn + cin[None, :] * sxc + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw
-        a = tl.load(a_ptrs, mask=a_mask, other=0.0)
-        if HAS_ADD:  # prologue: the conv input is x + A (Res2Net adds the previous split's output), never stored
-            ad_ptrs = (A_ptr + on[:, None] * san + cin[None, :] * sac + ih.to(tl.int64) * sah
-                       + iw.to(tl.int64) * saw)
-            a += tl.load(ad_ptrs, mask=a_mask, other=0.0)
-        if PRE_BN_RELU:  # pre-activation: relu(x * s[c] + t[c]) as the tile is loaded; padding stays zero after it
-            ps = tl.load(PS_ptr + cin, mask=k_mask, other=0.0).to(acc_dtype)
-            pt = tl.load(PT_ptr + cin, mask=k_mask, other=0.0).to(acc_dtype)
-            act = tl.maximum(a.to(acc_dtype) * ps[None, :] + pt[None, :], 0.0)
-            a = tl.where(a_mask, act, 0.0).to(X_ptr.dtype.element_ty)
-        # packed weights: [K_TOTAL, C_out], row k, column = absolute output channel
-        b_ptrs = W_ptr + offs_k.to(tl.int64)[:, None] * C_out + cout.to(tl.int64)[None, :]
-        b = tl.load(b_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-        acc += tl.dot(a, b, input_precision=INPUT_PRECISION, out_dtype=acc_dtype)
+
+    if DIRECT:
+        # one input channel per output channel (depthwise, or a channel multiplier): a GEMM would have K = kH*kW
+        # per group, so each program takes BLOCK_N consecutive channels (BLOCK_N groups) and accumulates
+        # x * w tap by tap with elementwise FMAs, no tl.dot
+        cout = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = cout < C_out
+        cin = cout // COUT_G
+        for t in range(KH * KW):
+            ih = oh * stride_h - pad_h + (t // KW) * dil_h
+            iw = ow * stride_w - pad_w + (t % KW) * dil_w
+            ok = m_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            a = _load_input(X_ptr, A_ptr, PS_ptr, PT_ptr, on, cin, ih[:, None], iw[:, None],
+                            ok[:, None] & n_mask[None, :], n_mask,
+                            sxn, sxc, sxh, sxw, san, sac, sah, saw, HAS_ADD, PRE_BN_RELU, ACC_F64)
+            # packed weights with CIN_G == 1: row t = (kh, kw), column = output channel
+            wv = tl.load(W_ptr + t * C_out + cout.to(tl.int64), mask=n_mask, other=0.0)
+            acc += a.to(acc_dtype) * wv.to(acc_dtype)[None, :]
+    else:
+        # G_TILE consecutive groups per program: the GEMM over their TILE_CI input and TILE_CO output channels
+        # with the block-diagonal weight (zero where the input and output groups differ), built in registers by
+        # masked loads of the ordinary packed weight. G_TILE == 1 is the plain grouped (or dense) GEMM.
+        TILE_CI: tl.constexpr = G_TILE * CIN_G
+        TILE_CO: tl.constexpr = G_TILE * COUT_G
+        n_tiles_per_gt = tl.cdiv(TILE_CO, BLOCK_N)
+        gt = pid_n // n_tiles_per_gt
+        offs_cn = (pid_n % n_tiles_per_gt) * BLOCK_N + tl.arange(0, BLOCK_N)  # channel within the group tile
+        cout = gt * TILE_CO + offs_cn
+        n_mask = (offs_cn < TILE_CO) & (cout < C_out)
+        K_TOTAL: tl.constexpr = KH * KW * TILE_CI
+        for k0 in range(0, K_TOTAL, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            # k -> (kh, kw, c) with c fastest: consecutive k read consecutive channels (contiguous in NHWC)
+            cl = offs_k % TILE_CI
+            kw_ = (offs_k // TILE_CI) % KW
+            kh_ = offs_k // (TILE_CI * KW)
+            cin = gt * TILE_CI + cl
+            k_mask = (offs_k < K_TOTAL) & (cin < C_in)
+            ih = oh[:, None] * stride_h - pad_h + kh_[None, :] * dil_h
+            iw = ow[:, None] * stride_w - pad_w + kw_[None, :] * dil_w
+            a_mask = m_mask[:, None] & k_mask[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            a = _load_input(X_ptr, A_ptr, PS_ptr, PT_ptr, on, cin, ih, iw, a_mask, k_mask,
+                            sxn, sxc, sxh, sxw, san, sac, sah, saw, HAS_ADD, PRE_BN_RELU, ACC_F64)
+            # packed weights: [KH * KW * CIN_G, C_out], row (kh, kw, c within the group), column = output channel
+            row = (kh_ * KW + kw_) * CIN_G + cl % CIN_G
+            b_mask = k_mask[:, None] & n_mask[None, :]
+            if G_TILE > 1:
+                b_mask = b_mask & ((cl // CIN_G)[:, None] == (offs_cn // COUT_G)[None, :])
+            b = tl.load(W_ptr + row.to(tl.int64)[:, None] * C_out + cout.to(tl.int64)[None, :], mask=b_mask,
+                        other=0.0)
+            acc += tl.dot(a, b, input_precision=INPUT_PRECISION, out_dtype=acc_dtype)
 
     bias = tl.load(B_ptr + cout, mask=n_mask, other=0.0).to(acc_dtype)
     acc = acc + bias[None, :]
@@ -147,9 +189,9 @@ def _conv_bn_act_fwd_kernel(
     spn, spc, sph, spw,
     sqn, sqc, sqh, sqw,
     pt_stride,
-    CIN_G: tl.constexpr, COUT_G: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
-    HAS_CONV: tl.constexpr, HAS_ADD: tl.constexpr, PRE_BN_RELU: tl.constexpr, HAS_RES: tl.constexpr,
-    RELU: tl.constexpr, HAS_PT: tl.constexpr, PT_POOL: tl.constexpr,
+    CIN_G: tl.constexpr, COUT_G: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, G_TILE: tl.constexpr,
+    DIRECT: tl.constexpr, HAS_CONV: tl.constexpr, HAS_ADD: tl.constexpr, PRE_BN_RELU: tl.constexpr,
+    HAS_RES: tl.constexpr, RELU: tl.constexpr, HAS_PT: tl.constexpr, PT_POOL: tl.constexpr,
     ACC_F64: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -168,7 +210,7 @@ def _conv_bn_act_fwd_kernel(
                    N, C_in, H, W, C_out, H_out, W_out,
                    sxn, sxc, sxh, sxw, san, sac, sah, saw, srn, src, srh, srw, syn, syc, syh, syw,
                    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
-                   CIN_G, COUT_G, KH, KW, HAS_ADD, PRE_BN_RELU, HAS_RES, RELU, ACC_F64, INPUT_PRECISION,
+                   CIN_G, COUT_G, KH, KW, G_TILE, DIRECT, HAS_ADD, PRE_BN_RELU, HAS_RES, RELU, ACC_F64, INPUT_PRECISION,
                    BLOCK_M, BLOCK_N, BLOCK_K)
 
 
@@ -176,6 +218,31 @@ def pack_weight(weight: Tensor, scale: Tensor) -> Tensor:
     """(C_out, C_in/g, kH, kW) * scale[C_out] -> (kH * kW * C_in/g, C_out), k ordered (kh, kw, c)."""
     w = weight * scale.reshape(-1, 1, 1, 1).to(weight.dtype)
     return w.permute(2, 3, 1, 0).reshape(-1, weight.shape[0]).contiguous()
+
+
+def conv_tiling(C_out: int, cin_g: int, cout_g: int, groups: int) -> tuple[int, bool, int, int]:
+    """(G_TILE groups per program, DIRECT, BLOCK_N, number of conv program columns) for a conv's channels.
+
+    tl.dot wants N and K tiles of at least 16 (the smallest MMA shapes). A dense conv, or one with >= 16 output
+    channels per group, runs one group per program column (N-tiles within the group). ResNeXt's 4 or 8 channels
+    per group would fill 4 or 8 of 16 columns and K = 36 or 72 padded to 64 or 96: instead G_TILE consecutive
+    groups share a program, which computes the GEMM of their G_TILE * C_in/g input and G_TILE * C_out/g >= 16
+    output channels with the block-diagonal weight (zero where the input and output groups differ), formed in
+    registers by masked loads of the ordinary packed weight. That costs G_TILE times the multiply-adds of the
+    groups alone, paid on MMA units that would otherwise idle, and buys full N tiles, a K loop whose chunks are
+    contiguous NHWC channels of one tap, and G_TILE times fewer programs re-reading the same input pixels.
+    One input channel per group (depthwise, or a channel multiplier) would give K = kH * kW per group and
+    G_TILE = 16 block diagonals of 1 useful column in 16: DIRECT computes those with elementwise FMAs instead,
+    BLOCK_N channels per program, tap by tap."""
+    if C_out == 0:
+        return 1, False, 16, 0
+    if cin_g == 1 and groups > 1:
+        block_n = max(16, min(64, triton.next_power_of_2(C_out)))
+        return 1, True, block_n, triton.cdiv(C_out, block_n)
+    g_tile = 1 if groups == 1 else min(groups, max(1, 16 // cout_g))
+    tile_co = g_tile * cout_g
+    block_n = max(16, min(64, triton.next_power_of_2(tile_co)))
+    return g_tile, False, block_n, triton.cdiv(groups, g_tile) * triton.cdiv(tile_co, block_n)
 
 
 class PassThrough(NamedTuple):
@@ -235,7 +302,7 @@ def passthrough_fwd(pt: PassThrough) -> None:
         N, 0, H, W, 0, H_out, W_out,
         *(0,) * 16, 1, 1, 0, 0, 1, 1,
         0, p["C_pt"], *p["sp"], *p["sq"], p["stride"],
-        CIN_G=1, COUT_G=1, KH=1, KW=1,
+        CIN_G=1, COUT_G=1, KH=1, KW=1, G_TILE=1, DIRECT=False,
         HAS_CONV=False, HAS_ADD=False, PRE_BN_RELU=False, HAS_RES=False, RELU=False, HAS_PT=True, PT_POOL=p["pool"],
         ACC_F64=x.dtype == torch.float64, INPUT_PRECISION=None,
         BLOCK_M=BLOCK_M, BLOCK_N=16, BLOCK_K=16, BLOCK_C=p["BLOCK_C"],
@@ -281,16 +348,14 @@ def conv_bn_act_fwd(
     if M == 0 or C_out + p["C_pt"] == 0:
         return y
     cin_g, cout_g = C_in // groups, C_out // groups
-    # tl.dot needs tiles of at least 16 on GPUs
+    g_tile, direct, BLOCK_N, n_conv_cols = conv_tiling(C_out, cin_g, cout_g, groups)
     BLOCK_M = 64
-    BLOCK_N = max(16, min(64, triton.next_power_of_2(cout_g)))
-    BLOCK_K = max(16, min(32, triton.next_power_of_2(cin_g * kh * kw)))
+    BLOCK_K = max(16, min(32, triton.next_power_of_2(g_tile * cin_g * kh * kw)))
     r = residual if residual is not None else y
     a = add if add is not None else x
     pre = pre_scale is not None
     ps = pre_scale if pre else bias
     pt = pre_shift if pre else bias
-    n_conv_cols = groups * triton.cdiv(cout_g, BLOCK_N) if C_out else 0
     grid = (triton.cdiv(M, BLOCK_M), n_conv_cols + p["cols"])
     _launch(
         grid,
@@ -299,7 +364,7 @@ def conv_bn_act_fwd(
         *x.stride(), *a.stride(), *r.stride(), *y.stride(),
         stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
         n_conv_cols, p["C_pt"], *p["sp"], *p["sq"], p["stride"],
-        CIN_G=cin_g, COUT_G=cout_g, KH=kh, KW=kw,
+        CIN_G=cin_g, COUT_G=cout_g, KH=kh, KW=kw, G_TILE=g_tile, DIRECT=direct,
         HAS_CONV=C_out > 0, HAS_ADD=add is not None, PRE_BN_RELU=pre, HAS_RES=residual is not None, RELU=relu,
         HAS_PT=passthrough is not None, PT_POOL=p["pool"],
         ACC_F64=x.dtype == torch.float64,

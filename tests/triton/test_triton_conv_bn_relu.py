@@ -4,6 +4,8 @@ reference, under TRITON_INTERPRET=1 on CPU tensors, float32 and float64, over th
 import pytest
 import torch
 from helpers import TRITON_DEVICE, TRITON_INTERPRET, needs_triton_runtime, randomize_bn
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import resfast
@@ -80,6 +82,68 @@ def test_matches_reference(conv, shape, dtype):
 @pytest.mark.parametrize("residual,relu,bias", [(True, True, False), (True, False, True), (False, False, True)])
 def test_epilogue_and_layouts(conv, channels_last, residual, relu, bias):
     out, ref = _run(conv, (2, 6, 5), torch.float64, channels_last, residual, relu, bias)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+
+
+# Grouped convolutions: (C_in, C_out, k, stride, padding, dilation, groups), with the tiling each one takes
+GROUPED = [
+    ((128, 128, 3, 1, 1, 1, 32), (4, False)),  # ResNeXt 32x4d: 4 channels per group, 4 groups per program
+    ((256, 256, 3, 2, 1, 1, 32), (2, False)),  # ResNeXt 32x8d, stride 2: 8 per group, 2 groups per program
+    ((24, 24, 3, 1, 1, 1, 6), (4, False)),  # 6 groups, tiles of 4: the second tile half empty
+    ((36, 36, 3, 1, 2, 2, 12), (5, False)),  # 3 per group: tiles of 5, 5 and 2 groups; dilated
+    ((12, 30, 3, 1, 1, 1, 6), (3, False)),  # C_in/g = 2 != C_out/g = 5
+    ((160, 160, 3, 1, 1, 1, 2), (1, False)),  # 80 per group: one group per column, 2 N tiles per group
+    ((40, 40, 3, 1, 1, 1, 40), (1, True)),  # depthwise, C not a multiple of BLOCK_N
+    ((96, 96, 3, 2, 2, 2, 96), (1, True)),  # depthwise, strided and dilated
+    ((8, 16, 3, 1, 1, 1, 8), (1, True)),  # depthwise with channel multiplier 2
+    ((64, 64, 1, 1, 0, 1, 16), (4, False)),  # grouped 1x1
+]
+
+
+@pytest.mark.parametrize("conv,tiling", GROUPED, ids=[str(c) for c, _ in GROUPED])
+def test_grouped_tiling(conv, tiling):
+    """The shapes below really take the multi-group (G_TILE > 1) and the depthwise (DIRECT) paths."""
+    from resfast.triton.conv import conv_tiling
+
+    cin, cout, _, _, _, _, g = conv
+    g_tile, direct, block_n, cols = conv_tiling(cout, cin // g, cout // g, g)
+    assert (g_tile, direct) == tiling
+    assert block_n >= 16 and block_n * cols >= cout
+    if not direct:
+        assert g_tile * cout // g <= block_n or g_tile == 1
+
+
+@pytest.mark.parametrize("conv", [c for c, _ in GROUPED], ids=str)
+@pytest.mark.parametrize("shape", [(2, 5, 6), (1, 1, 1), (1, 7, 3)], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_grouped_matches_reference(conv, shape, dtype):
+    out, ref = _run(conv, shape, dtype, channels_last=True, residual=True, relu=True, bias=True)
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(out, ref, **tol)
+
+
+@pytest.mark.parametrize("conv", [GROUPED[0][0], GROUPED[3][0], GROUPED[7][0]], ids=str)
+def test_grouped_nchw_and_bn_relu_conv(conv):
+    """NCHW input (strided channel loads) and the pre-activation prologue on the multi-group and depthwise paths."""
+    out, ref = _run(conv, (2, 4, 5), torch.float64, channels_last=False, residual=False, relu=False, bias=False)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    cin, cout, k, s, p, d, g = conv
+    x = torch.randn(2, cin, 5, 4, dtype=torch.float64, device=DEVICE)
+    w = torch.randn(cout, cin // g, k, k, dtype=torch.float64, device=DEVICE) * 0.3
+    bn = _bn(cin, torch.float64).to(DEVICE)
+    ref = ops.bn_relu_conv_ref(x, bn, w, stride=s, padding=p, dilation=d, groups=g)
+    with resfast.backend("triton"), torch.no_grad():
+        out = ops.bn_relu_conv(x, bn, w, stride=s, padding=p, dilation=d, groups=g)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+
+
+@settings(max_examples=25, deadline=None)
+@given(groups=st.sampled_from([2, 3, 5, 8, 32]), cin_g=st.sampled_from([1, 2, 4, 8]),
+       cout_g=st.sampled_from([1, 3, 4, 8]), k=st.sampled_from([1, 3]), stride=st.sampled_from([1, 2]),
+       hw=st.tuples(st.integers(1, 6), st.integers(1, 6)))
+def test_grouped_hypothesis(groups, cin_g, cout_g, k, stride, hw):
+    out, ref = _run((cin_g * groups, cout_g * groups, k, stride, k // 2, 1, groups), (1, *hw), torch.float64,
+                    channels_last=True, residual=False, relu=True, bias=False)
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
 
 

@@ -70,6 +70,25 @@ def test_odd_shapes_fp32(shape, channels_last, block_type, stride):
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("width,groups", [(32, 8), (24, 3), (12, 12)], ids=["4-per-group", "8-per-group", "dw"])
+@pytest.mark.parametrize("order,block_type,stride", [("timm", "normal", 1), ("paper", "stage", 2)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_res2next_grouped(width, groups, order, block_type, stride, dtype):
+    """Res2NeXt: grouped 3x3 convs in the chain, on the multi-group (G_TILE) and depthwise (DIRECT) paths."""
+    if dtype == torch.float64 and not INTERPRET:
+        pytest.skip("float64 runs under the interpreter only")
+    scale = 3
+    x = torch.randn(2, scale * width, 5, 7, dtype=dtype, device=DEVICE).contiguous(memory_format=torch.channels_last)
+    ws = [torch.randn(width, width // groups, 3, 3, dtype=dtype, device=DEVICE) * 0.3 for _ in range(scale - 1)]
+    bns = _bns(scale - 1, width, dtype)
+    kw = dict(scale=scale, stride=stride, groups=groups, order=order, block_type=block_type)
+    ref = ops.res2net_chain_ref(x, ws, bns, **kw)
+    with resfast.backend("triton"), torch.no_grad():
+        out = ops.res2net_chain(x, ws, bns, **kw)
+    tol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out, ref, **tol)
+
+
 def test_timm_bottle2neck_through_triton():
     timm_res2net = pytest.importorskip("timm.models.res2net")
     ds = nn.Sequential(nn.Conv2d(32, 64, 1, 2, bias=False), nn.BatchNorm2d(64))
