@@ -14,11 +14,14 @@ Accumulation in fp32 (fp64 for float64 inputs, which the interpreter runs).
 Res2Net's pass-through split (a copy, or AvgPool2d(3, s, padding=1) in 'stage' blocks) is done by extra columns
 of the first conv launch's grid (program_id(1) >= n_conv_cols): they read the split in place and write its slice
 of the chain's output, so a chain of scale - 1 convs is scale - 1 launches and no ATen op.
+Tile sizes (BLOCK_M, BLOCK_K, warps, stages) are autotuned per shape on the GPU, one fixed config under
+TRITON_INTERPRET=1 (see tuning_configs).
 The idea is the implicit-GEMM convolution of cuDNN/CUTLASS and inductor's Triton conv template.
 """
 
 from __future__ import annotations
 
+import os
 from typing import NamedTuple, Optional
 
 import torch
@@ -281,9 +284,62 @@ def _passthrough_launch_args(pt: Optional[PassThrough], like: Tensor, M: int, H_
                 cols=triton.cdiv(C, block_c), BLOCK_C=block_c, pool=bool(pt.pool))
 
 
-def _launch(grid, *args, **meta):
-    """Every launch of the kernel goes through here (tests wrap it to count launches)."""
-    _conv_bn_act_fwd_kernel[grid](*args, **meta)
+# Autotuning: a few tile shapes per conv shape, benchmarked once per key on the GPU (Triton's autotuner caches
+# the winner per key in memory). BLOCK_N, G_TILE and the pass-through's BLOCK_C follow from the channels
+# (conv_tiling), so they are not tuned.
+CONFIGS = [
+    triton.Config({"BLOCK_M": 64, "BLOCK_K": 32}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_K": 32}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 64, "BLOCK_K": 16}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_M": 32, "BLOCK_K": 32}, num_warps=2, num_stages=3),
+]
+# the shape and the structure of the launch; Triton adds every tensor's dtype
+AUTOTUNE_KEY = ["N", "C_in", "H", "W", "C_out", "H_out", "W_out", "stride_h", "stride_w", "dil_h", "dil_w", "C_pt",
+                "CIN_G", "COUT_G", "KH", "KW", "G_TILE", "DIRECT", "HAS_CONV", "HAS_ADD", "PRE_BN_RELU", "HAS_PT"]
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _prune_configs(configs, named_args, **kwargs):
+    """Drop tiles larger than the problem (BLOCK_M beyond the output pixels, BLOCK_K beyond the reduction) and,
+    where no tl.dot reduces over K (DIRECT, pass-through only), configs that differ only in BLOCK_K."""
+    a = {**named_args, **kwargs}
+    max_m = max(32, triton.next_power_of_2(a["N"] * a["H_out"] * a["W_out"]))
+    kept = [c for c in configs if c.kwargs["BLOCK_M"] <= max_m]
+    if a["HAS_CONV"] and not a["DIRECT"]:
+        max_k = max(16, triton.next_power_of_2(a["KH"] * a["KW"] * a["G_TILE"] * a["CIN_G"]))
+        kept = [c for c in kept if c.kwargs["BLOCK_K"] <= max_k]
+    else:
+        seen: set = set()
+        kept = [c for c in kept if not ((c.kwargs["BLOCK_M"], c.num_warps, c.num_stages) in seen
+                                        or seen.add((c.kwargs["BLOCK_M"], c.num_warps, c.num_stages)))]
+    return kept or [configs[0]]
+
+
+def make_tuned_kernel(configs, do_bench=None):
+    """_conv_bn_act_fwd_kernel under triton.autotune over `configs`, keyed by AUTOTUNE_KEY (``do_bench``: Triton's
+    benchmark function, replaceable so tests can count benchmarks on the CPU)."""
+    return triton.autotune(configs=configs, key=AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune_configs},
+                           do_bench=do_bench)(_conv_bn_act_fwd_kernel)
+
+
+def tuning_configs():
+    """The configs the launches try: all of CONFIGS on a GPU; exactly one under TRITON_INTERPRET=1, where
+    benchmarking would be slow and would time numpy, not a GPU (with one config Triton's autotuner runs it
+    without benchmarking)."""
+    return CONFIGS[:1] if interpreting() else CONFIGS
+
+
+_tuned_kernel = make_tuned_kernel(tuning_configs())
+
+
+def _launch(M, n_cols, *args, **meta):
+    """Every launch of the kernel goes through here (tests wrap it to count launches): the autotuned kernel over
+    a grid of (M-tiles of the chosen BLOCK_M, n_cols program columns)."""
+    _tuned_kernel[lambda cfg: (triton.cdiv(M, cfg["BLOCK_M"]), n_cols)](*args, **meta)
 
 
 def passthrough_fwd(pt: PassThrough) -> None:
@@ -294,10 +350,9 @@ def passthrough_fwd(pt: PassThrough) -> None:
     p = _passthrough_launch_args(pt, pt.src, M, H_out, W_out)
     if M == 0 or C == 0:
         return
-    BLOCK_M = 64
     x = pt.src
     _launch(
-        (triton.cdiv(M, BLOCK_M), p["cols"]),
+        M, p["cols"],
         x, x, x, x, x, x, x, x, p["P"], p["Q"],
         N, 0, H, W, 0, H_out, W_out,
         *(0,) * 16, 1, 1, 0, 0, 1, 1,
@@ -305,7 +360,7 @@ def passthrough_fwd(pt: PassThrough) -> None:
         CIN_G=1, COUT_G=1, KH=1, KW=1, G_TILE=1, DIRECT=False,
         HAS_CONV=False, HAS_ADD=False, PRE_BN_RELU=False, HAS_RES=False, RELU=False, HAS_PT=True, PT_POOL=p["pool"],
         ACC_F64=x.dtype == torch.float64, INPUT_PRECISION=None,
-        BLOCK_M=BLOCK_M, BLOCK_N=16, BLOCK_K=16, BLOCK_C=p["BLOCK_C"],
+        BLOCK_N=16, BLOCK_C=p["BLOCK_C"],
     )
 
 
@@ -349,16 +404,13 @@ def conv_bn_act_fwd(
         return y
     cin_g, cout_g = C_in // groups, C_out // groups
     g_tile, direct, BLOCK_N, n_conv_cols = conv_tiling(C_out, cin_g, cout_g, groups)
-    BLOCK_M = 64
-    BLOCK_K = max(16, min(32, triton.next_power_of_2(g_tile * cin_g * kh * kw)))
     r = residual if residual is not None else y
     a = add if add is not None else x
     pre = pre_scale is not None
     ps = pre_scale if pre else bias
     pt = pre_shift if pre else bias
-    grid = (triton.cdiv(M, BLOCK_M), n_conv_cols + p["cols"])
     _launch(
-        grid,
+        M, n_conv_cols + p["cols"],
         x, a, ps, pt, w_packed, bias, r, y, p["P"], p["Q"],
         N, C_in, H, W, C_out, H_out, W_out,
         *x.stride(), *a.stride(), *r.stride(), *y.stride(),
@@ -371,6 +423,6 @@ def conv_bn_act_fwd(
         # fp32 follows cuDNN's TF32 switch, as nn.Conv2d does; other dtypes take Triton's default
         INPUT_PRECISION=("tf32" if torch.backends.cudnn.allow_tf32 and x.is_cuda else "ieee")
         if x.dtype == torch.float32 else None,
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, BLOCK_C=p["BLOCK_C"],
+        BLOCK_N=BLOCK_N, BLOCK_C=p["BLOCK_C"],
     )
     return y

@@ -189,3 +189,54 @@ def test_auto_does_not_pick_unverified_triton():
         assert dispatch.select("conv_bn_relu", a).name == "eager"
     with resfast.backend("triton"), torch.no_grad():
         assert dispatch.select("conv_bn_relu", a).name == "triton"
+
+
+def test_one_config_under_the_interpreter(monkeypatch):
+    """Under TRITON_INTERPRET=1 the launches run a single config and never benchmark."""
+    from resfast.triton import conv
+
+    if not INTERPRET:
+        assert conv.tuning_configs() == conv.CONFIGS and len(conv.CONFIGS) > 1
+        return
+    assert conv.tuning_configs() == conv.CONFIGS[:1]
+    assert len(conv._tuned_kernel.configs) == 1
+
+    def no_bench(*a, **k):
+        raise AssertionError("benchmarked under the interpreter")
+
+    monkeypatch.setitem(conv._tuned_kernel.__dict__, "do_bench", no_bench)  # Autotuner.do_bench is a cached_property
+    out, ref = _run(CONVS[2], (2, 5, 6), torch.float64, True, False, True, False)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+
+
+def test_autotune_benchmarks_once_per_shape(monkeypatch):
+    """With several configs (as on a GPU; the benchmark replaced by a counter so it runs on the CPU too), the first
+    call of a shape benchmarks each config that fits, later calls reuse the cached winner, and a new shape or
+    dtype is tuned anew."""
+    from resfast.triton import conv
+
+    benches = []
+
+    def fake_bench(kernel_call, quantiles):
+        kernel_call()
+        benches.append(1)
+        t = {2: 0.5}.get(len(benches) % 3, 1.0)  # the second config tried wins
+        return [t, t, t]
+
+    tuned = conv.make_tuned_kernel(conv.CONFIGS[:3], do_bench=fake_bench)
+    monkeypatch.setattr(conv, "_tuned_kernel", tuned)
+    conv_a = (8, 8, 3, 1, 1, 1, 1)  # K = 72: BLOCK_K 32 and 64 fit; M = 2 * 8 * 8 = 128: BLOCK_M 128 fits
+    for _ in range(2):
+        out, ref = _run(conv_a, (2, 8, 8), torch.float64, True, False, True, False)
+        torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+        assert len(benches) == 3 and len(tuned.cache) == 1
+    assert tuned.best_config is conv.CONFIGS[1]
+    out, ref = _run(conv_a, (2, 8, 8), torch.float32, True, False, True, False)  # dtype is part of the key
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    assert len(benches) == 6 and len(tuned.cache) == 2
+    # M = 9: no BLOCK_M is that small, the first config is kept (and benchmarked once)
+    out, ref = _run(conv_a, (1, 3, 3), torch.float64, True, False, True, False)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    assert len(benches) == 7 and len(tuned.cache) == 3
+    _run(conv_a, (1, 3, 3), torch.float64, True, False, True, False)
+    assert len(benches) == 7
