@@ -28,6 +28,7 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from torch.library import wrap_triton
 
 
 @triton.jit
@@ -217,10 +218,12 @@ def _conv_bn_act_fwd_kernel(
                    BLOCK_M, BLOCK_N, BLOCK_K)
 
 
-def pack_weight(weight: Tensor, scale: Tensor) -> Tensor:
-    """(C_out, C_in/g, kH, kW) * scale[C_out] -> (kH * kW * C_in/g, C_out), k ordered (kh, kw, c)."""
-    w = weight * scale.reshape(-1, 1, 1, 1).to(weight.dtype)
-    return w.permute(2, 3, 1, 0).reshape(-1, weight.shape[0]).contiguous()
+def pack_weight(weight: Tensor, scale: Optional[Tensor], dtype: torch.dtype) -> Tensor:
+    """(C_out, C_in/g, kH, kW) * scale[C_out] (in scale's precision) -> (kH * kW * C_in/g, C_out) in ``dtype``,
+    k ordered (kh, kw, c)."""
+    if scale is not None:
+        weight = weight.to(scale.dtype) * scale.reshape(-1, 1, 1, 1)
+    return weight.permute(2, 3, 1, 0).reshape(-1, weight.shape[0]).to(dtype).contiguous()
 
 
 def conv_tiling(C_out: int, cin_g: int, cout_g: int, groups: int) -> tuple[int, bool, int, int]:
@@ -259,11 +262,9 @@ class PassThrough(NamedTuple):
     stride: int
 
 
-def _passthrough_launch_args(pt: Optional[PassThrough], like: Tensor, M: int, H_out: int, W_out: int):
-    """The kernel arguments of the pass-through programs, and how many grid columns they take."""
+def _check_passthrough(pt: Optional[PassThrough], M: int, H_out: int, W_out: int) -> None:
     if pt is None:
-        return dict(P=like, Q=like, C_pt=0, sp=(0, 0, 0, 0), sq=(0, 0, 0, 0), stride=1, cols=0, BLOCK_C=16,
-                    pool=False)
+        return
     src, dst = pt.src, pt.dst
     if src.dim() != 4 or dst.dim() != 4:
         raise ValueError(f"pass-through src and dst must be 4-D, got {src.dim()}-D and {dst.dim()}-D")
@@ -279,9 +280,27 @@ def _passthrough_launch_args(pt: Optional[PassThrough], like: Tensor, M: int, H_
                          f"launch's {H_out}x{W_out} output pixels")
     if src.dtype != dst.dtype or src.device != dst.device:
         raise ValueError("pass-through src and dst must have the same dtype and device")
+
+
+def _passthrough_launch_args(pt: Optional[PassThrough], like: Tensor):
+    """The kernel arguments of the pass-through programs (checked by _check_passthrough), and how many grid
+    columns they take."""
+    if pt is None:
+        return dict(P=like, Q=like, C_pt=0, sp=(0, 0, 0, 0), sq=(0, 0, 0, 0), stride=1, cols=0, BLOCK_C=16,
+                    pool=False)
+    C = int(pt.src.shape[1])
     block_c = max(16, min(64, triton.next_power_of_2(C)))
-    return dict(P=src, Q=dst, C_pt=C, sp=src.stride(), sq=dst.stride(), stride=pt.stride,
+    return dict(P=pt.src, Q=pt.dst, C_pt=C, sp=pt.src.stride(), sq=pt.dst.stride(), stride=pt.stride,
                 cols=triton.cdiv(C, block_c), BLOCK_C=block_c, pool=bool(pt.pool))
+
+
+def _is_fake(t: Tensor) -> bool:
+    """A FakeTensor call is the op's fake implementation (triton_op runs the Python body): outputs are allocated
+    with their real strides and nothing is launched (the interpreter cannot read fake data; on a GPU the
+    wrap_triton HOP would do nothing either)."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return isinstance(t, FakeTensor)
 
 
 # Autotuning: a few tile shapes per conv shape, benchmarked once per key on the GPU (Triton's autotuner caches
@@ -338,8 +357,10 @@ _tuned_kernel = make_tuned_kernel(tuning_configs())
 
 def _launch(M, n_cols, *args, **meta):
     """Every launch of the kernel goes through here (tests wrap it to count launches): the autotuned kernel over
-    a grid of (M-tiles of the chosen BLOCK_M, n_cols program columns)."""
-    _tuned_kernel[lambda cfg: (triton.cdiv(M, cfg["BLOCK_M"]), n_cols)](*args, **meta)
+    a grid of (M-tiles of the chosen BLOCK_M, n_cols program columns). wrap_triton makes the launch visible to
+    torch.compile when the resfast_triton ops are decomposed (GPU); in eager mode and under the interpreter it
+    hands back the kernel itself."""
+    wrap_triton(_tuned_kernel)[lambda cfg: (triton.cdiv(M, cfg["BLOCK_M"]), n_cols)](*args, **meta)
 
 
 def passthrough_fwd(pt: PassThrough) -> None:
@@ -347,9 +368,10 @@ def passthrough_fwd(pt: PassThrough) -> None:
     N, C, H, W = pt.src.shape
     H_out, W_out = pt.dst.shape[2], pt.dst.shape[3]
     M = N * H_out * W_out
-    p = _passthrough_launch_args(pt, pt.src, M, H_out, W_out)
-    if M == 0 or C == 0:
+    _check_passthrough(pt, M, H_out, W_out)
+    if M == 0 or C == 0 or _is_fake(pt.src):
         return
+    p = _passthrough_launch_args(pt, pt.src)
     x = pt.src
     _launch(
         M, p["cols"],
@@ -399,9 +421,14 @@ def conv_bn_act_fwd(
     if add is not None and tuple(add.shape) != tuple(x.shape):
         raise ValueError(f"add has shape {tuple(add.shape)}, expected the input's {tuple(x.shape)}")
     M = N * H_out * W_out
-    p = _passthrough_launch_args(passthrough, x, M, H_out, W_out)
-    if M == 0 or C_out + p["C_pt"] == 0:
+    _check_passthrough(passthrough, M, H_out, W_out)
+    if M == 0 or _is_fake(x):
         return y
+    p = _passthrough_launch_args(passthrough, x)
+    if C_out + p["C_pt"] == 0:
+        return y
+    # channel counts are compile-time constants of the kernel (specialised if they are symbolic under tracing)
+    C_in, C_out, groups, kh, kw = int(C_in), int(C_out), int(groups), int(kh), int(kw)
     cin_g, cout_g = C_in // groups, C_out // groups
     g_tile, direct, BLOCK_N, n_conv_cols = conv_tiling(C_out, cin_g, cout_g, groups)
     r = residual if residual is not None else y
