@@ -5,82 +5,167 @@ weights (``s = gamma / sqrt(running_var + eps)``) and the bias (``b' = beta - ru
 
 Layout: GEMM over M = N * H_out * W_out output pixels and N = C_out channels; K = C_in/groups * kH * kW runs
 over (kh, kw, c_in) with the input read in place through its strides (NHWC/channels_last is the fast path,
-any strides work), zero padding by masking. Output is channels_last. Grouped convolutions run one group per
-program column (grid axis 1 covers groups x C_out-tiles). Offsets are int64 (tensors may pass 2^31 elements).
+any strides work), zero padding by masking. Output is channels_last. Grouped convolutions: see conv_tiling
+(one group per program column when groups are wide; G_TILE groups per program with a block-diagonal weight when
+they are narrow, as ResNeXt's 4 or 8 channels per group; elementwise FMAs when depthwise).
+Offsets are int64 (tensors may pass 2^31 elements).
 Accumulation in fp32 (fp64 for float64 inputs, which the interpreter runs).
+
+Res2Net's pass-through split (a copy, or AvgPool2d(3, s, padding=1) in 'stage' blocks) is done by extra columns
+of the first conv launch's grid (program_id(1) >= n_conv_cols): they read the split in place and write its slice
+of the chain's output, so a chain of scale - 1 convs is scale - 1 launches and no ATen op.
+Tile sizes (BLOCK_M, BLOCK_K, warps, stages) are autotuned per shape on the GPU, one fixed config under
+TRITON_INTERPRET=1 (see tuning_configs).
 The idea is the implicit-GEMM convolution of cuDNN/CUTLASS and inductor's Triton conv template.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+import os
+from typing import NamedTuple, Optional
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from torch.library import wrap_triton
 
 
 @triton.jit
-def _conv_bn_act_fwd_kernel(
-    X_ptr, A_ptr, PS_ptr, PT_ptr, W_ptr, B_ptr, R_ptr, Y_ptr,
+def _passthrough_tile(
+    P_ptr, Q_ptr, pid_m, pid_c,
+    N, C, H, W, H_out, W_out,
+    spn, spc, sph, spw,
+    sqn, sqc, sqh, sqw,
+    pool_stride,
+    POOL: tl.constexpr, ACC_F64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """One (BLOCK_M pixels x BLOCK_C channels) tile of Res2Net's pass-through split: a copy, or
+    AvgPool2d(3, pool_stride, padding=1) with count_include_pad=True (always divided by 9, as timm's)."""
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    offs_c = (pid_c * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)
+    m_mask = offs_m < N * H_out * W_out
+    c_mask = offs_c < C
+    ow = offs_m % W_out
+    oh = (offs_m // W_out) % H_out
+    on = offs_m // (W_out * H_out)
+    out_mask = m_mask[:, None] & c_mask[None, :]
+    if POOL:
+        acc_dtype = tl.float64 if ACC_F64 else tl.float32
+        acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=acc_dtype)
+        for t in tl.static_range(9):
+            ih = oh * pool_stride - 1 + t // 3
+            iw = ow * pool_stride - 1 + t % 3
+            ok = m_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            p_ptrs = P_ptr + on[:, None] * spn + offs_c[None, :] * spc + (ih * sph)[:, None] + (iw * spw)[:, None]
+            acc += tl.load(p_ptrs, mask=ok[:, None] & c_mask[None, :], other=0.0).to(acc_dtype)
+        val = acc / 9.0
+    else:
+        p_ptrs = P_ptr + on[:, None] * spn + offs_c[None, :] * spc + (oh * sph)[:, None] + (ow * spw)[:, None]
+        val = tl.load(p_ptrs, mask=out_mask, other=0.0)
+    q_ptrs = Q_ptr + on[:, None] * sqn + offs_c[None, :] * sqc + (oh * sqh)[:, None] + (ow * sqw)[:, None]
+    tl.store(q_ptrs, val.to(Q_ptr.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
+def _load_input(
+    X_ptr, A_ptr, PS_ptr, PT_ptr, on, cin, ih, iw, mask, c_mask,
+    sxn, sxc, sxh, sxw, san, sac, sah, saw,
+    HAS_ADD: tl.constexpr, PRE_BN_RELU: tl.constexpr, ACC_F64: tl.constexpr,
+):
+    """The conv input at pixels (on, ih, iw) [rows] and channels cin [columns], zero where ~mask, with the
+    prologues: ``+ A`` (Res2Net adds the previous split's output; never stored) and ``relu(x * ps + pt)``
+    (pre-activation; padding stays zero after it)."""
+    cin = cin.to(tl.int64)
+    ih = ih.to(tl.int64)
+    iw = iw.to(tl.int64)
+    a = tl.load(X_ptr + on[:, None] * sxn + cin[None, :] * sxc + ih * sxh + iw * sxw, mask=mask, other=0.0)
+    if HAS_ADD:
+        a += tl.load(A_ptr + on[:, None] * san + cin[None, :] * sac + ih * sah + iw * saw, mask=mask, other=0.0)
+    if PRE_BN_RELU:
+        acc_dtype = tl.float64 if ACC_F64 else tl.float32
+        ps = tl.load(PS_ptr + cin, mask=c_mask, other=0.0).to(acc_dtype)
+        pt = tl.load(PT_ptr + cin, mask=c_mask, other=0.0).to(acc_dtype)
+        act = tl.maximum(a.to(acc_dtype) * ps[None, :] + pt[None, :], 0.0)
+        a = tl.where(mask, act, 0.0).to(X_ptr.dtype.element_ty)
+    return a
+
+
+@triton.jit
+def _conv_tile(
+    X_ptr, A_ptr, PS_ptr, PT_ptr, W_ptr, B_ptr, R_ptr, Y_ptr, pid_m, pid_n,
     N, C_in, H, W, C_out, H_out, W_out,
     sxn, sxc, sxh, sxw,
     san, sac, sah, saw,
     srn, src, srh, srw,
     syn, syc, syh, syw,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
-    CIN_G: tl.constexpr, COUT_G: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+    CIN_G: tl.constexpr, COUT_G: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, G_TILE: tl.constexpr,
+    DIRECT: tl.constexpr,
     HAS_ADD: tl.constexpr, PRE_BN_RELU: tl.constexpr, HAS_RES: tl.constexpr, RELU: tl.constexpr,
     ACC_F64: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    n_tiles_per_group = tl.cdiv(COUT_G, BLOCK_N)
-    group = pid_n // n_tiles_per_group
-    tile_n = pid_n % n_tiles_per_group
-
+    """One (BLOCK_M output pixels x BLOCK_N output channels) tile of the convolution with its epilogue."""
     offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
-    offs_cn = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)  # channel within the group
     m_mask = offs_m < N * H_out * W_out
-    n_mask = offs_cn < COUT_G
-    cout = group * COUT_G + offs_cn  # absolute output channel
-
     ow = offs_m % W_out
     oh = (offs_m // W_out) % H_out
     on = offs_m // (W_out * H_out)
-
     acc_dtype = tl.float64 if ACC_F64 else tl.float32
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=acc_dtype)
-    K_TOTAL: tl.constexpr = CIN_G * KH * KW
-    for k0 in range(0, K_TOTAL, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_mask = offs_k < K_TOTAL
-        # k -> (kh, kw, c) with c fastest: consecutive k read consecutive channels (contiguous in NHWC)
-        c = offs_k % CIN_G
-        kw_ = (offs_k // CIN_G) % KW
-        kh_ = offs_k // (CIN_G * KW)
-        ih = oh[:, None] * stride_h - pad_h + kh_[None, :] * dil_h
-        iw = ow[:, None] * stride_w - pad_w + kw_[None, :] * dil_w
-        a_mask = m_mask[:, None] & k_mask[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        cin = (group * CIN_G + c).to(tl.int64)
-        a_ptrs = X_ptr + on[:, None] * sxn + cin[None, :] * sxc + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw
-        a = tl.load(a_ptrs, mask=a_mask, other=0.0)
-        if HAS_ADD:  # prologue: the conv input is x + A (Res2Net adds the previous split's output), never stored
-            ad_ptrs = (A_ptr + on[:, None] * san + cin[None, :] * sac + ih.to(tl.int64) * sah
-                       + iw.to(tl.int64) * saw)
-            a += tl.load(ad_ptrs, mask=a_mask, other=0.0)
-        if PRE_BN_RELU:  # pre-activation: relu(x * s[c] + t[c]) as the tile is loaded; padding stays zero after it
-            ps = tl.load(PS_ptr + cin, mask=k_mask, other=0.0).to(acc_dtype)
-            pt = tl.load(PT_ptr + cin, mask=k_mask, other=0.0).to(acc_dtype)
-            act = tl.maximum(a.to(acc_dtype) * ps[None, :] + pt[None, :], 0.0)
-            a = tl.where(a_mask, act, 0.0).to(X_ptr.dtype.element_ty)
-        # packed weights: [K_TOTAL, C_out], row k, column = absolute output channel
-        b_ptrs = W_ptr + offs_k.to(tl.int64)[:, None] * C_out + cout.to(tl.int64)[None, :]
-        b = tl.load(b_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-        acc += tl.dot(a, b, input_precision=INPUT_PRECISION, out_dtype=acc_dtype)
+
+    if DIRECT:
+        # one input channel per output channel (depthwise, or a channel multiplier): a GEMM would have K = kH*kW
+        # per group, so each program takes BLOCK_N consecutive channels (BLOCK_N groups) and accumulates
+        # x * w tap by tap with elementwise FMAs, no tl.dot
+        cout = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = cout < C_out
+        cin = cout // COUT_G
+        for t in range(KH * KW):
+            ih = oh * stride_h - pad_h + (t // KW) * dil_h
+            iw = ow * stride_w - pad_w + (t % KW) * dil_w
+            ok = m_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            a = _load_input(X_ptr, A_ptr, PS_ptr, PT_ptr, on, cin, ih[:, None], iw[:, None],
+                            ok[:, None] & n_mask[None, :], n_mask,
+                            sxn, sxc, sxh, sxw, san, sac, sah, saw, HAS_ADD, PRE_BN_RELU, ACC_F64)
+            # packed weights with CIN_G == 1: row t = (kh, kw), column = output channel
+            wv = tl.load(W_ptr + t * C_out + cout.to(tl.int64), mask=n_mask, other=0.0)
+            acc += a.to(acc_dtype) * wv.to(acc_dtype)[None, :]
+    else:
+        # G_TILE consecutive groups per program: the GEMM over their TILE_CI input and TILE_CO output channels
+        # with the block-diagonal weight (zero where the input and output groups differ), built in registers by
+        # masked loads of the ordinary packed weight. G_TILE == 1 is the plain grouped (or dense) GEMM.
+        TILE_CI: tl.constexpr = G_TILE * CIN_G
+        TILE_CO: tl.constexpr = G_TILE * COUT_G
+        n_tiles_per_gt = tl.cdiv(TILE_CO, BLOCK_N)
+        gt = pid_n // n_tiles_per_gt
+        offs_cn = (pid_n % n_tiles_per_gt) * BLOCK_N + tl.arange(0, BLOCK_N)  # channel within the group tile
+        cout = gt * TILE_CO + offs_cn
+        n_mask = (offs_cn < TILE_CO) & (cout < C_out)
+        K_TOTAL: tl.constexpr = KH * KW * TILE_CI
+        for k0 in range(0, K_TOTAL, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            # k -> (kh, kw, c) with c fastest: consecutive k read consecutive channels (contiguous in NHWC)
+            cl = offs_k % TILE_CI
+            kw_ = (offs_k // TILE_CI) % KW
+            kh_ = offs_k // (TILE_CI * KW)
+            cin = gt * TILE_CI + cl
+            k_mask = (offs_k < K_TOTAL) & (cin < C_in)
+            ih = oh[:, None] * stride_h - pad_h + kh_[None, :] * dil_h
+            iw = ow[:, None] * stride_w - pad_w + kw_[None, :] * dil_w
+            a_mask = m_mask[:, None] & k_mask[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            a = _load_input(X_ptr, A_ptr, PS_ptr, PT_ptr, on, cin, ih, iw, a_mask, k_mask,
+                            sxn, sxc, sxh, sxw, san, sac, sah, saw, HAS_ADD, PRE_BN_RELU, ACC_F64)
+            # packed weights: [KH * KW * CIN_G, C_out], row (kh, kw, c within the group), column = output channel
+            row = (kh_ * KW + kw_) * CIN_G + cl % CIN_G
+            b_mask = k_mask[:, None] & n_mask[None, :]
+            if G_TILE > 1:
+                b_mask = b_mask & ((cl // CIN_G)[:, None] == (offs_cn // COUT_G)[None, :])
+            b = tl.load(W_ptr + row.to(tl.int64)[:, None] * C_out + cout.to(tl.int64)[None, :], mask=b_mask,
+                        other=0.0)
+            acc += tl.dot(a, b, input_precision=INPUT_PRECISION, out_dtype=acc_dtype)
 
     bias = tl.load(B_ptr + cout, mask=n_mask, other=0.0).to(acc_dtype)
     acc = acc + bias[None, :]
@@ -95,10 +180,210 @@ def _conv_bn_act_fwd_kernel(
     tl.store(y_ptrs, acc.to(Y_ptr.dtype.element_ty), mask=out_mask)
 
 
-def pack_weight(weight: Tensor, scale: Tensor) -> Tensor:
-    """(C_out, C_in/g, kH, kW) * scale[C_out] -> (kH * kW * C_in/g, C_out), k ordered (kh, kw, c)."""
-    w = weight * scale.reshape(-1, 1, 1, 1).to(weight.dtype)
-    return w.permute(2, 3, 1, 0).reshape(-1, weight.shape[0]).contiguous()
+@triton.jit
+def _conv_bn_act_fwd_kernel(
+    X_ptr, A_ptr, PS_ptr, PT_ptr, W_ptr, B_ptr, R_ptr, Y_ptr, P_ptr, Q_ptr,
+    N, C_in, H, W, C_out, H_out, W_out,
+    sxn, sxc, sxh, sxw,
+    san, sac, sah, saw,
+    srn, src, srh, srw,
+    syn, syc, syh, syw,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    n_conv_cols, C_pt,
+    spn, spc, sph, spw,
+    sqn, sqc, sqh, sqw,
+    pt_stride,
+    CIN_G: tl.constexpr, COUT_G: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, G_TILE: tl.constexpr,
+    DIRECT: tl.constexpr, HAS_CONV: tl.constexpr, HAS_ADD: tl.constexpr, PRE_BN_RELU: tl.constexpr,
+    HAS_RES: tl.constexpr, RELU: tl.constexpr, HAS_PT: tl.constexpr, PT_POOL: tl.constexpr,
+    ACC_F64: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    if pid_n >= n_conv_cols:
+        # extra columns of the grid: Res2Net's pass-through split, copied or pooled into its output slice, so the
+        # chain needs no separate launch (nor an ATen op) for it
+        if HAS_PT:
+            _passthrough_tile(P_ptr, Q_ptr, pid_m, pid_n - n_conv_cols, N, C_pt, H, W, H_out, W_out,
+                              spn, spc, sph, spw, sqn, sqc, sqh, sqw, pt_stride,
+                              PT_POOL, ACC_F64, BLOCK_M, BLOCK_C)
+    elif HAS_CONV:
+        _conv_tile(X_ptr, A_ptr, PS_ptr, PT_ptr, W_ptr, B_ptr, R_ptr, Y_ptr, pid_m, pid_n,
+                   N, C_in, H, W, C_out, H_out, W_out,
+                   sxn, sxc, sxh, sxw, san, sac, sah, saw, srn, src, srh, srw, syn, syc, syh, syw,
+                   stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+                   CIN_G, COUT_G, KH, KW, G_TILE, DIRECT, HAS_ADD, PRE_BN_RELU, HAS_RES, RELU, ACC_F64, INPUT_PRECISION,
+                   BLOCK_M, BLOCK_N, BLOCK_K)
+
+
+def pack_weight(weight: Tensor, scale: Optional[Tensor], dtype: torch.dtype) -> Tensor:
+    """(C_out, C_in/g, kH, kW) * scale[C_out] (in scale's precision) -> (kH * kW * C_in/g, C_out) in ``dtype``,
+    k ordered (kh, kw, c)."""
+    if scale is not None:
+        weight = weight.to(scale.dtype) * scale.reshape(-1, 1, 1, 1)
+    return weight.permute(2, 3, 1, 0).reshape(-1, weight.shape[0]).to(dtype).contiguous()
+
+
+def conv_tiling(C_out: int, cin_g: int, cout_g: int, groups: int) -> tuple[int, bool, int, int]:
+    """(G_TILE groups per program, DIRECT, BLOCK_N, number of conv program columns) for a conv's channels.
+
+    tl.dot wants N and K tiles of at least 16 (the smallest MMA shapes). A dense conv, or one with >= 16 output
+    channels per group, runs one group per program column (N-tiles within the group). ResNeXt's 4 or 8 channels
+    per group would fill 4 or 8 of 16 columns and K = 36 or 72 padded to 64 or 96: instead G_TILE consecutive
+    groups share a program, which computes the GEMM of their G_TILE * C_in/g input and G_TILE * C_out/g >= 16
+    output channels with the block-diagonal weight (zero where the input and output groups differ), formed in
+    registers by masked loads of the ordinary packed weight. That costs G_TILE times the multiply-adds of the
+    groups alone, paid on MMA units that would otherwise idle, and buys full N tiles, a K loop whose chunks are
+    contiguous NHWC channels of one tap, and G_TILE times fewer programs re-reading the same input pixels.
+    One input channel per group (depthwise, or a channel multiplier) would give K = kH * kW per group and
+    G_TILE = 16 block diagonals of 1 useful column in 16: DIRECT computes those with elementwise FMAs instead,
+    BLOCK_N channels per program, tap by tap."""
+    if C_out == 0:
+        return 1, False, 16, 0
+    if cin_g == 1 and groups > 1:
+        block_n = max(16, min(64, triton.next_power_of_2(C_out)))
+        return 1, True, block_n, triton.cdiv(C_out, block_n)
+    g_tile = 1 if groups == 1 else min(groups, max(1, 16 // cout_g))
+    tile_co = g_tile * cout_g
+    block_n = max(16, min(64, triton.next_power_of_2(tile_co)))
+    return g_tile, False, block_n, triton.cdiv(groups, g_tile) * triton.cdiv(tile_co, block_n)
+
+
+class PassThrough(NamedTuple):
+    """Res2Net's pass-through split, done by extra programs of a conv launch: ``dst = src`` (pool False, stride 1)
+    or ``dst = avg_pool2d(src, 3, stride, padding=1)`` with count_include_pad (pool True). Both (N, C, ., .),
+    any strides (``dst`` is typically a channel slice of the chain's output)."""
+
+    src: Tensor
+    dst: Tensor
+    pool: bool
+    stride: int
+
+
+def _check_passthrough(pt: Optional[PassThrough], M: int, H_out: int, W_out: int) -> None:
+    if pt is None:
+        return
+    src, dst = pt.src, pt.dst
+    if src.dim() != 4 or dst.dim() != 4:
+        raise ValueError(f"pass-through src and dst must be 4-D, got {src.dim()}-D and {dst.dim()}-D")
+    if pt.stride < 1 or (not pt.pool and pt.stride != 1):
+        raise ValueError(f"pass-through stride must be >= 1 (1 for a copy), got {pt.stride}")
+    N, C, H, W = src.shape
+    if pt.pool:
+        oh, ow = (H - 1) // pt.stride + 1, (W - 1) // pt.stride + 1  # AvgPool2d(3, stride, padding=1)
+    else:
+        oh, ow = H, W
+    if tuple(dst.shape) != (N, C, oh, ow) or (oh, ow) != (H_out, W_out) or N * oh * ow != M:
+        raise ValueError(f"pass-through dst has shape {tuple(dst.shape)}; expected {(N, C, oh, ow)}, with the "
+                         f"launch's {H_out}x{W_out} output pixels")
+    if src.dtype != dst.dtype or src.device != dst.device:
+        raise ValueError("pass-through src and dst must have the same dtype and device")
+
+
+def _passthrough_launch_args(pt: Optional[PassThrough], like: Tensor):
+    """The kernel arguments of the pass-through programs (checked by _check_passthrough), and how many grid
+    columns they take."""
+    if pt is None:
+        return dict(P=like, Q=like, C_pt=0, sp=(0, 0, 0, 0), sq=(0, 0, 0, 0), stride=1, cols=0, BLOCK_C=16,
+                    pool=False)
+    C = int(pt.src.shape[1])
+    block_c = max(16, min(64, triton.next_power_of_2(C)))
+    return dict(P=pt.src, Q=pt.dst, C_pt=C, sp=pt.src.stride(), sq=pt.dst.stride(), stride=pt.stride,
+                cols=triton.cdiv(C, block_c), BLOCK_C=block_c, pool=bool(pt.pool))
+
+
+def _is_fake(t: Tensor) -> bool:
+    """A FakeTensor call is the op's fake implementation (triton_op runs the Python body): outputs are allocated
+    with their real strides and nothing is launched (the interpreter cannot read fake data; on a GPU the
+    wrap_triton HOP would do nothing either)."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return isinstance(t, FakeTensor)
+
+
+# Autotuning: a few tile shapes per conv shape, benchmarked once per key on the GPU (Triton's autotuner caches
+# the winner per key in memory). BLOCK_N, G_TILE and the pass-through's BLOCK_C follow from the channels
+# (conv_tiling), so they are not tuned.
+CONFIGS = [
+    triton.Config({"BLOCK_M": 64, "BLOCK_K": 32}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_K": 32}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 64, "BLOCK_K": 16}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_M": 32, "BLOCK_K": 32}, num_warps=2, num_stages=3),
+]
+# the shape and the structure of the launch; Triton adds every tensor's dtype
+AUTOTUNE_KEY = ["N", "C_in", "H", "W", "C_out", "H_out", "W_out", "stride_h", "stride_w", "dil_h", "dil_w", "C_pt",
+                "CIN_G", "COUT_G", "KH", "KW", "G_TILE", "DIRECT", "HAS_CONV", "HAS_ADD", "PRE_BN_RELU", "HAS_PT"]
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _prune_configs(configs, named_args, **kwargs):
+    """Drop tiles larger than the problem (BLOCK_M beyond the output pixels, BLOCK_K beyond the reduction) and,
+    where no tl.dot reduces over K (DIRECT, pass-through only), configs that differ only in BLOCK_K."""
+    a = {**named_args, **kwargs}
+    max_m = max(32, triton.next_power_of_2(a["N"] * a["H_out"] * a["W_out"]))
+    kept = [c for c in configs if c.kwargs["BLOCK_M"] <= max_m]
+    if a["HAS_CONV"] and not a["DIRECT"]:
+        max_k = max(16, triton.next_power_of_2(a["KH"] * a["KW"] * a["G_TILE"] * a["CIN_G"]))
+        kept = [c for c in kept if c.kwargs["BLOCK_K"] <= max_k]
+    else:
+        seen: set = set()
+        kept = [c for c in kept if not ((c.kwargs["BLOCK_M"], c.num_warps, c.num_stages) in seen
+                                        or seen.add((c.kwargs["BLOCK_M"], c.num_warps, c.num_stages)))]
+    return kept or [configs[0]]
+
+
+def make_tuned_kernel(configs, do_bench=None):
+    """_conv_bn_act_fwd_kernel under triton.autotune over `configs`, keyed by AUTOTUNE_KEY (``do_bench``: Triton's
+    benchmark function, replaceable so tests can count benchmarks on the CPU)."""
+    return triton.autotune(configs=configs, key=AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune_configs},
+                           do_bench=do_bench)(_conv_bn_act_fwd_kernel)
+
+
+def tuning_configs():
+    """The configs the launches try: all of CONFIGS on a GPU; exactly one under TRITON_INTERPRET=1, where
+    benchmarking would be slow and would time numpy, not a GPU (with one config Triton's autotuner runs it
+    without benchmarking)."""
+    return CONFIGS[:1] if interpreting() else CONFIGS
+
+
+_tuned_kernel = make_tuned_kernel(tuning_configs())
+
+
+def _launch(M, n_cols, *args, **meta):
+    """Every launch of the kernel goes through here (tests wrap it to count launches): the autotuned kernel over
+    a grid of (M-tiles of the chosen BLOCK_M, n_cols program columns). wrap_triton makes the launch visible to
+    torch.compile when the resfast_triton ops are decomposed (GPU); in eager mode and under the interpreter it
+    hands back the kernel itself."""
+    wrap_triton(_tuned_kernel)[lambda cfg: (triton.cdiv(M, cfg["BLOCK_M"]), n_cols)](*args, **meta)
+
+
+def passthrough_fwd(pt: PassThrough) -> None:
+    """Only the pass-through programs, for a chain with no conv (paper order with scale 1): one launch."""
+    N, C, H, W = pt.src.shape
+    H_out, W_out = pt.dst.shape[2], pt.dst.shape[3]
+    M = N * H_out * W_out
+    _check_passthrough(pt, M, H_out, W_out)
+    if M == 0 or C == 0 or _is_fake(pt.src):
+        return
+    p = _passthrough_launch_args(pt, pt.src)
+    x = pt.src
+    _launch(
+        M, p["cols"],
+        x, x, x, x, x, x, x, x, p["P"], p["Q"],
+        N, 0, H, W, 0, H_out, W_out,
+        *(0,) * 16, 1, 1, 0, 0, 1, 1,
+        0, p["C_pt"], *p["sp"], *p["sq"], p["stride"],
+        CIN_G=1, COUT_G=1, KH=1, KW=1, G_TILE=1, DIRECT=False,
+        HAS_CONV=False, HAS_ADD=False, PRE_BN_RELU=False, HAS_RES=False, RELU=False, HAS_PT=True, PT_POOL=p["pool"],
+        ACC_F64=x.dtype == torch.float64, INPUT_PRECISION=None,
+        BLOCK_N=16, BLOCK_C=p["BLOCK_C"],
+    )
 
 
 def conv_bn_act_fwd(
@@ -116,10 +401,12 @@ def conv_bn_act_fwd(
     out: Optional[Tensor] = None,
     pre_scale: Optional[Tensor] = None,
     pre_shift: Optional[Tensor] = None,
+    passthrough: Optional[PassThrough] = None,
 ) -> Tensor:
     """Launch the kernel. x (N, C_in, H, W) any strides; ``add`` (x's shape) is added to x while loading;
     writes ``out`` (any strides, e.g. a channel slice of a larger tensor) or returns a new channels_last tensor.
-    ``pre_scale``/``pre_shift`` (C_in,) apply ``relu(x * pre_scale + pre_shift)`` to the input as it is loaded."""
+    ``pre_scale``/``pre_shift`` (C_in,) apply ``relu(x * pre_scale + pre_shift)`` to the input as it is loaded.
+    ``passthrough`` (same output pixels) is copied/pooled by extra programs of the same launch."""
     N, C_in, H, W = x.shape
     C_out = w_packed.shape[1]
     kh, kw = kernel_size
@@ -134,30 +421,35 @@ def conv_bn_act_fwd(
     if add is not None and tuple(add.shape) != tuple(x.shape):
         raise ValueError(f"add has shape {tuple(add.shape)}, expected the input's {tuple(x.shape)}")
     M = N * H_out * W_out
-    if M == 0 or C_out == 0:
+    _check_passthrough(passthrough, M, H_out, W_out)
+    if M == 0 or _is_fake(x):
         return y
+    p = _passthrough_launch_args(passthrough, x)
+    if C_out + p["C_pt"] == 0:
+        return y
+    # channel counts are compile-time constants of the kernel (specialised if they are symbolic under tracing)
+    C_in, C_out, groups, kh, kw = int(C_in), int(C_out), int(groups), int(kh), int(kw)
     cin_g, cout_g = C_in // groups, C_out // groups
-    # tl.dot needs tiles of at least 16 on GPUs
-    BLOCK_M = 64
-    BLOCK_N = max(16, min(64, triton.next_power_of_2(cout_g)))
-    BLOCK_K = max(16, min(32, triton.next_power_of_2(cin_g * kh * kw)))
+    g_tile, direct, BLOCK_N, n_conv_cols = conv_tiling(C_out, cin_g, cout_g, groups)
     r = residual if residual is not None else y
     a = add if add is not None else x
     pre = pre_scale is not None
     ps = pre_scale if pre else bias
     pt = pre_shift if pre else bias
-    grid = (triton.cdiv(M, BLOCK_M), groups * triton.cdiv(cout_g, BLOCK_N))
-    _conv_bn_act_fwd_kernel[grid](
-        x, a, ps, pt, w_packed, bias, r, y,
+    _launch(
+        M, n_conv_cols + p["cols"],
+        x, a, ps, pt, w_packed, bias, r, y, p["P"], p["Q"],
         N, C_in, H, W, C_out, H_out, W_out,
         *x.stride(), *a.stride(), *r.stride(), *y.stride(),
         stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
-        CIN_G=cin_g, COUT_G=cout_g, KH=kh, KW=kw,
-        HAS_ADD=add is not None, PRE_BN_RELU=pre, HAS_RES=residual is not None, RELU=relu,
+        n_conv_cols, p["C_pt"], *p["sp"], *p["sq"], p["stride"],
+        CIN_G=cin_g, COUT_G=cout_g, KH=kh, KW=kw, G_TILE=g_tile, DIRECT=direct,
+        HAS_CONV=C_out > 0, HAS_ADD=add is not None, PRE_BN_RELU=pre, HAS_RES=residual is not None, RELU=relu,
+        HAS_PT=passthrough is not None, PT_POOL=p["pool"],
         ACC_F64=x.dtype == torch.float64,
         # fp32 follows cuDNN's TF32 switch, as nn.Conv2d does; other dtypes take Triton's default
         INPUT_PRECISION=("tf32" if torch.backends.cudnn.allow_tf32 and x.is_cuda else "ieee")
         if x.dtype == torch.float32 else None,
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
+        BLOCK_N=BLOCK_N, BLOCK_C=p["BLOCK_C"],
     )
     return y

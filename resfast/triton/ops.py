@@ -4,8 +4,12 @@ So far, forward only, eval-mode BatchNorm (running statistics or FrozenBatchNorm
 ``conv_bn_relu``, ``bn_relu_conv`` (BatchNorm + ReLU applied to the input tile as it is loaded), and
 ``res2net_chain`` (scale - 1 conv launches, each reading its split in place, adding the
 previous split's output in its prologue and writing its channel slice of the output; the pass-through split is
-copied or average-pooled into its slice with ATen for now). Training and backward come with the Triton
-issues.
+copied or average-pooled into its slice by extra programs of the first launch). Training and backward come with
+the Triton issues.
+
+Each op is a dispatcher op, ``torch.ops.resfast_triton.<op>`` (library.py); ``KERNELS[op](prepared args)``, the
+dispatch layer's entry point, folds eval BatchNorm into per-channel (scale, shift) and calls it. This module
+imports triton only when a kernel runs, so the dispatch layer can ask input_reasons without it.
 """
 
 from __future__ import annotations
@@ -63,54 +67,30 @@ def fold_bn(bn, conv_bias, dtype):
 
 
 def conv_bn_relu(args):
-    from .conv import conv_bn_act_fwd, pack_weight
+    from . import library  # noqa: F401  (registers torch.ops.resfast_triton)
 
     scale, shift = fold_bn(args.bn, args.bias, args.x.dtype)
-    w = pack_weight(args.weight.to(scale.dtype), scale).to(args.x.dtype)
-    return conv_bn_act_fwd(args.x, w, shift, tuple(args.weight.shape[2:]), args.stride, args.padding,
-                           args.dilation, args.groups, args.residual, args.relu)
+    return torch.ops.resfast_triton.conv_bn_relu(args.x, args.weight, scale, shift, list(args.stride),
+                                                 list(args.padding), list(args.dilation), args.groups, args.relu,
+                                                 args.residual)
 
 
 def bn_relu_conv(args):
-    from .conv import conv_bn_act_fwd, pack_weight
+    from . import library  # noqa: F401
 
     scale, shift = fold_bn(args.bn, None, args.x.dtype)
-    w = pack_weight(args.weight, torch.ones(args.weight.shape[0], device=args.weight.device,
-                                            dtype=args.weight.dtype)).to(args.x.dtype)
-    bias = (args.bias.to(scale.dtype) if args.bias is not None
-            else torch.zeros(args.weight.shape[0], device=args.x.device, dtype=scale.dtype))
-    return conv_bn_act_fwd(args.x, w, bias, tuple(args.weight.shape[2:]), args.stride, args.padding, args.dilation,
-                           args.groups, args.residual, relu=False, pre_scale=scale, pre_shift=shift)
+    return torch.ops.resfast_triton.bn_relu_conv(args.x, scale, shift, args.weight, args.bias, list(args.stride),
+                                                 list(args.padding), list(args.dilation), args.groups,
+                                                 args.residual)
 
 
 def res2net_chain(args):
-    import torch.nn.functional as F
+    from . import library  # noqa: F401
 
-    from .conv import conv_bn_act_fwd, pack_weight
-
-    x, wd, s, d = args.x, args.width, args.stride, args.dilation
-    N, C, H, W = x.shape
-    out = torch.empty((N, C, (H - 1) // s + 1, (W - 1) // s + 1), device=x.device, dtype=x.dtype,
-                      memory_format=torch.channels_last)
-    single = args.passthrough is None  # timm with scale == 1: one conv over the whole input
-
-    def split(t, i):
-        return t if single else t[:, i * wd:(i + 1) * wd]
-
-    prev = None
-    for w, b, bn, i in zip(args.weights, args.biases, args.bns, args.conv_splits):
-        scale, shift = fold_bn(bn, b, x.dtype)
-        wp = pack_weight(w.to(scale.dtype), scale).to(x.dtype)
-        dst = split(out, i)
-        add = prev if args.block_type == "normal" else None
-        conv_bn_act_fwd(split(x, i), wp, shift, (3, 3), (s, s), (d, d), (d, d), args.groups, relu=True, add=add,
-                        out=dst)
-        prev = dst
-    if args.passthrough is not None:
-        p = args.passthrough
-        src = split(x, p)
-        split(out, p).copy_(F.avg_pool2d(src, 3, s, 1) if args.block_type == "stage" else src)
-    return out
+    folded = [fold_bn(bn, b, args.x.dtype) for bn, b in zip(args.bns, args.biases)]
+    return torch.ops.resfast_triton.res2net_chain(args.x, list(args.weights), [f[0] for f in folded],
+                                                  [f[1] for f in folded], args.scale, args.stride, args.dilation,
+                                                  args.groups, args.order, args.block_type)
 
 
 KERNELS = {"conv_bn_relu": conv_bn_relu, "bn_relu_conv": bn_relu_conv, "res2net_chain": res2net_chain}

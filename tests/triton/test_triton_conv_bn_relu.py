@@ -4,6 +4,8 @@ reference, under TRITON_INTERPRET=1 on CPU tensors, float32 and float64, over th
 import pytest
 import torch
 from helpers import TRITON_DEVICE, TRITON_INTERPRET, needs_triton_runtime, randomize_bn
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import resfast
@@ -83,6 +85,68 @@ def test_epilogue_and_layouts(conv, channels_last, residual, relu, bias):
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
 
 
+# Grouped convolutions: (C_in, C_out, k, stride, padding, dilation, groups), with the tiling each one takes
+GROUPED = [
+    ((128, 128, 3, 1, 1, 1, 32), (4, False)),  # ResNeXt 32x4d: 4 channels per group, 4 groups per program
+    ((256, 256, 3, 2, 1, 1, 32), (2, False)),  # ResNeXt 32x8d, stride 2: 8 per group, 2 groups per program
+    ((24, 24, 3, 1, 1, 1, 6), (4, False)),  # 6 groups, tiles of 4: the second tile half empty
+    ((36, 36, 3, 1, 2, 2, 12), (5, False)),  # 3 per group: tiles of 5, 5 and 2 groups; dilated
+    ((12, 30, 3, 1, 1, 1, 6), (3, False)),  # C_in/g = 2 != C_out/g = 5
+    ((160, 160, 3, 1, 1, 1, 2), (1, False)),  # 80 per group: one group per column, 2 N tiles per group
+    ((40, 40, 3, 1, 1, 1, 40), (1, True)),  # depthwise, C not a multiple of BLOCK_N
+    ((96, 96, 3, 2, 2, 2, 96), (1, True)),  # depthwise, strided and dilated
+    ((8, 16, 3, 1, 1, 1, 8), (1, True)),  # depthwise with channel multiplier 2
+    ((64, 64, 1, 1, 0, 1, 16), (4, False)),  # grouped 1x1
+]
+
+
+@pytest.mark.parametrize("conv,tiling", GROUPED, ids=[str(c) for c, _ in GROUPED])
+def test_grouped_tiling(conv, tiling):
+    """The shapes below really take the multi-group (G_TILE > 1) and the depthwise (DIRECT) paths."""
+    from resfast.triton.conv import conv_tiling
+
+    cin, cout, _, _, _, _, g = conv
+    g_tile, direct, block_n, cols = conv_tiling(cout, cin // g, cout // g, g)
+    assert (g_tile, direct) == tiling
+    assert block_n >= 16 and block_n * cols >= cout
+    if not direct:
+        assert g_tile * cout // g <= block_n or g_tile == 1
+
+
+@pytest.mark.parametrize("conv", [c for c, _ in GROUPED], ids=str)
+@pytest.mark.parametrize("shape", [(2, 5, 6), (1, 1, 1), (1, 7, 3)], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_grouped_matches_reference(conv, shape, dtype):
+    out, ref = _run(conv, shape, dtype, channels_last=True, residual=True, relu=True, bias=True)
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(out, ref, **tol)
+
+
+@pytest.mark.parametrize("conv", [GROUPED[0][0], GROUPED[3][0], GROUPED[7][0]], ids=str)
+def test_grouped_nchw_and_bn_relu_conv(conv):
+    """NCHW input (strided channel loads) and the pre-activation prologue on the multi-group and depthwise paths."""
+    out, ref = _run(conv, (2, 4, 5), torch.float64, channels_last=False, residual=False, relu=False, bias=False)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    cin, cout, k, s, p, d, g = conv
+    x = torch.randn(2, cin, 5, 4, dtype=torch.float64, device=DEVICE)
+    w = torch.randn(cout, cin // g, k, k, dtype=torch.float64, device=DEVICE) * 0.3
+    bn = _bn(cin, torch.float64).to(DEVICE)
+    ref = ops.bn_relu_conv_ref(x, bn, w, stride=s, padding=p, dilation=d, groups=g)
+    with resfast.backend("triton"), torch.no_grad():
+        out = ops.bn_relu_conv(x, bn, w, stride=s, padding=p, dilation=d, groups=g)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+
+
+@settings(max_examples=25, deadline=None)
+@given(groups=st.sampled_from([2, 3, 5, 8, 32]), cin_g=st.sampled_from([1, 2, 4, 8]),
+       cout_g=st.sampled_from([1, 3, 4, 8]), k=st.sampled_from([1, 3]), stride=st.sampled_from([1, 2]),
+       hw=st.tuples(st.integers(1, 6), st.integers(1, 6)))
+def test_grouped_hypothesis(groups, cin_g, cout_g, k, stride, hw):
+    out, ref = _run((cin_g * groups, cout_g * groups, k, stride, k // 2, 1, groups), (1, *hw), torch.float64,
+                    channels_last=True, residual=False, relu=True, bias=False)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+
+
 def test_frozen_batchnorm():
     out, ref = _run(CONVS[0], (2, 5, 5), torch.float64, True, True, True, False, frozen=True)
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
@@ -125,3 +189,54 @@ def test_auto_does_not_pick_unverified_triton():
         assert dispatch.select("conv_bn_relu", a).name == "eager"
     with resfast.backend("triton"), torch.no_grad():
         assert dispatch.select("conv_bn_relu", a).name == "triton"
+
+
+def test_one_config_under_the_interpreter(monkeypatch):
+    """Under TRITON_INTERPRET=1 the launches run a single config and never benchmark."""
+    from resfast.triton import conv
+
+    if not INTERPRET:
+        assert conv.tuning_configs() == conv.CONFIGS and len(conv.CONFIGS) > 1
+        return
+    assert conv.tuning_configs() == conv.CONFIGS[:1]
+    assert len(conv._tuned_kernel.configs) == 1
+
+    def no_bench(*a, **k):
+        raise AssertionError("benchmarked under the interpreter")
+
+    monkeypatch.setitem(conv._tuned_kernel.__dict__, "do_bench", no_bench)  # Autotuner.do_bench is a cached_property
+    out, ref = _run(CONVS[2], (2, 5, 6), torch.float64, True, False, True, False)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+
+
+def test_autotune_benchmarks_once_per_shape(monkeypatch):
+    """With several configs (as on a GPU; the benchmark replaced by a counter so it runs on the CPU too), the first
+    call of a shape benchmarks each config that fits, later calls reuse the cached winner, and a new shape or
+    dtype is tuned anew."""
+    from resfast.triton import conv
+
+    benches = []
+
+    def fake_bench(kernel_call, quantiles):
+        kernel_call()
+        benches.append(1)
+        t = {2: 0.5}.get(len(benches) % 3, 1.0)  # the second config tried wins
+        return [t, t, t]
+
+    tuned = conv.make_tuned_kernel(conv.CONFIGS[:3], do_bench=fake_bench)
+    monkeypatch.setattr(conv, "_tuned_kernel", tuned)
+    conv_a = (8, 8, 3, 1, 1, 1, 1)  # K = 72: BLOCK_K 32 and 64 fit; M = 2 * 8 * 8 = 128: BLOCK_M 128 fits
+    for _ in range(2):
+        out, ref = _run(conv_a, (2, 8, 8), torch.float64, True, False, True, False)
+        torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+        assert len(benches) == 3 and len(tuned.cache) == 1
+    assert tuned.best_config is conv.CONFIGS[1]
+    out, ref = _run(conv_a, (2, 8, 8), torch.float32, True, False, True, False)  # dtype is part of the key
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    assert len(benches) == 6 and len(tuned.cache) == 2
+    # M = 9: no BLOCK_M is that small, the first config is kept (and benchmarked once)
+    out, ref = _run(conv_a, (1, 3, 3), torch.float64, True, False, True, False)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    assert len(benches) == 7 and len(tuned.cache) == 3
+    _run(conv_a, (1, 3, 3), torch.float64, True, False, True, False)
+    assert len(benches) == 7

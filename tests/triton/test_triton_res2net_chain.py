@@ -8,6 +8,7 @@ import pytest
 import torch
 from helpers import TRITON_DEVICE, TRITON_INTERPRET, needs_triton_runtime, randomize_bn
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import resfast
 from resfast import ops
@@ -69,6 +70,25 @@ def test_odd_shapes_fp32(shape, channels_last, block_type, stride):
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("width,groups", [(32, 8), (24, 3), (12, 12)], ids=["4-per-group", "8-per-group", "dw"])
+@pytest.mark.parametrize("order,block_type,stride", [("timm", "normal", 1), ("paper", "stage", 2)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_res2next_grouped(width, groups, order, block_type, stride, dtype):
+    """Res2NeXt: grouped 3x3 convs in the chain, on the multi-group (G_TILE) and depthwise (DIRECT) paths."""
+    if dtype == torch.float64 and not INTERPRET:
+        pytest.skip("float64 runs under the interpreter only")
+    scale = 3
+    x = torch.randn(2, scale * width, 5, 7, dtype=dtype, device=DEVICE).contiguous(memory_format=torch.channels_last)
+    ws = [torch.randn(width, width // groups, 3, 3, dtype=dtype, device=DEVICE) * 0.3 for _ in range(scale - 1)]
+    bns = _bns(scale - 1, width, dtype)
+    kw = dict(scale=scale, stride=stride, groups=groups, order=order, block_type=block_type)
+    ref = ops.res2net_chain_ref(x, ws, bns, **kw)
+    with resfast.backend("triton"), torch.no_grad():
+        out = ops.res2net_chain(x, ws, bns, **kw)
+    tol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out, ref, **tol)
+
+
 def test_timm_bottle2neck_through_triton():
     timm_res2net = pytest.importorskip("timm.models.res2net")
     ds = nn.Sequential(nn.Conv2d(32, 64, 1, 2, bias=False), nn.BatchNorm2d(64))
@@ -91,3 +111,77 @@ def test_training_chain_is_refused():
     ws = [torch.randn(2, 2, 3, 3, device=DEVICE) for _ in range(3)]
     with resfast.backend("triton"), pytest.raises(resfast.BackendUnavailableError, match="batch statistics"):
         ops.res2net_chain(x, ws, _bns(3, 2, torch.float32), scale=4, training=True)
+
+
+class _AtenLog(TorchDispatchMode):
+    """Records every ATen op run outside the kernel launches, with the storages of its tensor inputs; a
+    resfast_triton op is recorded and its body run under the log, so the ATen ops inside it are recorded too."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops, self.triton_ops, self.paused = [], [], False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        from resfast.triton.library import IMPLS
+
+        if func.namespace == "resfast_triton":
+            self.triton_ops.append(func._opname)
+            with self:
+                return IMPLS[func._opname](*args, **(kwargs or {}))
+        if not self.paused:
+            flat = torch.utils._pytree.tree_leaves((args, kwargs or {}))
+            self.ops.append((func, {t.untyped_storage().data_ptr() for t in flat if isinstance(t, torch.Tensor)}))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("scale,order,block_type,stride", [
+    (4, "timm", "normal", 1), (4, "paper", "stage", 2), (3, "timm", "stage", 1), (2, "paper", "normal", 1),
+    (2, "timm", "stage", 2), (1, "timm", "stage", 2), (1, "paper", "stage", 2), (1, "paper", "normal", 1)])
+def test_passthrough_rides_on_the_conv_launches(monkeypatch, scale, order, block_type, stride):
+    """scale - 1 launches (one when there is no conv at all), the pass-through split done inside them: no ATen op
+    reads the input or the output other than views (no copy, no avg_pool2d, no cat)."""
+    from resfast.triton import conv
+
+    dtype = torch.float64 if INTERPRET else torch.float32
+    width = 5
+    n = max(1, scale - 1) if order == "timm" else scale - 1
+    x = torch.randn(2, scale * width, 7, 6, dtype=dtype, device=DEVICE).contiguous(memory_format=torch.channels_last)
+    ws = [torch.randn(width, width, 3, 3, dtype=dtype, device=DEVICE) * 0.3 for _ in range(n)]
+    bns = _bns(n, width, dtype)
+    kw = dict(scale=scale, stride=stride, order=order, block_type=block_type)
+    ref = ops.res2net_chain_ref(x, ws, bns, **kw)
+    log, launches, launch = _AtenLog(), [], conv._launch
+
+    def counting_launch(*a, **k):
+        launches.append(k.get("HAS_PT"))
+        log.paused = True  # the interpreter's own tensor handling is not the op's
+        try:
+            launch(*a, **k)
+        finally:
+            log.paused = False
+
+    monkeypatch.setattr(conv, "_launch", counting_launch)
+    with resfast.backend("triton"), torch.no_grad(), log:
+        out = ops.res2net_chain(x, ws, bns, **kw)
+    tol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out, ref, **tol)
+    assert len(launches) == max(1, scale - 1) and log.triton_ops == ["res2net_chain"]
+    has_pt = not (order == "timm" and scale == 1)
+    assert launches[0] is has_pt and not any(launches[1:])  # the pass-through rides on the first launch
+    names = {str(f) for f, _ in log.ops}
+    assert not any(k in name for name in names for k in ("avg_pool", "aten.copy_", "aten.cat")), names
+    touched = {x.untyped_storage().data_ptr(), out.untyped_storage().data_ptr()}
+    assert all(f.is_view for f, storages in log.ops if storages & touched), [str(f) for f, _ in log.ops]
+
+
+def test_passthrough_launcher_checks_shapes():
+    from resfast.triton.conv import PassThrough, passthrough_fwd
+
+    src = torch.randn(2, 3, 7, 6, device=DEVICE)
+    with pytest.raises(ValueError, match="pass-through dst has shape"):
+        passthrough_fwd(PassThrough(src, torch.empty(2, 3, 7, 6, device=DEVICE), pool=True, stride=2))
+    with pytest.raises(ValueError, match="1 for a copy"):
+        passthrough_fwd(PassThrough(src, torch.empty(2, 3, 4, 3, device=DEVICE), pool=False, stride=2))
+    dst = torch.full((2, 3, 4, 3), float("nan"), device=DEVICE)
+    passthrough_fwd(PassThrough(src, dst, pool=True, stride=2))
+    torch.testing.assert_close(dst, torch.nn.functional.avg_pool2d(src, 3, 2, 1), rtol=1e-5, atol=1e-5)

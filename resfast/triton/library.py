@@ -1,0 +1,131 @@
+"""The Triton ops as dispatcher ops: ``torch.ops.resfast_triton.{conv_bn_relu, bn_relu_conv, res2net_chain}``.
+
+Registered with ``torch.library.triton_op`` (the launches go through ``wrap_triton``, conv._launch), so
+torch.compile and torch.export see them. The fake implementation of each op is its own Python body: on
+FakeTensors it allocates the channels_last outputs, with the strides the kernels write, and launches nothing.
+The ops take eval BatchNorm already folded into per-channel (scale, shift) (resfast.triton.ops.fold_bn); they are
+inference-only (no autograd formula: the dispatch layer does not send inputs that require grad here).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+from torch.library import triton_op
+
+from ..ops._args import BLOCK_TYPES, ORDERS, chain_layout
+from .conv import PassThrough, conv_bn_act_fwd, interpreting, pack_weight, passthrough_fwd
+
+
+def _check_folded(op: str, x: Tensor, weight: Tensor, groups: int, tensors: dict) -> None:
+    """Clear errors for direct calls of the registered ops (the public ops check more, before dispatch)."""
+    if x.dim() != 4 or weight.dim() != 4:
+        raise ValueError(f"{op}: x and weight must be 4-D, got {x.dim()}-D and {weight.dim()}-D")
+    if groups < 1 or x.shape[1] % groups or weight.shape[0] % groups or weight.shape[1] * groups != x.shape[1]:
+        raise ValueError(f"{op}: weight {tuple(weight.shape)} with groups={groups} does not fit an input with "
+                         f"{x.shape[1]} channels")
+    for name, (t, n) in tensors.items():
+        if t is not None and (t.dim() != 1 or t.shape[0] != n):
+            raise ValueError(f"{op}: {name} must have shape ({n},), got {tuple(t.shape)}")
+    for name, t in [("weight", weight)] + [(k, v[0]) for k, v in tensors.items()]:
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{op}: {name} is on {t.device}, x on {x.device}")
+
+
+def _conv_bn_relu(x: Tensor, weight: Tensor, scale: Tensor, shift: Tensor, stride: list[int],
+                    padding: list[int], dilation: list[int], groups: int, relu: bool,
+                    residual: Optional[Tensor]) -> Tensor:
+    """``relu(conv2d(x, weight) * scale + shift + residual)`` (relu optional): x (N, C_in, H, W) any strides,
+    weight (C_out, C_in/groups, kH, kW), scale/shift (C_out,) (eval BatchNorm and conv bias folded), residual
+    (N, C_out, H_out, W_out) or None. Returns (N, C_out, H_out, W_out) channels_last."""
+    op = "resfast_triton::conv_bn_relu"
+    _check_folded(op, x, weight, groups, {"scale": (scale, weight.shape[0]), "shift": (shift, weight.shape[0])})
+    w = pack_weight(weight, scale, x.dtype)
+    return conv_bn_act_fwd(x, w, shift, (weight.shape[2], weight.shape[3]), tuple(stride), tuple(padding),
+                           tuple(dilation), groups, residual, relu)
+
+
+def _bn_relu_conv(x: Tensor, pre_scale: Tensor, pre_shift: Tensor, weight: Tensor, bias: Optional[Tensor],
+                    stride: list[int], padding: list[int], dilation: list[int], groups: int,
+                    residual: Optional[Tensor]) -> Tensor:
+    """``conv2d(relu(x * pre_scale + pre_shift), weight, bias) + residual``: pre_scale/pre_shift (C_in,) (eval
+    BatchNorm folded), applied to the input tile as it is loaded. Returns (N, C_out, H_out, W_out) channels_last."""
+    op = "resfast_triton::bn_relu_conv"
+    _check_folded(op, x, weight, groups, {"pre_scale": (pre_scale, x.shape[1]), "pre_shift": (pre_shift, x.shape[1]),
+                                          "bias": (bias, weight.shape[0])})
+    w = pack_weight(weight, None, x.dtype)
+    b = (bias.to(pre_scale.dtype) if bias is not None
+         else torch.zeros(weight.shape[0], device=x.device, dtype=pre_scale.dtype))
+    return conv_bn_act_fwd(x, w, b, (weight.shape[2], weight.shape[3]), tuple(stride), tuple(padding),
+                           tuple(dilation), groups, residual, relu=False, pre_scale=pre_scale, pre_shift=pre_shift)
+
+
+def _res2net_chain(x: Tensor, weights: list[Tensor], scales: list[Tensor], shifts: list[Tensor], scale: int,
+                     stride: int, dilation: int, groups: int, order: str, block_type: str) -> Tensor:
+    """Res2Net's split -> 3x3 conv -> folded BN -> ReLU chain (see resfast.ops.res2net_chain for the orders and
+    block types): one (width, width/groups, 3, 3) weight and (width,) scale/shift per conv, in chain order.
+    Returns (N, C, H_out, W_out) channels_last."""
+    op = "resfast_triton::res2net_chain"
+    if order not in ORDERS or block_type not in BLOCK_TYPES:
+        raise ValueError(f"{op}: order must be one of {ORDERS} and block_type one of {BLOCK_TYPES}, "
+                         f"got {order!r}, {block_type!r}")
+    if x.dim() != 4 or scale < 1 or x.shape[1] % scale:
+        raise ValueError(f"{op}: x must be (N, C, H, W) with C divisible by scale={scale}, got {tuple(x.shape)}")
+    if stride < 1 or dilation < 1 or (block_type == "normal" and stride != 1):
+        raise ValueError(f"{op}: stride and dilation must be >= 1 (stride 1 for 'normal' blocks), "
+                         f"got {stride}, {dilation}")
+    conv_splits, passthrough = chain_layout(scale, order)
+    if not len(weights) == len(scales) == len(shifts) == len(conv_splits):
+        raise ValueError(f"{op}: scale={scale}, order={order!r} needs {len(conv_splits)} weights, scales and "
+                         f"shifts, got {len(weights)}, {len(scales)}, {len(shifts)}")
+    N, C, H, W = x.shape
+    wd = C // scale if passthrough is not None else C
+    for i, (w, sc, sh) in enumerate(zip(weights, scales, shifts)):
+        if tuple(w.shape) != (wd, wd // groups if wd % groups == 0 else -1, 3, 3):
+            raise ValueError(f"{op}: weights[{i}] must be ({wd}, {wd}/groups={groups}, 3, 3), got {tuple(w.shape)}")
+        _check_folded(op, x[:, :wd], w, groups, {f"scales[{i}]": (sc, wd), f"shifts[{i}]": (sh, wd)})
+
+    s, d = stride, dilation
+    out = torch.empty((N, C, (H - 1) // s + 1, (W - 1) // s + 1), device=x.device, dtype=x.dtype,
+                      memory_format=torch.channels_last)
+
+    def split(t, i):
+        return t if passthrough is None else t[:, i * wd:(i + 1) * wd]
+
+    # the pass-through split rides on the first launch (extra programs), so the chain is scale - 1 launches
+    pt = None if passthrough is None else PassThrough(split(x, passthrough), split(out, passthrough),
+                                                      pool=block_type == "stage", stride=s)
+    prev = None
+    for w, sc, sh, i in zip(weights, scales, shifts, conv_splits):
+        dst = split(out, i)
+        add = prev if block_type == "normal" else None
+        conv_bn_act_fwd(split(x, i), pack_weight(w, sc, x.dtype), sh, (3, 3), (s, s), (d, d), (d, d), groups,
+                        relu=True, add=add, out=dst, passthrough=pt)
+        prev, pt = dst, None
+    if pt is not None:  # no conv at all (paper order, scale 1): the pass-through alone, one launch
+        passthrough_fwd(pt)
+    return out
+
+
+# the op bodies, also their fake implementations (FakeTensors: outputs allocated, nothing launched)
+IMPLS = {"conv_bn_relu": _conv_bn_relu, "bn_relu_conv": _bn_relu_conv, "res2net_chain": _res2net_chain}
+OPS = {name: triton_op(f"resfast_triton::{name}", fn, mutates_args=()) for name, fn in IMPLS.items()}
+
+
+def _keep_opaque(mode, func, types, args, kwargs):
+    return mode.__torch_dispatch__(func, types, args, kwargs)
+
+
+if interpreting():
+    # triton_op decomposes its op into the Python body when AOTAutograd functionalises (so Inductor sees the
+    # kernels). Under TRITON_INTERPRET=1 wrap_triton hands back the interpreted kernel, which cannot run on the
+    # tracer's tensors, so the body would trace to allocations only; keep the op opaque there instead (a graph
+    # node that runs the real op, traced through its fake implementation), as torch.export does.
+    from torch._subclasses.functional_tensor import FunctionalTensorMode
+
+    for _op in OPS.values():
+        _op.register_torch_dispatch(FunctionalTensorMode, _keep_opaque)
+
+
