@@ -51,25 +51,22 @@ def input_reasons(op: str, args) -> list[str]:
     return reasons
 
 
-def fold_bn(bn, conv_bias, dtype):
-    """Eval BatchNorm (running statistics) folded to per-channel (scale, shift), in the statistics' precision."""
-    stat_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-    rv = bn.running_var.to(stat_dtype)
-    scale = torch.rsqrt(rv + bn.eps)
-    if bn.weight is not None:
-        scale = scale * bn.weight.to(stat_dtype)
-    shift = -bn.running_mean.to(stat_dtype) * scale
-    if bn.bias is not None:
-        shift = shift + bn.bias.to(stat_dtype)
-    if conv_bias is not None:
-        shift = shift + conv_bias.to(stat_dtype) * scale
-    return scale, shift
+def fold_bn(bn, conv_bias, dtype, cache=None):
+    """Eval BatchNorm folded to per-channel (scale, shift) (resfast.ops.fold), kept in the calling block's
+    FoldCache when there is one. The weight packing itself still happens per launch (inside the op)."""
+    from ..ops.fold import fold_scale_shift
+
+    if cache is None:
+        return fold_scale_shift(bn, conv_bias, dtype)
+    sources = (conv_bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
+    return cache.get(("triton", id(bn.running_var), id(conv_bias)), sources,
+                     lambda: fold_scale_shift(bn, conv_bias, dtype), (bn.eps, dtype))
 
 
 def conv_bn_relu(args):
     from . import library  # noqa: F401  (registers torch.ops.resfast_triton)
 
-    scale, shift = fold_bn(args.bn, args.bias, args.x.dtype)
+    scale, shift = fold_bn(args.bn, args.bias, args.x.dtype, args.cache)
     return torch.ops.resfast_triton.conv_bn_relu(args.x, args.weight, scale, shift, list(args.stride),
                                                  list(args.padding), list(args.dilation), args.groups, args.relu,
                                                  args.residual)
@@ -78,7 +75,7 @@ def conv_bn_relu(args):
 def bn_relu_conv(args):
     from . import library  # noqa: F401
 
-    scale, shift = fold_bn(args.bn, None, args.x.dtype)
+    scale, shift = fold_bn(args.bn, None, args.x.dtype, args.cache)
     return torch.ops.resfast_triton.bn_relu_conv(args.x, scale, shift, args.weight, args.bias, list(args.stride),
                                                  list(args.padding), list(args.dilation), args.groups,
                                                  args.residual)
@@ -87,7 +84,7 @@ def bn_relu_conv(args):
 def res2net_chain(args):
     from . import library  # noqa: F401
 
-    folded = [fold_bn(bn, b, args.x.dtype) for bn, b in zip(args.bns, args.biases)]
+    folded = [fold_bn(bn, b, args.x.dtype, args.cache) for bn, b in zip(args.bns, args.biases)]
     return torch.ops.resfast_triton.res2net_chain(args.x, list(args.weights), [f[0] for f in folded],
                                                   [f[1] for f in folded], args.scale, args.stride, args.dilation,
                                                   args.groups, args.order, args.block_type)

@@ -185,3 +185,27 @@ def test_passthrough_launcher_checks_shapes():
     dst = torch.full((2, 3, 4, 3), float("nan"), device=DEVICE)
     passthrough_fwd(PassThrough(src, dst, pool=True, stride=2))
     torch.testing.assert_close(dst, torch.nn.functional.avg_pool2d(src, 3, 2, 1), rtol=1e-5, atol=1e-5)
+
+
+def test_block_fold_cache_reused_and_refreshed():
+    """A block's folded BatchNorm is computed once and recomputed when a buffer changes (Triton backend)."""
+    from timm.models import res2net as timm_res2net
+
+    dtype = torch.float64 if INTERPRET else torch.float32
+    orig = randomize_bn(timm_res2net.Bottle2neck(32, 8, norm_layer=nn.BatchNorm2d)).to(DEVICE, dtype).eval()
+    new = resfast.Bottle2neck(32, 8, norm_layer=nn.BatchNorm2d).to(DEVICE, dtype)
+    new.load_state_dict(orig.state_dict())
+    new.eval()
+    x = torch.randn(1, 32, 5, 6, device=DEVICE, dtype=dtype)
+    tol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-4)
+    with resfast.backend("triton"), torch.no_grad():
+        torch.testing.assert_close(new(x), orig(x), **tol)
+        cache = new.__dict__["_resfast_fold_cache"]
+        built = cache.builds
+        assert built == 5  # bn1, three chain BatchNorms, bn3
+        torch.testing.assert_close(new(x), orig(x), **tol)
+        assert cache.builds == built
+        for m in (orig, new):
+            m.bns[2].running_mean.add_(0.25)
+        torch.testing.assert_close(new(x), orig(x), **tol)
+        assert cache.builds == built + 1
