@@ -17,6 +17,11 @@ MAX_JOBS=${MAX_JOBS:-16} $PY setup.py -q build_ext --inplace > "$OUT/build.log" 
 $PY -m resfast.info > "$OUT/info.txt" 2>&1
 $PY -m pytest tests -q -p no:cacheprovider > "$OUT/pytest.log" 2>&1
 tail -3 "$OUT/pytest.log" | tee -a "$OUT/summary.txt"
+# memory errors in the Triton kernels: one block of each kind under compute-sanitizer (when installed)
+if command -v compute-sanitizer > /dev/null; then
+  compute-sanitizer --tool memcheck --error-exitcode 1 $PY scripts/sanitize_blocks.py > "$OUT/memcheck.log" 2>&1
+  echo "memcheck rc=$?" | tee -a "$OUT/summary.txt"
+fi
 $PY -m resfast.bench --out-dir "$OUT/results" > "$OUT/bench.txt" 2>&1; echo "bench rc=$?" | tee -a "$OUT/summary.txt"
 $PY benchmarks/bench_ops.py --quick --out-dir "$OUT/results" > "$OUT/bench_ops.txt" 2>&1; echo "bench_ops rc=$?" | tee -a "$OUT/summary.txt"
 tail -12 "$OUT/bench.txt"
