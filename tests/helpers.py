@@ -97,3 +97,28 @@ def check_fused_model(orig: nn.Module, new: nn.Module, x: torch.Tensor):
         with resfast.backend("eager"):
             torch.testing.assert_close(new(x), eager, rtol=1e-5, atol=1e-5)
     return fused
+
+
+def conv_inputs(conv, shape, dtype, channels_last, bias, device):
+    """x, weight, bias for a conv case ``conv = (C_in, C_out, k, stride, padding, dilation, groups)``, ``shape =
+    (N, H, W)``: the inputs of the Triton conv tests."""
+    cin, cout, k, _, _, _, g = conv
+    N, H, W = shape
+    x = torch.randn(N, cin, H, W, dtype=dtype, device=device)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    w = torch.randn(cout, cin // g, k, k, dtype=dtype, device=device) * 0.3
+    b = torch.randn(cout, dtype=dtype, device=device) if bias else None
+    return x, w, b
+
+
+def block_through(backend: str, block: nn.Module, x: torch.Tensor):
+    """(the original block's output, its resfast.convert copy's output on `backend`), eval, no grad."""
+    import resfast
+
+    fused = resfast.convert(block)
+    with torch.no_grad():
+        ref = block(x)
+        with resfast.backend(backend):
+            out = fused(x)
+    return out, ref

@@ -47,11 +47,12 @@ bool use_mkldnn(const at::Tensor& x, const at::Tensor& w) {
          (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16);
 }
 
-const c10::OperatorHandle& mkldnn_op(const char* overload) {
+// mkldnn::_convolution_pointwise and its .binary overload, looked up once
+const c10::OperatorHandle& pointwise_op(bool binary) {
   static const auto unary = c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_convolution_pointwise", "");
-  static const auto binary =
+  static const auto with_other =
       c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_convolution_pointwise", "binary");
-  return std::string(overload) == "binary" ? binary : unary;
+  return binary ? with_other : unary;
 }
 
 at::Tensor conv_mkldnn(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias,
@@ -66,11 +67,11 @@ at::Tensor conv_mkldnn(const at::Tensor& x, const at::Tensor& w, const std::opti
     // relu?(conv + bias + residual): oneDNN's binary "add" post-op, then the unary one
     stack = {x_cl, residual->contiguous(fmt), w, bias, padding.vec(), stride.vec(), dilation.vec(), groups,
              std::string("add"), none, relu ? c10::IValue(std::string("relu")) : none, no_scalars, none};
-    mkldnn_op("binary").callBoxed(&stack);
+    pointwise_op(true).callBoxed(&stack);
   } else {
     stack = {x_cl, w, bias, padding.vec(), stride.vec(), dilation.vec(), groups,
              std::string(relu ? "relu" : "none"), no_scalars, none};
-    mkldnn_op("").callBoxed(&stack);
+    pointwise_op(false).callBoxed(&stack);
   }
   return stack[0].toTensor();
 }

@@ -3,7 +3,7 @@ reference: padding stays zero after the activation, grouped/strided/dilated, bia
 
 import pytest
 import torch
-from helpers import TRITON_DEVICE, TRITON_INTERPRET, needs_triton_runtime, randomize_bn
+from helpers import TRITON_DEVICE, TRITON_INTERPRET, conv_inputs, needs_triton_runtime, randomize_bn
 from torch import nn
 
 import resfast
@@ -28,11 +28,7 @@ def test_matches_reference(conv, shape, channels_last, residual, bias):
     dtype = torch.float64 if INTERPRET else torch.float32
     cin, cout, k, s, p, d, g = conv
     N, H, W = shape
-    x = torch.randn(N, cin, H, W, dtype=dtype, device=DEVICE)
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    w = torch.randn(cout, cin // g, k, k, dtype=dtype, device=DEVICE) * 0.3
-    b = torch.randn(cout, dtype=dtype, device=DEVICE) if bias else None
+    x, w, b = conv_inputs(conv, shape, dtype, channels_last, bias, DEVICE)
     bn = nn.BatchNorm2d(cin, dtype=dtype).eval()
     with torch.no_grad():
         bn.weight.uniform_(-1.5, 1.5)

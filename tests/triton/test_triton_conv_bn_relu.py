@@ -3,7 +3,7 @@ reference, under TRITON_INTERPRET=1 on CPU tensors, float32 and float64, over th
 
 import pytest
 import torch
-from helpers import TRITON_DEVICE, TRITON_INTERPRET, needs_triton_runtime, randomize_bn
+from helpers import TRITON_DEVICE, TRITON_INTERPRET, block_through, conv_inputs, needs_triton_runtime, randomize_bn
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -49,11 +49,7 @@ def _run(conv, shape, dtype, channels_last, residual, relu, bias, frozen=False):
         pytest.skip("float64 runs under the interpreter only")
     cin, cout, k, s, p, d, g = conv
     N, H, W = shape
-    x = torch.randn(N, cin, H, W, dtype=dtype, device=DEVICE)
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    w = torch.randn(cout, cin // g, k, k, dtype=dtype, device=DEVICE) * 0.3
-    b = torch.randn(cout, dtype=dtype, device=DEVICE) if bias else None
+    x, w, b = conv_inputs(conv, shape, dtype, channels_last, bias, DEVICE)
     bn = _bn(cout, dtype, frozen).to(DEVICE)
     ref_y = ops.conv_bn_relu_ref(x, w, bn, bias=b, stride=s, padding=p, dilation=d, groups=g, relu=relu)
     res = torch.randn_like(ref_y) if residual else None
@@ -158,12 +154,8 @@ def test_matches_torchvision_resnext_block_in_eval():
     blk = tvm.Bottleneck(32, 8, groups=4, base_width=16).eval()
     randomize_bn(blk)
     blk = blk.to(DEVICE)
-    fused = resfast.convert(blk)
     x = torch.randn(2, 32, 6, 6, device=DEVICE).contiguous(memory_format=torch.channels_last)
-    with torch.no_grad():
-        ref = blk(x)
-        with resfast.backend("triton"):
-            out = fused(x)
+    out, ref = block_through("triton", blk, x)
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
 
 

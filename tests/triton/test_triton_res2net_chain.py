@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 import torch
-from helpers import TRITON_DEVICE, TRITON_INTERPRET, needs_triton_runtime, randomize_bn
+from helpers import TRITON_DEVICE, TRITON_INTERPRET, block_through, needs_triton_runtime, randomize_bn
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -97,12 +97,8 @@ def test_timm_bottle2neck_through_triton():
         blk.eval()
         randomize_bn(blk)
         blk = blk.to(DEVICE)
-        fused = resfast.convert(blk)
         x = torch.randn(2, blk.conv1.in_channels, 8, 7, device=DEVICE).contiguous(memory_format=torch.channels_last)
-        with torch.no_grad():
-            ref = blk(x)
-            with resfast.backend("triton"):
-                out = fused(x)
+        out, ref = block_through("triton", blk, x)
         torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
 
 
