@@ -79,6 +79,44 @@ def shortcut(x: Tensor, downsample: Optional[nn.Module], cache: Optional[FoldCac
     return downsample(x)
 
 
+def projection(x: Tensor, conv: nn.Module, dbn: nn.Module, bn: nn.Module) -> Optional[ops.ConvShortcut]:
+    """``dbn(conv(x))`` as the op's ConvShortcut when `conv` is a plain 1x1 conv with no padding, groups or dilation
+    and `dbn` a supported BatchNorm in the same train/eval mode as the main conv's `bn`; else None."""
+    if not fusable((conv, dbn)):
+        return None
+    if (conv.kernel_size != (1, 1) or conv.groups != 1 or tuple(conv.padding) != (0, 0)
+            or conv.dilation != (1, 1) or dbn.training != bn.training):
+        return None
+    return ops.ConvShortcut(x, conv.weight, dbn, conv.stride, conv.bias)
+
+
+def _projection(x: Tensor, downsample: Optional[nn.Module], bn: nn.Module) -> Optional[ops.ConvShortcut]:
+    """A ``Sequential(Conv2d 1x1, BatchNorm)`` downsample (torchvision's, timm's default) as a ConvShortcut."""
+    if not (type(downsample) is nn.Sequential and len(downsample) == 2):
+        return None
+    return projection(x, downsample[0], downsample[1], bn)
+
+
+def conv_bn_shortcut(out: Tensor, conv: nn.Conv2d, bn: nn.Module, x: Tensor, downsample: Optional[nn.Module],
+                     cache: Optional[FoldCache] = None) -> Tensor:
+    """A bottleneck's last step, ``relu(bn(conv(out)) + shortcut)`` with the shortcut ``x`` or ``downsample(x)``:
+    a 1x1-conv + BatchNorm downsample goes into the same op as its ConvShortcut (one kernel on the Triton
+    backend, the residual never written); any other downsample runs first (see :func:`shortcut`)."""
+    proj = _projection(x, downsample, bn)
+    if proj is None:
+        return conv_bn(out, conv, bn, residual=shortcut(x, downsample, cache), cache=cache)
+    return conv_bn_projection(out, conv, bn, proj, cache)
+
+
+def conv_bn_projection(out: Tensor, conv: nn.Conv2d, bn: nn.Module, proj: ops.ConvShortcut,
+                       cache: Optional[FoldCache] = None) -> Tensor:
+    """``relu(bn(conv(out)) + proj)`` with the projection shortcut (from :func:`projection`) in the same op."""
+    return ops.conv_bn_relu(
+        out, conv.weight, bn, bias=conv.bias, stride=conv.stride, padding=conv.padding, dilation=conv.dilation,
+        groups=conv.groups, training=bn.training, shortcut=proj, fold_cache=cache,
+    )
+
+
 def conv3x3(in_planes: int, out_planes: int, stride: int = 1, groups: int = 1, dilation: int = 1) -> nn.Conv2d:
     return nn.Conv2d(
         in_planes, out_planes, kernel_size=3, stride=stride, padding=dilation, groups=groups, bias=False,

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from .. import ops
 from ..ops.batchnorm import is_supported_bn
-from ._common import block_cache, conv_bn, fusable, fusable_conv, fusable_relu, shortcut
+from ._common import block_cache, conv_bn, conv_bn_shortcut, fusable, fusable_conv, fusable_relu, shortcut
 
 
 def _chain_fusable(convs, bns) -> bool:
@@ -137,9 +137,9 @@ class Bottle2neck(nn.Module):
             "stage" if self.is_first else "normal", cache,
         )
         out = self.drop_block(out)
-        identity = shortcut(x, self.downsample, cache)
         if self.se is None and self.drop_path is None:
-            return conv_bn(out, self.conv3, self.bn3, residual=identity, cache=cache)
+            return conv_bn_shortcut(out, self.conv3, self.bn3, x, self.downsample, cache)
+        identity = shortcut(x, self.downsample, cache)
         out = conv_bn(out, self.conv3, self.bn3, relu=False, cache=cache)
         if self.se is not None:
             out = self.se(out)
@@ -237,9 +237,10 @@ class Res2NetBottleneck(nn.Module):
         cache = block_cache(self)
         out = conv_bn(x, self.conv1, self.bn1, cache=cache)
         out = _chain(out, self.conv2, self.bn2, self.scales, 1, 1, groups, "paper", "normal", cache)
-        identity = shortcut(x, self.downsample, cache) if self.downsample else x
+        downsample = self.downsample if self.downsample else None  # the seed passes an empty Sequential for none
         if self.se is None:
-            return conv_bn(out, self.conv3, self.bn3, residual=identity, cache=cache)
+            return conv_bn_shortcut(out, self.conv3, self.bn3, x, downsample, cache)
+        identity = shortcut(x, downsample, cache)
         out = self.se(conv_bn(out, self.conv3, self.bn3, relu=False, cache=cache))
         return F.relu(out + identity)
 
@@ -302,5 +303,4 @@ class Res2Block(nn.Module):
         cache = block_cache(self)
         out = conv_bn(x, rf[0], rf[1], cache=cache)
         out = conv_bn(out, rf[3], rf[4], cache=cache)
-        sc = shortcut(x, self.shortcut, cache) if len(self.shortcut) else x
-        return conv_bn(out, rf[6], rf[7], residual=sc, cache=cache)
+        return conv_bn_shortcut(out, rf[6], rf[7], x, self.shortcut if len(self.shortcut) else None, cache)

@@ -12,7 +12,17 @@ from typing import Callable, Optional
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._common import block_cache, conv1x1, conv3x3, conv_bn, fusable, fusable_relu, shortcut
+from ._common import (
+    block_cache,
+    conv1x1,
+    conv3x3,
+    conv_bn,
+    conv_bn_projection,
+    conv_bn_shortcut,
+    fusable,
+    fusable_relu,
+    projection,
+)
 
 
 class BasicBlock(nn.Module):
@@ -50,9 +60,8 @@ class BasicBlock(nn.Module):
         if not (fusable((self.conv1, self.bn1), (self.conv2, self.bn2)) and fusable_relu(self.relu)):
             return self._forward_modules(x)
         cache = block_cache(self)
-        identity = shortcut(x, self.downsample, cache)
         out = conv_bn(x, self.conv1, self.bn1, cache=cache)
-        return conv_bn(out, self.conv2, self.bn2, residual=identity, cache=cache)
+        return conv_bn_shortcut(out, self.conv2, self.bn2, x, self.downsample, cache)
 
     def _forward_modules(self, x: Tensor) -> Tensor:
         identity = x
@@ -99,10 +108,9 @@ class Bottleneck(nn.Module):
         if not (fusable(*pairs) and fusable_relu(self.relu)):
             return self._forward_modules(x)
         cache = block_cache(self)
-        identity = shortcut(x, self.downsample, cache)
         out = conv_bn(x, self.conv1, self.bn1, cache=cache)
         out = conv_bn(out, self.conv2, self.bn2, cache=cache)
-        return conv_bn(out, self.conv3, self.bn3, residual=identity, cache=cache)
+        return conv_bn_shortcut(out, self.conv3, self.bn3, x, self.downsample, cache)
 
     def _forward_modules(self, x: Tensor) -> Tensor:
         identity = x
@@ -146,11 +154,13 @@ class ResBlock(nn.Module):
         y = conv_bn(inputs, self.conv1, self.bn1, cache=cache)
         if not self.use_residual:
             return conv_bn(y, self.conv2, self.bn2, cache=cache)
-        if self.use_1x1conv:
-            identity = conv_bn(inputs, self.shortcut, self.bn3, relu=False, cache=cache)
-        else:
-            identity = inputs
-        return conv_bn(y, self.conv2, self.bn2, residual=identity, cache=cache)
+        if self.use_1x1conv:  # the seed's shortcut conv and bn3 are separate attributes, not a Sequential
+            proj = projection(inputs, self.shortcut, self.bn3, self.bn2)
+            if proj is None:
+                return conv_bn(y, self.conv2, self.bn2, cache=cache,
+                               residual=conv_bn(inputs, self.shortcut, self.bn3, relu=False, cache=cache))
+            return conv_bn_projection(y, self.conv2, self.bn2, proj, cache)
+        return conv_bn(y, self.conv2, self.bn2, residual=inputs, cache=cache)
 
     def _forward_modules(self, inputs: Tensor) -> Tensor:
         y = F.relu(self.bn1(self.conv1(inputs)))

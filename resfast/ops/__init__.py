@@ -7,6 +7,7 @@
 """
 
 from . import cpp as _cpp  # noqa: F401  (registers the fake kernels of the C++ ops)
+from ._args import ConvShortcut
 from .batchnorm import BatchNormParams, as_bn_params
 from .bn_act import bn_act, bn_act_ref
 from .bn_relu_conv import bn_relu_conv
@@ -22,6 +23,7 @@ __all__ = [
     "res2net_chain",
     "res2net_chain_ref",
     "conv_bn_relu",
+    "ConvShortcut",
     "conv_bn_relu_ref",
     "bn_relu_conv",
     "bn_relu_conv_ref",

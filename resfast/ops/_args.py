@@ -19,6 +19,19 @@ ORDERS = ("timm", "paper")
 BLOCK_TYPES = ("normal", "stage")
 
 
+class ConvShortcut(NamedTuple):
+    """A projection shortcut computed inside :func:`resfast.ops.conv_bn_relu` as its residual:
+    ``bn(conv2d(x, weight, bias, stride))`` with a 1x1 ``weight`` (C_out, C_in', 1, 1), no padding, no groups
+    (torchvision's and timm's ``downsample = Sequential(conv1x1(stride), BatchNorm2d)``). ``bn`` is a
+    BatchNorm2d, FrozenBatchNorm2d or BatchNormParams; it runs in the op's ``training`` mode."""
+
+    x: Tensor
+    weight: Tensor
+    bn: object
+    stride: object = 1
+    bias: Optional[Tensor] = None
+
+
 class ConvBnReluArgs(NamedTuple):
     x: Tensor
     weight: Tensor
@@ -32,6 +45,7 @@ class ConvBnReluArgs(NamedTuple):
     relu: bool
     residual: Optional[Tensor]
     cache: Optional[FoldCache] = None  # the calling block's folded weights (resfast.ops.fold)
+    shortcut: Optional[ConvShortcut] = None  # prepared: stride a pair, bn a BatchNormParams; else `residual` is used
 
 
 class BnReluConvArgs(NamedTuple):
@@ -95,8 +109,37 @@ def _check_bias(op, x, bias, channels, name="bias"):
     checks.check_same(op, x, bias, name)
 
 
+def _prepare_shortcut(op, x, shortcut, out_shape, training, residual) -> Optional[ConvShortcut]:
+    if shortcut is None:
+        return None
+    if not isinstance(shortcut, ConvShortcut):
+        raise TypeError(f"{op}: shortcut must be a resfast.ops.ConvShortcut or None, got {type(shortcut).__name__}")
+    if residual is not None:
+        raise ValueError(f"{op}: give either residual or shortcut, not both (the shortcut is the residual)")
+    sx, w = shortcut.x, shortcut.weight
+    checks.check_input(op, sx, "shortcut.x")
+    checks.check_same(op, x, sx, "shortcut.x")
+    checks.check_conv_weight(op, sx.shape[1], w, 1, "shortcut.weight")
+    checks.check_same(op, x, w, "shortcut.weight")
+    if tuple(w.shape[2:]) != (1, 1) or w.shape[0] != out_shape[1]:
+        raise ValueError(f"{op}: shortcut.weight must be ({out_shape[1]}, {sx.shape[1]}, 1, 1) (a 1x1 projection to "
+                         f"the output channels), got {tuple(w.shape)}")
+    stride = checks.pair(shortcut.stride, "shortcut.stride", op)
+    if min(stride) < 1:
+        raise ValueError(f"{op}: shortcut.stride must be >= 1, got {stride}")
+    hw = checks.conv_out_hw(op, sx.shape[2], sx.shape[3], (1, 1), stride, (0, 0), (1, 1))
+    if (sx.shape[0],) + hw != (out_shape[0],) + tuple(out_shape[2:]):
+        raise ValueError(f"{op}: the shortcut gives ({sx.shape[0]}, {w.shape[0]}, {hw[0]}, {hw[1]}) but the output "
+                         f"has shape {tuple(out_shape)}")
+    _check_bias(op, x, shortcut.bias, w.shape[0], "shortcut.bias")
+    bn = as_bn_params(shortcut.bn)
+    checks.check_bn(op, x, bn, w.shape[0], "shortcut.bn")
+    checks.check_batch_stats(op, out_shape, checks.needs_batch_stats(bn, training), "the shortcut conv output")
+    return ConvShortcut(sx, w, bn, stride, shortcut.bias)
+
+
 def prepare_conv_bn_relu(x, weight, bn, bias, stride, padding, dilation, groups, training, relu, residual,
-                         cache=None):
+                         cache=None, shortcut=None):
     op = "resfast.conv_bn_relu"
     checks.check_input(op, x)
     checks.check_flag(op, training, "training")
@@ -107,8 +150,9 @@ def prepare_conv_bn_relu(x, weight, bn, bias, stride, padding, dilation, groups,
     checks.check_bn(op, x, bn, weight.shape[0])
     checks.check_residual(op, x, residual, out_shape)
     checks.check_batch_stats(op, out_shape, checks.needs_batch_stats(bn, training), "the conv output")
+    shortcut = _prepare_shortcut(op, x, shortcut, out_shape, training, residual)
     return ConvBnReluArgs(x, weight, bias, bn, stride, padding, dilation, groups, training, relu, residual,
-                          _check_cache(op, cache))
+                          _check_cache(op, cache), shortcut)
 
 
 def prepare_bn_relu_conv(x, bn, weight, bias, stride, padding, dilation, groups, training, residual, cache=None):
@@ -198,6 +242,7 @@ def prepare_res2net_chain(x, weights, bns, scale, biases, stride, dilation, grou
 
 
 __all__: Sequence[str] = [
+    "ConvShortcut",
     "ConvBnReluArgs",
     "BnReluConvArgs",
     "Res2NetChainArgs",

@@ -7,7 +7,7 @@ from typing import Optional
 from torch import Tensor
 
 from . import dispatch
-from ._args import prepare_conv_bn_relu
+from ._args import ConvShortcut, prepare_conv_bn_relu
 from .fold import FoldCache
 
 
@@ -24,6 +24,7 @@ def conv_bn_relu(
     training: bool = False,
     relu: bool = True,
     residual: Optional[Tensor] = None,
+    shortcut: Optional[ConvShortcut] = None,
     fold_cache: Optional[FoldCache] = None,
 ) -> Tensor:
     """``relu(bn(conv2d(x, weight, bias)) + residual)``: ResNeXt's grouped 3x3, ResNet's 1x1/3x3, seed-000's block.
@@ -37,6 +38,9 @@ def conv_bn_relu(
             nn.BatchNorm2d) or eval mode (running statistics).
         relu: apply the ReLU (False gives conv + BN (+ residual), e.g. before an SE module).
         residual: (N, C_out, H_out, W_out) added after BN and before the ReLU.
+        shortcut: a :class:`ConvShortcut` ``(x', weight', bn', stride', bias')``: the residual is then
+            ``bn'(conv2d(x', weight', bias', stride'))`` (a 1x1 projection shortcut, BatchNorm in the same
+            ``training`` mode), computed with the main conv (one kernel on the Triton backend). Not with ``residual``.
 
         fold_cache: a :class:`resfast.ops.fold.FoldCache` the caller keeps (a block passes its own) so the
             backends that fold eval BatchNorm into the weights do it once, not per call.
@@ -45,5 +49,5 @@ def conv_bn_relu(
         (channels_last when ``x`` is channels_last).
     """
     args = prepare_conv_bn_relu(x, weight, bn, bias, stride, padding, dilation, groups, training, relu, residual,
-                                fold_cache)
+                                fold_cache, shortcut)
     return dispatch.run("conv_bn_relu", args)

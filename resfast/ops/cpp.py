@@ -39,6 +39,8 @@ def input_reasons(op: str, args) -> list[str]:
     if x.dtype not in CPU_DTYPES:
         reasons.append(f"dtype {x.dtype} is not supported by the cpu backend (float32, float64, bfloat16)")
     bns = args.bns if op == "res2net_chain" else (args.bn,)
+    if op == "conv_bn_relu" and args.shortcut is not None:
+        bns += (args.shortcut.bn,)
     if any(needs_batch_stats(bn, args.training) for bn in bns):
         reasons.append("BatchNorm with batch statistics (training) is not implemented in the cpu backend yet")
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in _tensors(op, args)):
@@ -49,7 +51,11 @@ def input_reasons(op: str, args) -> list[str]:
 def _tensors(op, args):
     if op == "res2net_chain":
         return [args.x, *args.weights, *args.biases, *[t for bn in args.bns for t in (bn.weight, bn.bias)]]
-    return [args.x, args.weight, args.bias, args.residual, args.bn.weight, args.bn.bias]
+    tensors = [args.x, args.weight, args.bias, args.residual, args.bn.weight, args.bn.bias]
+    if op == "conv_bn_relu" and args.shortcut is not None:
+        s = args.shortcut
+        tensors += [s.x, s.weight, s.bias, s.bn.weight, s.bn.bias]
+    return tensors
 
 
 _MKLDNN = torch.backends.mkldnn.is_available()
@@ -87,15 +93,20 @@ def _folded_conv(cache: FoldCache | None, x, weight, conv_bias, bn, stride, padd
     return cache.get(("cpu", id(weight)), sources, build, extra)
 
 
-def _conv(args, x, w, b, relu):
+def _conv(args, x, w, b, relu, residual=None):
     return torch.ops.resfast.conv_bias_act(x, w, b, list(args.stride), list(args.padding), list(args.dilation),
-                                           args.groups, args.residual, relu)
+                                           args.groups, residual, relu)
 
 
 def conv_bn_relu(args):
+    residual = args.residual
+    s = args.shortcut
+    if s is not None:  # the projection shortcut first: its output is the main conv's residual post-op
+        ws, bs = _folded_conv(args.cache, s.x, s.weight, s.bias, s.bn, s.stride, (0, 0), (1, 1), 1)
+        residual = torch.ops.resfast.conv_bias_act(s.x, ws, bs, list(s.stride), [0, 0], [1, 1], 1, None, False)
     w, b = _folded_conv(args.cache, args.x, args.weight, args.bias, args.bn, args.stride, args.padding,
                         args.dilation, args.groups)
-    return _conv(args, args.x, w, b, args.relu)
+    return _conv(args, args.x, w, b, args.relu, residual)
 
 
 def bn_relu_conv(args):
@@ -104,7 +115,7 @@ def bn_relu_conv(args):
     a = torch.ops.resfast.bn_act(x, scale.to(x.dtype), shift.to(x.dtype), None, True)
     w, b = _folded_conv(args.cache, a, args.weight, args.bias, None, args.stride, args.padding, args.dilation,
                         args.groups)
-    return _conv(args, a, w, b, False)
+    return _conv(args, a, w, b, False, args.residual)
 
 
 def res2net_chain(args):

@@ -15,6 +15,7 @@ from torch import Tensor
 from ._args import (
     BnReluConvArgs,
     ConvBnReluArgs,
+    ConvShortcut,
     Res2NetChainArgs,
     prepare_bn_relu_conv,
     prepare_conv_bn_relu,
@@ -28,11 +29,19 @@ def conv_bn_relu_eager(a: ConvBnReluArgs) -> Tensor:
     y = F.conv2d(a.x, a.weight, a.bias, a.stride, a.padding, a.dilation, a.groups)
     # y is a fresh BatchNorm output that no backward needs: add and ReLU may work in place (as the originals do)
     y = batch_norm_eager(y, bn)
-    if a.residual is not None:
-        y = y.add_(a.residual)
+    residual = a.residual if a.shortcut is None else shortcut_eager(a.shortcut, a.training)
+    if residual is not None:
+        y = y.add_(residual)
     if a.relu:
         y = F.relu(y, inplace=True)
     return y
+
+
+def shortcut_eager(s: ConvShortcut, training: bool) -> Tensor:
+    """The projection shortcut of conv_bn_relu: ``bn(conv2d(x, weight, bias, stride))``, after the main conv's
+    BatchNorm (the order of the originals, whose downsample runs after bn3)."""
+    y = F.conv2d(s.x, s.weight, s.bias, s.stride)
+    return batch_norm_eager(y, resolve_bn(s.bn, training))
 
 
 def bn_relu_conv_eager(a: BnReluConvArgs) -> Tensor:
@@ -78,10 +87,12 @@ def conv_bn_relu_ref(
     training: bool = False,
     relu: bool = True,
     residual: Optional[Tensor] = None,
+    shortcut: Optional[ConvShortcut] = None,
 ) -> Tensor:
     """Eager reference of :func:`resfast.ops.conv_bn_relu` (same arguments, same semantics)."""
     return conv_bn_relu_eager(
-        prepare_conv_bn_relu(x, weight, bn, bias, stride, padding, dilation, groups, training, relu, residual)
+        prepare_conv_bn_relu(x, weight, bn, bias, stride, padding, dilation, groups, training, relu, residual,
+                             None, shortcut)
     )
 
 

@@ -11,6 +11,10 @@ they are narrow, as ResNeXt's 4 or 8 channels per group; elementwise FMAs when d
 Offsets are int64 (tensors may pass 2^31 elements).
 Accumulation in fp32 (fp64 for float64 inputs, which the interpreter runs).
 
+A 1x1 projection shortcut (the downsample conv + BatchNorm of a ResNet stage's first block) can ride along as a
+second GEMM into the same accumulator (HAS_DS): ``y = relu(conv(x, w * s) + conv1x1(x', w' * s') + b' + b'')``, so
+conv3 + bn3 + downsample + add + ReLU is one kernel and the shortcut is never written to memory.
+
 Res2Net's pass-through split (a copy, or AvgPool2d(3, s, padding=1) in 'stage' blocks) is done by extra columns
 of the first conv launch's grid (program_id(1) >= n_conv_cols): they read the split in place and write its slice
 of the chain's output, so a chain of scale - 1 convs is scale - 1 launches and no ATen op.
@@ -100,10 +104,11 @@ def _conv_tile(
     srn, src, srh, srw,
     syn, syc, syh, syw,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    D_ptr, WD_ptr, C_d, sdn, sdc, sdh, sdw, ds_stride_h, ds_stride_w,
     CIN_G: tl.constexpr, COUT_G: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, G_TILE: tl.constexpr,
     DIRECT: tl.constexpr,
     HAS_ADD: tl.constexpr, PRE_BN_RELU: tl.constexpr, HAS_RES: tl.constexpr, RELU: tl.constexpr,
-    ACC_F64: tl.constexpr,
+    HAS_DS: tl.constexpr, ACC_F64: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -167,6 +172,20 @@ def _conv_tile(
                         other=0.0)
             acc += tl.dot(a, b, input_precision=INPUT_PRECISION, out_dtype=acc_dtype)
 
+    if HAS_DS:
+        # the projection shortcut: a dense 1x1 GEMM over x' sampled at (oh, ow) * stride into the same accumulator
+        # (its BatchNorm scale is folded into WD, its shift into B), so the residual never goes through memory
+        d_row = on * sdn + (oh * ds_stride_h) * sdh + (ow * ds_stride_w) * sdw
+        co_d = cout.to(tl.int64)
+        for k0 in range(0, C_d, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_mask = offs_k < C_d
+            ck = offs_k.to(tl.int64)
+            a = tl.load(D_ptr + d_row[:, None] + ck[None, :] * sdc, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+            b = tl.load(WD_ptr + ck[:, None] * C_out + co_d[None, :], mask=k_mask[:, None] & n_mask[None, :],
+                        other=0.0)
+            acc += tl.dot(a, b, input_precision=INPUT_PRECISION, out_dtype=acc_dtype)
+
     bias = tl.load(B_ptr + cout, mask=n_mask, other=0.0).to(acc_dtype)
     acc = acc + bias[None, :]
     out_mask = m_mask[:, None] & n_mask[None, :]
@@ -193,9 +212,10 @@ def _conv_bn_act_fwd_kernel(
     spn, spc, sph, spw,
     sqn, sqc, sqh, sqw,
     pt_stride,
+    D_ptr, WD_ptr, C_d, sdn, sdc, sdh, sdw, ds_stride_h, ds_stride_w,
     CIN_G: tl.constexpr, COUT_G: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, G_TILE: tl.constexpr,
     DIRECT: tl.constexpr, HAS_CONV: tl.constexpr, HAS_ADD: tl.constexpr, PRE_BN_RELU: tl.constexpr,
-    HAS_RES: tl.constexpr, RELU: tl.constexpr, HAS_PT: tl.constexpr, PT_POOL: tl.constexpr,
+    HAS_RES: tl.constexpr, RELU: tl.constexpr, HAS_PT: tl.constexpr, PT_POOL: tl.constexpr, HAS_DS: tl.constexpr,
     ACC_F64: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -214,16 +234,17 @@ def _conv_bn_act_fwd_kernel(
                    N, C_in, H, W, C_out, H_out, W_out,
                    sxn, sxc, sxh, sxw, san, sac, sah, saw, srn, src, srh, srw, syn, syc, syh, syw,
                    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
-                   CIN_G, COUT_G, KH, KW, G_TILE, DIRECT, HAS_ADD, PRE_BN_RELU, HAS_RES, RELU, ACC_F64, INPUT_PRECISION,
-                   BLOCK_M, BLOCK_N, BLOCK_K)
+                   D_ptr, WD_ptr, C_d, sdn, sdc, sdh, sdw, ds_stride_h, ds_stride_w,
+                   CIN_G, COUT_G, KH, KW, G_TILE, DIRECT, HAS_ADD, PRE_BN_RELU, HAS_RES, RELU, HAS_DS, ACC_F64,
+                   INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
 
 
 def pack_weight(weight: Tensor, scale: Optional[Tensor], dtype: torch.dtype) -> Tensor:
-    """(C_out, C_in/g, kH, kW) * scale[C_out] (in scale's precision) -> (kH * kW * C_in/g, C_out) in ``dtype``,
-    k ordered (kh, kw, c)."""
+    """(C_out, C_in/g, kH, kW) * scale[C_out] (in scale's precision) -> the kernels' packed weight
+    (kH, kW, C_in/g, C_out), contiguous, in ``dtype``: row k = (kh, kw, c) of the GEMM's (K, C_out) matrix."""
     if scale is not None:
         weight = weight.to(scale.dtype) * scale.reshape(-1, 1, 1, 1)
-    return weight.permute(2, 3, 1, 0).reshape(-1, weight.shape[0]).to(dtype).contiguous()
+    return weight.permute(2, 3, 1, 0).to(dtype).contiguous()
 
 
 def conv_tiling(C_out: int, cin_g: int, cout_g: int, groups: int) -> tuple[int, bool, int, int]:
@@ -249,6 +270,33 @@ def conv_tiling(C_out: int, cin_g: int, cout_g: int, groups: int) -> tuple[int, 
     tile_co = g_tile * cout_g
     block_n = max(16, min(64, triton.next_power_of_2(tile_co)))
     return g_tile, False, block_n, triton.cdiv(groups, g_tile) * triton.cdiv(tile_co, block_n)
+
+
+class Projection(NamedTuple):
+    """A 1x1 projection shortcut added inside a conv launch: ``conv2d(x, w, stride=stride)`` with ``w_packed``
+    (1, 1, C_in', C_out) from pack_weight (its BatchNorm scale folded in; the shift goes into the launch's bias).
+    ``x`` (N, C_in', H', W') any strides; its output pixels must be the launch's."""
+
+    x: Tensor
+    w_packed: Tensor
+    stride: tuple[int, int]
+
+
+def _projection_launch_args(proj: Optional[Projection], like: Tensor, N: int, C_out: int, H_out: int, W_out: int):
+    if proj is None:
+        return dict(D_ptr=like, WD_ptr=like, C_d=0, sdn=0, sdc=0, sdh=0, sdw=0, ds_stride_h=1, ds_stride_w=1)
+    x, w = proj.x, proj.w_packed
+    sh, sw = proj.stride
+    if x.dim() != 4 or tuple(w.shape) != (1, 1, x.shape[1], C_out):
+        raise ValueError(f"projection weight must be packed as (1, 1, {x.shape[1] if x.dim() == 4 else '?'}, "
+                         f"{C_out}), got {tuple(w.shape)}")
+    if (x.shape[0], (x.shape[2] - 1) // sh + 1, (x.shape[3] - 1) // sw + 1) != (N, H_out, W_out):
+        raise ValueError(f"projection input {tuple(x.shape)} with stride {proj.stride} does not give the launch's "
+                         f"{N} x {H_out} x {W_out} output pixels")
+    if x.dtype != like.dtype or w.dtype != like.dtype or x.device != like.device or w.device != like.device:
+        raise ValueError("projection input and weight must have the input's dtype and device")
+    return dict(D_ptr=x, WD_ptr=w, C_d=int(x.shape[1]), sdn=x.stride(0), sdc=x.stride(1), sdh=x.stride(2),
+                sdw=x.stride(3), ds_stride_h=int(sh), ds_stride_w=int(sw))
 
 
 class PassThrough(NamedTuple):
@@ -315,7 +363,8 @@ CONFIGS = [
 ]
 # the shape and the structure of the launch; Triton adds every tensor's dtype
 AUTOTUNE_KEY = ["N", "C_in", "H", "W", "C_out", "H_out", "W_out", "stride_h", "stride_w", "dil_h", "dil_w", "C_pt",
-                "CIN_G", "COUT_G", "KH", "KW", "G_TILE", "DIRECT", "HAS_CONV", "HAS_ADD", "PRE_BN_RELU", "HAS_PT"]
+                "C_d", "CIN_G", "COUT_G", "KH", "KW", "G_TILE", "DIRECT", "HAS_CONV", "HAS_ADD", "PRE_BN_RELU",
+                "HAS_PT", "HAS_DS"]
 
 
 def interpreting() -> bool:
@@ -379,8 +428,10 @@ def passthrough_fwd(pt: PassThrough) -> None:
         N, 0, H, W, 0, H_out, W_out,
         *(0,) * 16, 1, 1, 0, 0, 1, 1,
         0, p["C_pt"], *p["sp"], *p["sq"], p["stride"],
+        **_projection_launch_args(None, x, N, 0, H_out, W_out),
         CIN_G=1, COUT_G=1, KH=1, KW=1, G_TILE=1, DIRECT=False,
         HAS_CONV=False, HAS_ADD=False, PRE_BN_RELU=False, HAS_RES=False, RELU=False, HAS_PT=True, PT_POOL=p["pool"],
+        HAS_DS=False,
         ACC_F64=x.dtype == torch.float64, INPUT_PRECISION=None,
         BLOCK_N=16, BLOCK_C=p["BLOCK_C"],
     )
@@ -390,7 +441,6 @@ def conv_bn_act_fwd(
     x: Tensor,
     w_packed: Tensor,
     bias: Tensor,
-    kernel_size: tuple[int, int],
     stride: tuple[int, int],
     padding: tuple[int, int],
     dilation: tuple[int, int],
@@ -402,14 +452,19 @@ def conv_bn_act_fwd(
     pre_scale: Optional[Tensor] = None,
     pre_shift: Optional[Tensor] = None,
     passthrough: Optional[PassThrough] = None,
+    projection: Optional[Projection] = None,
 ) -> Tensor:
-    """Launch the kernel. x (N, C_in, H, W) any strides; ``add`` (x's shape) is added to x while loading;
+    """Launch the kernel. x (N, C_in, H, W) any strides; ``w_packed`` (kH, kW, C_in/groups, C_out) from pack_weight;
+    ``bias`` (C_out,) the folded shift (plus the projection's); ``add`` (x's shape) is added to x while loading;
     writes ``out`` (any strides, e.g. a channel slice of a larger tensor) or returns a new channels_last tensor.
     ``pre_scale``/``pre_shift`` (C_in,) apply ``relu(x * pre_scale + pre_shift)`` to the input as it is loaded.
-    ``passthrough`` (same output pixels) is copied/pooled by extra programs of the same launch."""
+    ``passthrough`` (same output pixels) is copied/pooled by extra programs of the same launch; ``projection``
+    (a 1x1 shortcut conv, same output pixels) is added to the accumulator before the bias, residual and ReLU."""
     N, C_in, H, W = x.shape
-    C_out = w_packed.shape[1]
-    kh, kw = kernel_size
+    kh, kw, cin_g_w, C_out = w_packed.shape
+    if cin_g_w * groups != C_in:
+        raise ValueError(f"packed weight {tuple(w_packed.shape)} with groups={groups} does not fit an input with "
+                         f"{C_in} channels")
     H_out = (H + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
     W_out = (W + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
     if out is None:
@@ -422,6 +477,7 @@ def conv_bn_act_fwd(
         raise ValueError(f"add has shape {tuple(add.shape)}, expected the input's {tuple(x.shape)}")
     M = N * H_out * W_out
     _check_passthrough(passthrough, M, H_out, W_out)
+    d = _projection_launch_args(projection, x, N, C_out, H_out, W_out)
     if M == 0 or _is_fake(x):
         return y
     p = _passthrough_launch_args(passthrough, x)
@@ -443,9 +499,10 @@ def conv_bn_act_fwd(
         *x.stride(), *a.stride(), *r.stride(), *y.stride(),
         stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
         n_conv_cols, p["C_pt"], *p["sp"], *p["sq"], p["stride"],
+        **d,
         CIN_G=cin_g, COUT_G=cout_g, KH=kh, KW=kw, G_TILE=g_tile, DIRECT=direct,
         HAS_CONV=C_out > 0, HAS_ADD=add is not None, PRE_BN_RELU=pre, HAS_RES=residual is not None, RELU=relu,
-        HAS_PT=passthrough is not None, PT_POOL=p["pool"],
+        HAS_PT=passthrough is not None, PT_POOL=p["pool"], HAS_DS=projection is not None and d["C_d"] > 0,
         ACC_F64=x.dtype == torch.float64,
         # fp32 follows cuDNN's TF32 switch, as nn.Conv2d does; other dtypes take Triton's default
         INPUT_PRECISION=("tf32" if torch.backends.cudnn.allow_tf32 and x.is_cuda else "ieee")

@@ -3,7 +3,8 @@
 Registered with ``torch.library.triton_op`` (the launches go through ``wrap_triton``, conv._launch), so
 torch.compile and torch.export see them. The fake implementation of each op is its own Python body: on
 FakeTensors it allocates the channels_last outputs, with the strides the kernels write, and launches nothing.
-The ops take eval BatchNorm already folded into per-channel (scale, shift) (resfast.triton.ops.fold_bn); they are
+The ops take weights already packed for the kernels, (kH, kW, C_in/groups, C_out), with eval BatchNorm's scale
+folded in, and the folded shift as the bias (resfast.triton.ops.packed_conv, cached by the calling block); they are
 inference-only (no autograd formula: the dispatch layer does not send inputs that require grad here).
 """
 
@@ -16,16 +17,17 @@ from torch import Tensor
 from torch.library import triton_op
 
 from ..ops._args import BLOCK_TYPES, ORDERS, chain_layout
-from .conv import PassThrough, conv_bn_act_fwd, interpreting, pack_weight, passthrough_fwd
+from .conv import PassThrough, Projection, conv_bn_act_fwd, interpreting, passthrough_fwd
 
 
 def _check_folded(op: str, x: Tensor, weight: Tensor, groups: int, tensors: dict) -> None:
-    """Clear errors for direct calls of the registered ops (the public ops check more, before dispatch)."""
+    """Clear errors for direct calls of the registered ops (the public ops check more, before dispatch).
+    ``weight`` is packed: (kH, kW, C_in/groups, C_out)."""
     if x.dim() != 4 or weight.dim() != 4:
         raise ValueError(f"{op}: x and weight must be 4-D, got {x.dim()}-D and {weight.dim()}-D")
-    if groups < 1 or x.shape[1] % groups or weight.shape[0] % groups or weight.shape[1] * groups != x.shape[1]:
-        raise ValueError(f"{op}: weight {tuple(weight.shape)} with groups={groups} does not fit an input with "
-                         f"{x.shape[1]} channels")
+    if groups < 1 or x.shape[1] % groups or weight.shape[3] % groups or weight.shape[2] * groups != x.shape[1]:
+        raise ValueError(f"{op}: packed weight {tuple(weight.shape)} (kH, kW, C_in/groups, C_out) with "
+                         f"groups={groups} does not fit an input with {x.shape[1]} channels")
     for name, (t, n) in tensors.items():
         if t is not None and (t.dim() != 1 or t.shape[0] != n):
             raise ValueError(f"{op}: {name} must have shape ({n},), got {tuple(t.shape)}")
@@ -34,38 +36,48 @@ def _check_folded(op: str, x: Tensor, weight: Tensor, groups: int, tensors: dict
             raise ValueError(f"{op}: {name} is on {t.device}, x on {x.device}")
 
 
-def _conv_bn_relu(x: Tensor, weight: Tensor, scale: Tensor, shift: Tensor, stride: list[int],
-                    padding: list[int], dilation: list[int], groups: int, relu: bool,
-                    residual: Optional[Tensor]) -> Tensor:
-    """``relu(conv2d(x, weight) * scale + shift + residual)`` (relu optional): x (N, C_in, H, W) any strides,
-    weight (C_out, C_in/groups, kH, kW), scale/shift (C_out,) (eval BatchNorm and conv bias folded), residual
-    (N, C_out, H_out, W_out) or None. Returns (N, C_out, H_out, W_out) channels_last."""
+def _conv_bn_relu(x: Tensor, weight: Tensor, shift: Tensor, stride: list[int], padding: list[int],
+                  dilation: list[int], groups: int, relu: bool, residual: Optional[Tensor],
+                  shortcut_x: Optional[Tensor], shortcut_weight: Optional[Tensor],
+                  shortcut_stride: list[int]) -> Tensor:
+    """``relu(conv2d(x, weight) + shift + residual)`` (relu optional), the residual either given or the 1x1
+    projection ``conv2d(shortcut_x, shortcut_weight, stride=shortcut_stride)`` computed in the same kernel.
+    x (N, C_in, H, W) any strides; weight packed (kH, kW, C_in/groups, C_out) with BatchNorm's scale folded in;
+    shift (C_out,) (BatchNorm's shift, conv bias, and the shortcut BatchNorm's shift); residual (N, C_out, H_out,
+    W_out) or None; shortcut_weight packed (1, 1, C_in', C_out). Returns (N, C_out, H_out, W_out) channels_last."""
     op = "resfast_triton::conv_bn_relu"
-    _check_folded(op, x, weight, groups, {"scale": (scale, weight.shape[0]), "shift": (shift, weight.shape[0])})
-    w = pack_weight(weight, scale, x.dtype)
-    return conv_bn_act_fwd(x, w, shift, (weight.shape[2], weight.shape[3]), tuple(stride), tuple(padding),
-                           tuple(dilation), groups, residual, relu)
+    _check_folded(op, x, weight, groups, {"shift": (shift, weight.shape[3])})
+    proj = None
+    if (shortcut_x is None) != (shortcut_weight is None) or (shortcut_x is not None and residual is not None):
+        raise ValueError(f"{op}: give shortcut_x and shortcut_weight together, and not with residual")
+    if shortcut_x is not None:
+        if shortcut_x.dim() != 4 or shortcut_x.device != x.device:
+            raise ValueError(f"{op}: shortcut_x must be 4-D on {x.device}")
+        proj = Projection(shortcut_x, shortcut_weight, tuple(shortcut_stride))
+    return conv_bn_act_fwd(x, weight, shift, tuple(stride), tuple(padding), tuple(dilation), groups, residual, relu,
+                           projection=proj)
 
 
 def _bn_relu_conv(x: Tensor, pre_scale: Tensor, pre_shift: Tensor, weight: Tensor, bias: Optional[Tensor],
                     stride: list[int], padding: list[int], dilation: list[int], groups: int,
                     residual: Optional[Tensor]) -> Tensor:
     """``conv2d(relu(x * pre_scale + pre_shift), weight, bias) + residual``: pre_scale/pre_shift (C_in,) (eval
-    BatchNorm folded), applied to the input tile as it is loaded. Returns (N, C_out, H_out, W_out) channels_last."""
+    BatchNorm folded), applied to the input tile as it is loaded; weight packed (kH, kW, C_in/groups, C_out).
+    Returns (N, C_out, H_out, W_out) channels_last."""
     op = "resfast_triton::bn_relu_conv"
     _check_folded(op, x, weight, groups, {"pre_scale": (pre_scale, x.shape[1]), "pre_shift": (pre_shift, x.shape[1]),
-                                          "bias": (bias, weight.shape[0])})
-    w = pack_weight(weight, None, x.dtype)
-    b = (bias.to(pre_scale.dtype) if bias is not None
-         else torch.zeros(weight.shape[0], device=x.device, dtype=pre_scale.dtype))
-    return conv_bn_act_fwd(x, w, b, (weight.shape[2], weight.shape[3]), tuple(stride), tuple(padding),
-                           tuple(dilation), groups, residual, relu=False, pre_scale=pre_scale, pre_shift=pre_shift)
+                                          "bias": (bias, weight.shape[3])})
+    b = (bias if bias is not None
+         else torch.zeros(weight.shape[3], device=x.device, dtype=pre_scale.dtype))
+    return conv_bn_act_fwd(x, weight, b, tuple(stride), tuple(padding), tuple(dilation), groups, residual,
+                           relu=False, pre_scale=pre_scale, pre_shift=pre_shift)
 
 
-def _res2net_chain(x: Tensor, weights: list[Tensor], scales: list[Tensor], shifts: list[Tensor], scale: int,
-                     stride: int, dilation: int, groups: int, order: str, block_type: str) -> Tensor:
+def _res2net_chain(x: Tensor, weights: list[Tensor], shifts: list[Tensor], scale: int, stride: int, dilation: int,
+                   groups: int, order: str, block_type: str) -> Tensor:
     """Res2Net's split -> 3x3 conv -> folded BN -> ReLU chain (see resfast.ops.res2net_chain for the orders and
-    block types): one (width, width/groups, 3, 3) weight and (width,) scale/shift per conv, in chain order.
+    block types): one packed (3, 3, width/groups, width) weight (BatchNorm's scale folded in) and (width,) shift per
+    conv, in chain order.
     Returns (N, C, H_out, W_out) channels_last."""
     op = "resfast_triton::res2net_chain"
     if order not in ORDERS or block_type not in BLOCK_TYPES:
@@ -77,15 +89,16 @@ def _res2net_chain(x: Tensor, weights: list[Tensor], scales: list[Tensor], shift
         raise ValueError(f"{op}: stride and dilation must be >= 1 (stride 1 for 'normal' blocks), "
                          f"got {stride}, {dilation}")
     conv_splits, passthrough = chain_layout(scale, order)
-    if not len(weights) == len(scales) == len(shifts) == len(conv_splits):
-        raise ValueError(f"{op}: scale={scale}, order={order!r} needs {len(conv_splits)} weights, scales and "
-                         f"shifts, got {len(weights)}, {len(scales)}, {len(shifts)}")
+    if not len(weights) == len(shifts) == len(conv_splits):
+        raise ValueError(f"{op}: scale={scale}, order={order!r} needs {len(conv_splits)} weights and shifts, got "
+                         f"{len(weights)}, {len(shifts)}")
     N, C, H, W = x.shape
     wd = C // scale if passthrough is not None else C
-    for i, (w, sc, sh) in enumerate(zip(weights, scales, shifts)):
-        if tuple(w.shape) != (wd, wd // groups if wd % groups == 0 else -1, 3, 3):
-            raise ValueError(f"{op}: weights[{i}] must be ({wd}, {wd}/groups={groups}, 3, 3), got {tuple(w.shape)}")
-        _check_folded(op, x[:, :wd], w, groups, {f"scales[{i}]": (sc, wd), f"shifts[{i}]": (sh, wd)})
+    for i, (w, sh) in enumerate(zip(weights, shifts)):
+        if tuple(w.shape) != (3, 3, wd // groups if wd % groups == 0 else -1, wd):
+            raise ValueError(f"{op}: weights[{i}] must be packed as (3, 3, {wd}/groups={groups}, {wd}), got "
+                             f"{tuple(w.shape)}")
+        _check_folded(op, x[:, :wd], w, groups, {f"shifts[{i}]": (sh, wd)})
 
     s, d = stride, dilation
     out = torch.empty((N, C, (H - 1) // s + 1, (W - 1) // s + 1), device=x.device, dtype=x.dtype,
@@ -98,11 +111,11 @@ def _res2net_chain(x: Tensor, weights: list[Tensor], scales: list[Tensor], shift
     pt = None if passthrough is None else PassThrough(split(x, passthrough), split(out, passthrough),
                                                       pool=block_type == "stage", stride=s)
     prev = None
-    for w, sc, sh, i in zip(weights, scales, shifts, conv_splits):
+    for w, sh, i in zip(weights, shifts, conv_splits):
         dst = split(out, i)
         add = prev if block_type == "normal" else None
-        conv_bn_act_fwd(split(x, i), pack_weight(w, sc, x.dtype), sh, (3, 3), (s, s), (d, d), (d, d), groups,
-                        relu=True, add=add, out=dst, passthrough=pt)
+        conv_bn_act_fwd(split(x, i), w, sh, (s, s), (d, d), (d, d), groups, relu=True, add=add, out=dst,
+                        passthrough=pt)
         prev, pt = dst, None
     if pt is not None:  # no conv at all (paper order, scale 1): the pass-through alone, one launch
         passthrough_fwd(pt)

@@ -1,14 +1,16 @@
 """The Triton backend's op implementations (from prepared op arguments) and what they support.
 
 So far, forward only, eval-mode BatchNorm (running statistics or FrozenBatchNorm2d):
-``conv_bn_relu``, ``bn_relu_conv`` (BatchNorm + ReLU applied to the input tile as it is loaded), and
-``res2net_chain`` (scale - 1 conv launches, each reading its split in place, adding the
-previous split's output in its prologue and writing its channel slice of the output; the pass-through split is
-copied or average-pooled into its slice by extra programs of the first launch). Training and backward come with
+``conv_bn_relu`` (with a 1x1 projection shortcut as a second GEMM in the same kernel), ``bn_relu_conv``
+(BatchNorm + ReLU applied to the input tile as it is loaded), and ``res2net_chain`` (scale - 1 conv launches,
+each reading its split in place, adding the previous split's output in its prologue and writing its channel slice
+of the output; the pass-through split is copied or average-pooled into its slice by extra programs of the first
+launch). Training and backward come with
 the Triton issues.
 
 Each op is a dispatcher op, ``torch.ops.resfast_triton.<op>`` (library.py); ``KERNELS[op](prepared args)``, the
-dispatch layer's entry point, folds eval BatchNorm into per-channel (scale, shift) and calls it. This module
+dispatch layer's entry point, folds eval BatchNorm into the weights, packs them for the kernels (both kept in the
+calling block's FoldCache, so an eval forward re-packs nothing) and calls it. This module
 imports triton only when a kernel runs, so the dispatch layer can ask input_reasons without it.
 """
 
@@ -43,40 +45,79 @@ def input_reasons(op: str, args) -> list[str]:
         if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
             reasons.append("the inputs require grad and the Triton res2net_chain has no backward yet")
     if op in ("conv_bn_relu", "bn_relu_conv"):
-        if needs_batch_stats(args.bn, args.training):
+        sc = args.shortcut if op == "conv_bn_relu" else None
+        if needs_batch_stats(args.bn, args.training) or (sc is not None and needs_batch_stats(sc.bn, args.training)):
             reasons.append("BatchNorm with batch statistics (training) is not implemented in the Triton backend yet")
         tensors = [t for t in (x, args.weight, args.bias, args.residual, args.bn.weight, args.bn.bias) if t is not None]
+        if sc is not None:
+            tensors += [t for t in (sc.x, sc.weight, sc.bias, sc.bn.weight, sc.bn.bias) if t is not None]
         if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
             reasons.append(f"the inputs require grad and the Triton {op} has no backward yet")
     return reasons
 
 
-def fold_bn(bn, conv_bias, dtype, cache=None):
-    """Eval BatchNorm folded to per-channel (scale, shift) (resfast.ops.fold), kept in the calling block's
-    FoldCache when there is one. The weight packing itself still happens per launch (inside the op)."""
+def _bn_sources(bn):
+    return () if bn is None else (bn.weight, bn.bias, bn.running_mean, bn.running_var)
+
+
+def packed_conv(cache, weight, conv_bias, bn, dtype):
+    """(packed weight (kH, kW, C_in/g, C_out) in ``dtype`` with eval ``bn``'s scale folded in, shift (C_out,) in
+    float32/float64 with the conv bias and ``bn``'s shift folded in); ``bn`` None: the conv as it is. Kept in the
+    calling block's FoldCache (resfast.ops.fold) when there is one, rebuilt when a source tensor changes."""
+    from ..ops.fold import fold_scale_shift
+    from .conv import pack_weight
+
+    def build():
+        if bn is None:
+            stat = torch.float64 if dtype == torch.float64 else torch.float32
+            shift = (conv_bias.to(stat) if conv_bias is not None
+                     else torch.zeros(weight.shape[0], device=weight.device, dtype=stat))
+            return pack_weight(weight, None, dtype), shift
+        scale, shift = fold_scale_shift(bn, conv_bias, dtype)
+        return pack_weight(weight, scale, dtype), shift
+
+    if cache is None:
+        with torch.no_grad():
+            return build()
+    return cache.get(("triton", id(weight)), (weight, conv_bias) + _bn_sources(bn), build,
+                     (None if bn is None else bn.eps, dtype))
+
+
+def pre_bn(cache, bn, dtype):
+    """Eval BatchNorm as per-channel (scale, shift) for bn_relu_conv's prologue, cached like packed_conv."""
     from ..ops.fold import fold_scale_shift
 
     if cache is None:
-        return fold_scale_shift(bn, conv_bias, dtype)
-    sources = (conv_bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
-    return cache.get(("triton", id(bn.running_var), id(conv_bias)), sources,
-                     lambda: fold_scale_shift(bn, conv_bias, dtype), (bn.eps, dtype))
+        return fold_scale_shift(bn, None, dtype)
+    return cache.get(("triton-pre", id(bn.running_var)), _bn_sources(bn), lambda: fold_scale_shift(bn, None, dtype),
+                     (bn.eps, dtype))
 
 
 def conv_bn_relu(args):
     from . import library  # noqa: F401  (registers torch.ops.resfast_triton)
 
-    scale, shift = fold_bn(args.bn, args.bias, args.x.dtype, args.cache)
-    return torch.ops.resfast_triton.conv_bn_relu(args.x, args.weight, scale, shift, list(args.stride),
-                                                 list(args.padding), list(args.dilation), args.groups, args.relu,
-                                                 args.residual)
+    dtype = args.x.dtype
+    w, shift = packed_conv(args.cache, args.weight, args.bias, args.bn, dtype)
+    sx = sw = None
+    s_stride = [1, 1]
+    sc = args.shortcut
+    if sc is not None:
+        sw, s_shift = packed_conv(args.cache, sc.weight, sc.bias, sc.bn, dtype)
+        sx, s_stride = sc.x, list(sc.stride)
+        # one bias for both GEMMs: both BatchNorm shifts (a (C_out,) add per call, not worth a cache entry)
+        shift = shift + s_shift
+    return torch.ops.resfast_triton.conv_bn_relu(args.x, w, shift, list(args.stride), list(args.padding),
+                                                 list(args.dilation), args.groups, args.relu, args.residual,
+                                                 sx, sw, s_stride)
 
 
 def bn_relu_conv(args):
     from . import library  # noqa: F401
 
-    scale, shift = fold_bn(args.bn, None, args.x.dtype, args.cache)
-    return torch.ops.resfast_triton.bn_relu_conv(args.x, scale, shift, args.weight, args.bias, list(args.stride),
+    dtype = args.x.dtype
+    scale, shift = pre_bn(args.cache, args.bn, dtype)
+    w, bias = packed_conv(args.cache, args.weight, args.bias, None, dtype)
+    return torch.ops.resfast_triton.bn_relu_conv(args.x, scale, shift, w, bias, list(args.stride),
                                                  list(args.padding), list(args.dilation), args.groups,
                                                  args.residual)
 
@@ -84,10 +125,10 @@ def bn_relu_conv(args):
 def res2net_chain(args):
     from . import library  # noqa: F401
 
-    folded = [fold_bn(bn, b, args.x.dtype, args.cache) for bn, b in zip(args.bns, args.biases)]
-    return torch.ops.resfast_triton.res2net_chain(args.x, list(args.weights), [f[0] for f in folded],
-                                                  [f[1] for f in folded], args.scale, args.stride, args.dilation,
-                                                  args.groups, args.order, args.block_type)
+    packed = [packed_conv(args.cache, w, b, bn, args.x.dtype) for w, b, bn in zip(args.weights, args.biases, args.bns)]
+    return torch.ops.resfast_triton.res2net_chain(args.x, [p[0] for p in packed], [p[1] for p in packed],
+                                                  args.scale, args.stride, args.dilation, args.groups, args.order,
+                                                  args.block_type)
 
 
 KERNELS = {"conv_bn_relu": conv_bn_relu, "bn_relu_conv": bn_relu_conv, "res2net_chain": res2net_chain}

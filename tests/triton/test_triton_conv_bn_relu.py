@@ -233,3 +233,55 @@ def test_autotune_benchmarks_once_per_shape(monkeypatch):
     assert len(benches) == 7 and len(tuned.cache) == 3
     _run(conv_a, (1, 3, 3), torch.float64, True, False, True, False)
     assert len(benches) == 7
+
+
+# (C_in', H', W', stride of the shortcut; C_mid and k of the main conv; C_out): ResNet stage entries, odd sizes,
+# C_in' and C_out not multiples of 8, a shortcut K smaller and larger than BLOCK_K
+SHORTCUTS = [(6, 7, 9, 2, 5, 1, 8), (16, 5, 5, 1, 4, 1, 24), (3, 1, 1, 2, 2, 3, 4), (40, 9, 4, 2, 13, 3, 17)]
+
+
+@pytest.mark.parametrize("case", SHORTCUTS, ids=str)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_projection_shortcut_in_the_same_launch(monkeypatch, case, channels_last, dtype):
+    """conv + BN + (1x1 shortcut conv + its BN) + ReLU: one launch, against two reference calls and an add."""
+    from resfast.triton import conv
+
+    if dtype == torch.float64 and DEVICE == "cuda":
+        pytest.skip("float64 runs under the interpreter only")
+    cin_s, H, W, s, cmid, k, cout = case
+    oh, ow = (H - 1) // s + 1, (W - 1) // s + 1
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(2, cmid, oh, ow, dtype=dtype, device=DEVICE).contiguous(memory_format=fmt)
+    xs = torch.randn(2, cin_s, H, W, dtype=dtype, device=DEVICE).contiguous(memory_format=fmt)
+    w = torch.randn(cout, cmid, k, k, dtype=dtype, device=DEVICE)
+    ws = torch.randn(cout, cin_s, 1, 1, dtype=dtype, device=DEVICE)
+    bn, bns = _bn(cout, dtype).to(DEVICE), _bn(cout, dtype).to(DEVICE)
+    bias = torch.randn(cout, dtype=dtype, device=DEVICE)
+    ref = torch.relu(ops.conv_bn_relu_ref(x, w, bn, padding=k // 2, relu=False)
+                     + ops.conv_bn_relu_ref(xs, ws, bns, bias=bias, stride=s, relu=False))
+    launches = []
+    real = conv._launch
+    monkeypatch.setattr(conv, "_launch", lambda *a, **kw: (launches.append(1), real(*a, **kw)))
+    with resfast.backend("triton"), torch.no_grad():
+        out = ops.conv_bn_relu(x, w, bn, padding=k // 2, shortcut=ops.ConvShortcut(xs, ws, bns, s, bias))
+    assert len(launches) == 1
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(out, ref, **tol)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_projection_shortcut_zero_batch_and_refusals():
+    x, xs = torch.randn(0, 4, 3, 3, device=DEVICE), torch.randn(0, 6, 5, 5, device=DEVICE)
+    w, ws = torch.randn(8, 4, 1, 1, device=DEVICE), torch.randn(8, 6, 1, 1, device=DEVICE)
+    bn, bns = _bn(8, torch.float32).to(DEVICE), _bn(8, torch.float32).to(DEVICE)
+    with resfast.backend("triton"), torch.no_grad():
+        out = ops.conv_bn_relu(x, w, bn, shortcut=ops.ConvShortcut(xs, ws, bns, 2))
+    assert out.shape == (0, 8, 3, 3)
+    x, xs = torch.randn(1, 4, 3, 3, device=DEVICE), torch.randn(1, 6, 5, 5, device=DEVICE)
+    no_stats = ops.BatchNormParams(bns.weight, bns.bias, None, None, None, 0.1, 1e-5)  # always batch statistics
+    with resfast.backend("triton"), torch.no_grad(), pytest.raises(resfast.BackendUnavailableError,
+                                                                    match="batch statistics"):
+        ops.conv_bn_relu(x, w, bn, shortcut=ops.ConvShortcut(xs, ws, no_stats, 2))
+    with resfast.backend("triton"), pytest.raises(resfast.BackendUnavailableError, match="require grad"):
+        ops.conv_bn_relu(x, w, bn, shortcut=ops.ConvShortcut(xs, ws.requires_grad_(), bns.eval(), 2))

@@ -24,26 +24,35 @@ def _fold(c, dtype):
     return torch.rand(c, dtype=dtype, device=DEVICE) + 0.5, torch.randn(c, dtype=dtype, device=DEVICE)
 
 
+def _w(*shape, dtype):
+    """A conv weight (C_out, C_in/g, kH, kW) packed as the ops take it: (kH, kW, C_in/g, C_out)."""
+    return _t(*shape, dtype=dtype).permute(2, 3, 1, 0).contiguous()
+
+
 def _samples(dtype):
     """(op, args) pairs: small shapes over the kernel's paths (dense, multi-group, depthwise, residual, NCHW input,
     stride, both chain orders and block types)."""
     tops = torch.ops.resfast_triton
     s8 = _fold(8, dtype)
-    yield tops.conv_bn_relu, (_t(2, 8, 5, 4, dtype=dtype, cl=True), _t(8, 8, 3, 3, dtype=dtype), *s8,
-                              [1, 1], [1, 1], [1, 1], 1, True, None)
-    yield tops.conv_bn_relu, (_t(1, 8, 5, 3, dtype=dtype), _t(8, 2, 3, 3, dtype=dtype), *s8, [2, 2], [1, 1],
-                              [1, 1], 4, False, _t(1, 8, 3, 2, dtype=dtype, cl=True))
-    yield tops.conv_bn_relu, (_t(2, 8, 4, 4, dtype=dtype, cl=True), _t(8, 1, 3, 3, dtype=dtype), *s8, [1, 1],
-                              [2, 2], [2, 2], 8, True, None)
-    yield tops.bn_relu_conv, (_t(2, 8, 5, 4, dtype=dtype, cl=True), *s8, _t(6, 8, 1, 1, dtype=dtype),
+    no_sc = (None, None, [1, 1])
+    yield tops.conv_bn_relu, (_t(2, 8, 5, 4, dtype=dtype, cl=True), _w(8, 8, 3, 3, dtype=dtype), s8[1],
+                              [1, 1], [1, 1], [1, 1], 1, True, None, *no_sc)
+    yield tops.conv_bn_relu, (_t(1, 8, 5, 3, dtype=dtype), _w(8, 2, 3, 3, dtype=dtype), s8[1], [2, 2], [1, 1],
+                              [1, 1], 4, False, _t(1, 8, 3, 2, dtype=dtype, cl=True), *no_sc)
+    yield tops.conv_bn_relu, (_t(2, 8, 4, 4, dtype=dtype, cl=True), _w(8, 1, 3, 3, dtype=dtype), s8[1], [1, 1],
+                              [2, 2], [2, 2], 8, True, None, *no_sc)
+    # a projection shortcut (1x1, stride 2, from a 6-channel 9x7 input) in the same kernel
+    yield tops.conv_bn_relu, (_t(2, 4, 5, 4, dtype=dtype, cl=True), _w(8, 4, 1, 1, dtype=dtype), s8[1], [1, 1],
+                              [0, 0], [1, 1], 1, True, None, _t(2, 6, 9, 7, dtype=dtype, cl=True),
+                              _w(8, 6, 1, 1, dtype=dtype), [2, 2])
+    yield tops.bn_relu_conv, (_t(2, 8, 5, 4, dtype=dtype, cl=True), *s8, _w(6, 8, 1, 1, dtype=dtype),
                               torch.randn(6, dtype=dtype, device=DEVICE), [1, 1], [0, 0], [1, 1], 1, None)
     x = _t(2, 12, 5, 4, dtype=dtype, cl=True)
-    folded = [_fold(3, dtype) for _ in range(3)]
-    ws = [_t(3, 3, 3, 3, dtype=dtype) for _ in range(3)]
-    yield tops.res2net_chain, (x, ws, [f[0] for f in folded], [f[1] for f in folded], 4, 1, 1, 1, "timm", "normal")
-    ws_dw = [_t(3, 1, 3, 3, dtype=dtype) for _ in range(3)]
-    yield tops.res2net_chain, (x, ws_dw, [f[0] for f in folded], [f[1] for f in folded], 4, 2, 1, 3, "paper",
-                               "stage")
+    shifts = [_fold(3, dtype)[1] for _ in range(3)]
+    ws = [_w(3, 3, 3, 3, dtype=dtype) for _ in range(3)]
+    yield tops.res2net_chain, (x, ws, shifts, 4, 1, 1, 1, "timm", "normal")
+    ws_dw = [_w(3, 1, 3, 3, dtype=dtype) for _ in range(3)]
+    yield tops.res2net_chain, (x, ws_dw, shifts, 4, 2, 1, 3, "paper", "stage")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -75,16 +84,26 @@ def test_direct_calls_check_their_inputs():
     import resfast.triton.library  # noqa: F401
 
     tops = torch.ops.resfast_triton
-    x, w = _t(1, 8, 4, 4, dtype=torch.float32), _t(8, 4, 3, 3, dtype=torch.float32)
-    s, b = _fold(8, torch.float32)
+    x, w = _t(1, 8, 4, 4, dtype=torch.float32), _w(8, 4, 3, 3, dtype=torch.float32)
+    b = _fold(8, torch.float32)[1]
+    no_sc = (None, None, [1, 1])
     with pytest.raises(ValueError, match="does not fit an input with 8 channels"):
-        tops.conv_bn_relu(x, w, s, b, [1, 1], [1, 1], [1, 1], 1, True, None)
-    with pytest.raises(ValueError, match=r"scale must have shape \(8,\)"):
-        tops.conv_bn_relu(x, w, s[:4], b, [1, 1], [1, 1], [1, 1], 2, True, None)
+        tops.conv_bn_relu(x, w, b, [1, 1], [1, 1], [1, 1], 1, True, None, *no_sc)
+    with pytest.raises(ValueError, match=r"shift must have shape \(8,\)"):
+        tops.conv_bn_relu(x, w, b[:4], [1, 1], [1, 1], [1, 1], 2, True, None, *no_sc)
+    with pytest.raises(ValueError, match="not with residual"):
+        tops.conv_bn_relu(x, w, b, [1, 1], [1, 1], [1, 1], 2, True, x, x, _w(8, 8, 1, 1, dtype=torch.float32),
+                          [1, 1])
+    with pytest.raises(ValueError, match=r"packed as \(1, 1, 8, 8\)"):
+        tops.conv_bn_relu(x, w, b, [1, 1], [1, 1], [1, 1], 2, True, None, x, _w(8, 8, 3, 3, dtype=torch.float32),
+                          [1, 1])
+    with pytest.raises(ValueError, match="output pixels"):
+        tops.conv_bn_relu(x, w, b, [1, 1], [1, 1], [1, 1], 2, True, None, x, _w(8, 8, 1, 1, dtype=torch.float32),
+                          [2, 2])
     with pytest.raises(ValueError, match="needs 3 weights"):
-        tops.res2net_chain(x, [w], [s], [b], 4, 1, 1, 1, "timm", "normal")
+        tops.res2net_chain(x, [w], [b], 4, 1, 1, 1, "timm", "normal")
     with pytest.raises(ValueError, match="stride 1 for 'normal'"):
-        tops.res2net_chain(x, [], [], [], 1, 2, 1, 1, "paper", "normal")
+        tops.res2net_chain(x, [], [], 1, 2, 1, 1, "paper", "normal")
 
 
 def test_compile_fullgraph_through_the_triton_backend():

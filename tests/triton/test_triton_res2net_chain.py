@@ -205,3 +205,33 @@ def test_block_fold_cache_reused_and_refreshed():
             m.bns[2].running_mean.add_(0.25)
         torch.testing.assert_close(new(x), orig(x), **tol)
         assert cache.builds == built + 1
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_whole_eval_block_is_scale_plus_one_launches(monkeypatch, stride):
+    """timm's stage-entry Bottle2neck (downsample = 1x1 conv + BN) in eval: conv1 (1 launch), the chain (scale - 1,
+    pass-through included), conv3 + bn3 + downsample + add + ReLU (1): scale + 1 launches, and the block's
+    output matches timm's. The folded, packed weights are cached: a second forward rebuilds none of them."""
+    from timm.models import res2net as timm_res2net
+
+    from resfast.triton import conv
+
+    dtype = torch.float64 if INTERPRET else torch.float32
+    ds = nn.Sequential(nn.Conv2d(16, 32, 1, stride=stride, bias=False), nn.BatchNorm2d(32))
+    blk = randomize_bn(timm_res2net.Bottle2neck(16, 8, stride=stride, downsample=ds, scale=4,
+                                                norm_layer=nn.BatchNorm2d)).to(DEVICE, dtype).eval()
+    x = torch.randn(2, 16, 7, 6, dtype=dtype, device=DEVICE).contiguous(memory_format=torch.channels_last)
+    fused = resfast.convert(blk)
+    launches = []
+    real = conv._launch
+    monkeypatch.setattr(conv, "_launch", lambda *a, **k: (launches.append(k["HAS_DS"]), real(*a, **k)))
+    with resfast.backend("triton"), torch.no_grad():
+        ref = blk(x)
+        out = fused(x)
+        assert launches == [False] * 4 + [True]  # conv1, 3 chain convs, conv3 with the projection shortcut
+        builds = fused.__dict__["_resfast_fold_cache"].builds
+        out2 = fused(x)
+    tol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out, ref, **tol)
+    torch.testing.assert_close(out2, out, rtol=0, atol=0)
+    assert builds == 6 and fused.__dict__["_resfast_fold_cache"].builds == builds  # conv1, 3 chain, conv3, ds
