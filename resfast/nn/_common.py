@@ -117,6 +117,30 @@ def conv_bn_projection(out: Tensor, conv: nn.Conv2d, bn: nn.Module, proj: ops.Co
     )
 
 
+_SEED_SE_CHILDREN = {"avg_pool": nn.AdaptiveAvgPool2d, "fc1": nn.Conv2d, "relu": nn.ReLU, "fc2": nn.Conv2d,
+                     "sigmoid": nn.Sigmoid}
+
+
+def se_gate(se: Optional[nn.Module], y: Tensor) -> Optional[Tensor]:
+    """The gate (N, C, 1, 1) an SE module multiplies `y` by, computed with the module's own layers, for the SE
+    modules whose forward is known to be ``y * gate``: resfast's (seed 001's) SEModule and modules laid out like it
+    (``sigmoid(fc2(relu(fc1(avg_pool(y)))))``; a converted look-alike block must still pass convert's behavioural
+    check), and timm's SEModule without add_maxpool (``gate(fc2(act(bn(fc1(y.mean((2, 3)))))))``). None for any
+    other module: the block then calls it."""
+    if se is None:
+        return None
+    cls = type(se)
+    if cls.__name__ == "SEModule" and cls.__module__ == "timm.layers.squeeze_excite":
+        if getattr(se, "add_maxpool", True):
+            return None
+        return se.gate(se.fc2(se.act(se.bn(se.fc1(y.mean((2, 3), keepdim=True))))))
+    children = dict(se.named_children())
+    if cls.__name__ == "SEModule" and set(children) == set(_SEED_SE_CHILDREN) and all(
+            type(children[k]) is t for k, t in _SEED_SE_CHILDREN.items()) and se.avg_pool.output_size in (1, (1, 1)):
+        return se.sigmoid(se.fc2(se.relu(se.fc1(se.avg_pool(y)))))
+    return None
+
+
 def conv3x3(in_planes: int, out_planes: int, stride: int = 1, groups: int = 1, dilation: int = 1) -> nn.Conv2d:
     return nn.Conv2d(
         in_planes, out_planes, kernel_size=3, stride=stride, padding=dilation, groups=groups, bias=False,

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from .. import ops
 from ..ops.batchnorm import is_supported_bn
-from ._common import block_cache, conv_bn, conv_bn_shortcut, fusable, fusable_conv, fusable_relu, shortcut
+from ._common import block_cache, conv_bn, conv_bn_shortcut, fusable, fusable_conv, fusable_relu, se_gate, shortcut
 
 
 def _chain_fusable(convs, bns) -> bool:
@@ -141,6 +141,9 @@ class Bottle2neck(nn.Module):
             return conv_bn_shortcut(out, self.conv3, self.bn3, x, self.downsample, cache)
         identity = shortcut(x, self.downsample, cache)
         out = conv_bn(out, self.conv3, self.bn3, relu=False, cache=cache)
+        gate = se_gate(self.se, out) if self.drop_path is None else None
+        if gate is not None:  # the excitation, the residual add and the ReLU in one pass
+            return ops.scale_add_relu(out, gate, identity)
         if self.se is not None:
             out = self.se(out)
         if self.drop_path is not None:
@@ -241,8 +244,11 @@ class Res2NetBottleneck(nn.Module):
         if self.se is None:
             return conv_bn_shortcut(out, self.conv3, self.bn3, x, downsample, cache)
         identity = shortcut(x, downsample, cache)
-        out = self.se(conv_bn(out, self.conv3, self.bn3, relu=False, cache=cache))
-        return F.relu(out + identity)
+        out = conv_bn(out, self.conv3, self.bn3, relu=False, cache=cache)
+        gate = se_gate(self.se, out)
+        if gate is not None:  # the excitation, the residual add and the ReLU in one pass
+            return ops.scale_add_relu(out, gate, identity)
+        return F.relu(self.se(out) + identity)
 
     def _forward_modules(self, x: Tensor) -> Tensor:
         identity = x

@@ -3,6 +3,7 @@
 * :func:`res2net_chain` - the Res2Net split -> 3x3 conv -> BN -> ReLU -> add chain ('normal'/'stage', both orders)
 * :func:`conv_bn_relu` - conv + BN (+ residual) + ReLU (ResNet, ResNeXt's grouped 3x3)
 * :func:`bn_relu_conv` - pre-activation BN + ReLU + conv (ResNetV2)
+* :func:`scale_add_relu` - an SE block's end: ``relu(x * gate[n, c] + residual)``
 * :func:`bn_act` - the C++/CUDA elementwise op ``relu(x * scale + shift + residual)``
 """
 
@@ -14,8 +15,9 @@ from .bn_relu_conv import bn_relu_conv
 from .conv_bn_relu import conv_bn_relu
 from .dispatch import BackendUnavailableError, availability, backend, get_backend, set_backend
 from .fold import FoldCache, clear_fold_caches
-from .reference import bn_relu_conv_ref, conv_bn_relu_ref, res2net_chain_ref
+from .reference import bn_relu_conv_ref, conv_bn_relu_ref, res2net_chain_ref, scale_add_relu_ref
 from .res2net_chain import res2net_chain
+from .scale_add_relu import scale_add_relu
 
 __all__ = [
     "BatchNormParams",
@@ -27,6 +29,8 @@ __all__ = [
     "conv_bn_relu_ref",
     "bn_relu_conv",
     "bn_relu_conv_ref",
+    "scale_add_relu",
+    "scale_add_relu_ref",
     "bn_act",
     "bn_act_ref",
     "backend",

@@ -80,6 +80,13 @@ class Res2NetChainArgs(NamedTuple):
     cache: Optional[FoldCache] = None  # the calling block's folded weights (resfast.ops.fold)
 
 
+class ScaleAddReluArgs(NamedTuple):
+    x: Tensor
+    gate: Tensor  # (N, C)
+    residual: Optional[Tensor]
+    relu: bool
+
+
 def _check_cache(op, cache):
     if cache is not None and not isinstance(cache, FoldCache):
         raise TypeError(f"{op}: fold_cache must be a resfast.ops.fold.FoldCache or None, got {type(cache).__name__}")
@@ -169,6 +176,19 @@ def prepare_bn_relu_conv(x, bn, weight, bias, stride, padding, dilation, groups,
                           _check_cache(op, cache))
 
 
+def prepare_scale_add_relu(x, gate, residual, relu):
+    op = "resfast.scale_add_relu"
+    checks.check_input(op, x)
+    checks.check_flag(op, relu, "relu")
+    N, C = x.shape[0], x.shape[1]
+    if not isinstance(gate, Tensor) or tuple(gate.shape) not in ((N, C), (N, C, 1, 1)):
+        shape = tuple(gate.shape) if isinstance(gate, Tensor) else type(gate).__name__
+        raise ValueError(f"{op}: gate must have shape ({N}, {C}) or ({N}, {C}, 1, 1), got {shape}")
+    checks.check_same(op, x, gate, "gate")
+    checks.check_residual(op, x, residual, x.shape)
+    return ScaleAddReluArgs(x, gate.reshape(N, C), residual, relu)
+
+
 def chain_layout(scale: int, order: str) -> tuple[tuple[int, ...], Optional[int]]:
     """(splits that go through a conv in chain order, the split that passes through or None).
 
@@ -247,6 +267,8 @@ __all__: Sequence[str] = [
     "BnReluConvArgs",
     "Res2NetChainArgs",
     "prepare_conv_bn_relu",
+    "ScaleAddReluArgs",
+    "prepare_scale_add_relu",
     "prepare_bn_relu_conv",
     "prepare_res2net_chain",
     "chain_layout",

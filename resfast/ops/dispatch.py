@@ -22,7 +22,7 @@ import torch
 from .. import _ext
 from .reference import EAGER_IMPLS
 
-OPS = ("res2net_chain", "conv_bn_relu", "bn_relu_conv")
+OPS = ("res2net_chain", "conv_bn_relu", "bn_relu_conv", "scale_add_relu")
 BACKENDS = ("cuda", "triton", "cpu", "eager")
 CHOICES = ("auto",) + BACKENDS
 
@@ -75,7 +75,7 @@ class EagerBackend(Backend):
 class TritonBackend(Backend):
     name = "triton"
     # ops with a Triton implementation (resfast/triton/ops.py, imported on first use, not at `import resfast`)
-    implemented = ("conv_bn_relu", "bn_relu_conv", "res2net_chain")
+    implemented = ("conv_bn_relu", "bn_relu_conv", "res2net_chain", "scale_add_relu")
     # Kernels tested only under TRITON_INTERPRET=1 so far: `auto` does not pick them until they have been
     # verified on a GPU; an explicit `resfast.backend("triton")` does.
     verified_on_gpu = False
@@ -154,6 +154,10 @@ class CpuBackend(Backend):
         missing = missing_ops()
         if missing:
             return [f"resfast._C lacks the ops {missing} (an older build: rebuild with `make setup`)"]
+        from .cpp import KERNELS
+
+        if op not in KERNELS:
+            return [f"no cpu kernel is implemented for {op} (ATen's elementwise ops on eager are as good)"]
         return []
 
     def _input_reasons(self, op, args):

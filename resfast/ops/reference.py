@@ -17,9 +17,11 @@ from ._args import (
     ConvBnReluArgs,
     ConvShortcut,
     Res2NetChainArgs,
+    ScaleAddReluArgs,
     prepare_bn_relu_conv,
     prepare_conv_bn_relu,
     prepare_res2net_chain,
+    prepare_scale_add_relu,
 )
 from .batchnorm import BatchNormParams, batch_norm_eager, resolve_bn
 
@@ -72,6 +74,14 @@ def res2net_chain_eager(a: Res2NetChainArgs) -> Tensor:
         outs[a.passthrough] = F.avg_pool2d(p, 3, a.stride, 1) if a.block_type == "stage" else p
     # the output's layout follows PyTorch's own rules, as in the originals (channels_last in -> channels_last out)
     return torch.cat(outs, 1) if len(outs) > 1 else outs[0].clone()
+
+
+def scale_add_relu_eager(a: ScaleAddReluArgs) -> Tensor:
+    # the originals: ``x * gate`` in the SE module, then ``relu(out + shortcut)`` in the block
+    y = a.x * a.gate.reshape(a.gate.shape[0], a.gate.shape[1], 1, 1)
+    if a.residual is not None:
+        y = y + a.residual
+    return F.relu(y) if a.relu else y
 
 
 def conv_bn_relu_ref(
@@ -135,8 +145,14 @@ def res2net_chain_ref(
     )
 
 
+def scale_add_relu_ref(x: Tensor, gate: Tensor, residual: Optional[Tensor] = None, relu: bool = True) -> Tensor:
+    """Eager reference of :func:`resfast.ops.scale_add_relu`."""
+    return scale_add_relu_eager(prepare_scale_add_relu(x, gate, residual, relu))
+
+
 EAGER_IMPLS = {
     "conv_bn_relu": conv_bn_relu_eager,
     "bn_relu_conv": bn_relu_conv_eager,
     "res2net_chain": res2net_chain_eager,
+    "scale_add_relu": scale_add_relu_eager,
 }

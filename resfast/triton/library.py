@@ -1,4 +1,5 @@
-"""The Triton ops as dispatcher ops: ``torch.ops.resfast_triton.{conv_bn_relu, bn_relu_conv, res2net_chain}``.
+"""The Triton ops as dispatcher ops: ``torch.ops.resfast_triton.{conv_bn_relu, bn_relu_conv, res2net_chain,
+scale_add_relu}``.
 
 Registered with ``torch.library.triton_op`` (the launches go through ``wrap_triton``, conv._launch), so
 torch.compile and torch.export see them. The fake implementation of each op is its own Python body: on
@@ -18,6 +19,7 @@ from torch.library import triton_op
 
 from ..ops._args import BLOCK_TYPES, ORDERS, chain_layout
 from .conv import PassThrough, Projection, conv_bn_act_fwd, interpreting, passthrough_fwd
+from .scale_add_relu import scale_add_relu_fwd
 
 
 def _check_folded(op: str, x: Tensor, weight: Tensor, groups: int, tensors: dict) -> None:
@@ -122,8 +124,24 @@ def _res2net_chain(x: Tensor, weights: list[Tensor], shifts: list[Tensor], scale
     return out
 
 
+def _scale_add_relu(x: Tensor, gate: Tensor, residual: Optional[Tensor], relu: bool) -> Tensor:
+    """``relu(x * gate[n, c] + residual)`` (relu optional): x (N, C, H, W) any strides, gate (N, C), residual x's
+    shape or None. Returns (N, C, H, W) channels_last."""
+    op = "resfast_triton::scale_add_relu"
+    if x.dim() != 4 or tuple(gate.shape) != tuple(x.shape[:2]):
+        raise ValueError(f"{op}: x must be 4-D and gate (N, C) = {tuple(x.shape[:2])}, got {tuple(x.shape)} and "
+                         f"{tuple(gate.shape)}")
+    if residual is not None and tuple(residual.shape) != tuple(x.shape):
+        raise ValueError(f"{op}: residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
+    for name, t in (("gate", gate), ("residual", residual)):
+        if t is not None and (t.device != x.device or t.dtype != x.dtype):
+            raise ValueError(f"{op}: {name} must have x's dtype and device")
+    return scale_add_relu_fwd(x, gate, residual, relu)
+
+
 # the op bodies, also their fake implementations (FakeTensors: outputs allocated, nothing launched)
-IMPLS = {"conv_bn_relu": _conv_bn_relu, "bn_relu_conv": _bn_relu_conv, "res2net_chain": _res2net_chain}
+IMPLS = {"conv_bn_relu": _conv_bn_relu, "bn_relu_conv": _bn_relu_conv, "res2net_chain": _res2net_chain,
+         "scale_add_relu": _scale_add_relu}
 OPS = {name: triton_op(f"resfast_triton::{name}", fn, mutates_args=()) for name, fn in IMPLS.items()}
 
 

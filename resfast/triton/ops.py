@@ -44,6 +44,10 @@ def input_reasons(op: str, args) -> list[str]:
                    *[t for bn in args.bns for t in (bn.weight, bn.bias) if t is not None]]
         if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
             reasons.append("the inputs require grad and the Triton res2net_chain has no backward yet")
+    if op == "scale_add_relu":
+        tensors = [t for t in (x, args.gate, args.residual) if t is not None]
+        if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+            reasons.append("the inputs require grad and the Triton scale_add_relu has no backward yet")
     if op in ("conv_bn_relu", "bn_relu_conv"):
         sc = args.shortcut if op == "conv_bn_relu" else None
         if needs_batch_stats(args.bn, args.training) or (sc is not None and needs_batch_stats(sc.bn, args.training)):
@@ -131,4 +135,11 @@ def res2net_chain(args):
                                                   args.block_type)
 
 
-KERNELS = {"conv_bn_relu": conv_bn_relu, "bn_relu_conv": bn_relu_conv, "res2net_chain": res2net_chain}
+def scale_add_relu(args):
+    from . import library  # noqa: F401
+
+    return torch.ops.resfast_triton.scale_add_relu(args.x, args.gate, args.residual, args.relu)
+
+
+KERNELS = {"conv_bn_relu": conv_bn_relu, "bn_relu_conv": bn_relu_conv, "res2net_chain": res2net_chain,
+           "scale_add_relu": scale_add_relu}

@@ -1,0 +1,79 @@
+"""``y = relu(x * gate[n, c] + residual)`` in one pass: the end of a squeeze-and-excitation bottleneck.
+
+The SE module multiplies the conv3 + bn3 output by its per-(image, channel) gate, then the block adds the shortcut
+and applies the ReLU: three passes over the activation in the originals, one read of x and the residual and one
+write here. Any input strides (NHWC/channels_last is the fast path: consecutive channels are contiguous); the
+output is channels_last. Arithmetic in fp32 (fp64 for float64 inputs), offsets in int64.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+from torch.library import wrap_triton
+
+from .conv import _is_fake, interpreting
+
+
+@triton.jit
+def _scale_add_relu_fwd_kernel(
+    X_ptr, G_ptr, R_ptr, Y_ptr,
+    M, C, HW, W,
+    sxn, sxc, sxh, sxw,
+    sgn, sgc,
+    srn, src, srh, srw,
+    syn, syc, syh, syw,
+    HAS_RES: tl.constexpr, RELU: tl.constexpr, ACC_F64: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    offs_c = (tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)
+    n = offs_m // HW
+    hw = offs_m % HW
+    h = hw // W
+    w = hw % W
+    mask = (offs_m < M)[:, None] & (offs_c < C)[None, :]
+    acc_dtype = tl.float64 if ACC_F64 else tl.float32
+    x = tl.load(X_ptr + (n * sxn + h * sxh + w * sxw)[:, None] + offs_c[None, :] * sxc, mask=mask, other=0.0)
+    g = tl.load(G_ptr + n[:, None] * sgn + offs_c[None, :] * sgc, mask=mask, other=0.0)
+    y = x.to(acc_dtype) * g.to(acc_dtype)
+    if HAS_RES:
+        y += tl.load(R_ptr + (n * srn + h * srh + w * srw)[:, None] + offs_c[None, :] * src, mask=mask,
+                     other=0.0).to(acc_dtype)
+    if RELU:
+        y = tl.maximum(y, 0.0)
+    tl.store(Y_ptr + (n * syn + h * syh + w * syw)[:, None] + offs_c[None, :] * syc, y.to(Y_ptr.dtype.element_ty),
+             mask=mask)
+
+
+# two tile heights on the GPU, tuned per (M, C); one under the interpreter (no benchmarking there)
+_CONFIGS = [triton.Config({"BLOCK_M": 64}, num_warps=4), triton.Config({"BLOCK_M": 128}, num_warps=8)]
+_tuned_kernel = triton.autotune(configs=_CONFIGS[:1] if interpreting() else _CONFIGS, key=["M", "C"])(
+    _scale_add_relu_fwd_kernel)
+
+
+def _launch(grid, *args, **meta):
+    """Every launch goes through here (tests wrap it to count launches); wrap_triton as in conv._launch."""
+    wrap_triton(_tuned_kernel)[grid](*args, **meta)
+
+
+def scale_add_relu_fwd(x: Tensor, gate: Tensor, residual: Optional[Tensor], relu: bool) -> Tensor:
+    """x (N, C, H, W) any strides, gate (N, C), residual x's shape or None -> (N, C, H, W) channels_last."""
+    N, C, H, W = x.shape
+    y = torch.empty((N, C, H, W), device=x.device, dtype=x.dtype, memory_format=torch.channels_last)
+    M = N * H * W
+    if M == 0 or C == 0 or _is_fake(x):
+        return y
+    r = residual if residual is not None else x
+    block_c = max(16, min(64, triton.next_power_of_2(C)))
+    _launch(
+        lambda cfg: (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(C, block_c)),
+        x, gate, r, y, M, C, H * W, W,
+        *x.stride(), *gate.stride(), *r.stride(), *y.stride(),
+        HAS_RES=residual is not None, RELU=relu, ACC_F64=x.dtype == torch.float64, BLOCK_C=block_c,
+    )
+    return y
