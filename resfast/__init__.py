@@ -20,6 +20,8 @@ from .nn import (  # noqa: E402
     Res2NetBottleneck,
     ResBlock,
     SEModule,
+    TimmPreActBasic,
+    TimmPreActBottleneck,
 )
 from .ops.dispatch import BackendUnavailableError, backend, get_backend, set_backend
 from .version import __version__
@@ -41,6 +43,8 @@ __all__ = [
     "SEModule",
     "PreActBasicBlock",
     "PreActBottleneck",
+    "TimmPreActBottleneck",
+    "TimmPreActBasic",
     "Res2Block",
     "ResBlock",
 ]

@@ -1,13 +1,14 @@
 """resfast.convert: swap every recognised ResNet-family block in a model for its resfast equivalent.
 
-Recognised: torchvision's BasicBlock/Bottleneck (also inside detection backbones, FrozenBatchNorm2d included)
-and timm's res2net Bottle2neck by their exact class; and blocks written like the seed articles'
-(Res2NetBottleneck, Res2Block, ResBlock, BasicBlockV2/BottleneckV2, seed 002's BasicBlock/Bottleneck), matched
-by class name and child modules and then *verified*: a randomised copy of the block and of its conversion must
-give the same outputs and running statistics in eval and in training mode, otherwise the block is left alone
-(a look-alike with other semantics, e.g. a pre-activation block named BasicBlock, is never swapped).
-The replacement takes over the original's parameters, buffers, submodules, attributes and hooks (it is the same
-object state under the resfast class), so weights, outputs and state_dict keys are unchanged.
+Recognised: torchvision's BasicBlock/Bottleneck (also inside detection backbones, FrozenBatchNorm2d included),
+timm's res2net Bottle2neck and timm's resnetv2 PreActBottleneck/PreActBasic by their exact class; and blocks
+written like the seed articles' (Res2NetBottleneck, Res2Block, ResBlock, BasicBlockV2/BottleneckV2, seed 002's
+BasicBlock/Bottleneck), matched by class name and child modules and then *verified*: a randomised copy of the
+block and of its conversion must give the same outputs and running statistics in eval and in training mode,
+otherwise the block is left alone (a look-alike with other semantics, e.g. a pre-activation block named
+BasicBlock, is never swapped). The replacement takes over the original's parameters, buffers, submodules,
+attributes and hooks (it is the same object state under the resfast class), so weights, outputs and state_dict
+keys are unchanged.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from .nn import (
     Res2Block,
     Res2NetBottleneck,
     ResBlock,
+    TimmPreActBasic,
+    TimmPreActBottleneck,
 )
 
 # class name -> (resfast class, the exact sets of child-module names accepted)
@@ -48,6 +51,12 @@ _BY_NAME: dict[str, tuple[Type[nn.Module], tuple[frozenset, ...]]] = {
     ),
     "BasicBlockV2": (PreActBasicBlock, (frozenset({"bn1", "relu", "conv1", "bn2", "conv2"}),)),
     "BottleneckV2": (PreActBottleneck, (frozenset({"bn1", "relu", "conv1", "bn2", "conv2", "bn3", "conv3"}),)),
+    # timm's ResNetV2 blocks (the downsample reads the pre-activated input, unlike seed 004's)
+    "PreActBottleneck": (
+        TimmPreActBottleneck,
+        (frozenset({"norm1", "conv1", "norm2", "conv2", "norm3", "conv3"}),),
+    ),
+    "PreActBasic": (TimmPreActBasic, (frozenset({"norm1", "conv1", "norm2", "conv2"}),)),
 }
 # Optional children (present or None) that do not change what a block is.
 _OPTIONAL = frozenset({"downsample", "se", "pool", "drop_block", "drop_path"})
@@ -57,7 +66,11 @@ _REQUIRED_ATTRS = {
     "ResBlock": ("use_residual", "use_1x1conv"),
 }
 # Attributes newer versions of a block have, with the value that means "absent".
-_DEFAULTS = {Bottle2neck: {"drop_block": nn.Identity, "drop_path": lambda: None, "se": lambda: None}}
+_DEFAULTS = {
+    Bottle2neck: {"drop_block": nn.Identity, "drop_path": lambda: None, "se": lambda: None},
+    TimmPreActBottleneck: {"downsample": lambda: None, "drop_path": nn.Identity},
+    TimmPreActBasic: {"downsample": lambda: None, "drop_path": nn.Identity},
+}
 
 
 # Library classes trusted by their exact module and name; everything else must pass the behavioural check.
@@ -65,6 +78,8 @@ _LIBRARY = {
     ("torchvision.models.resnet", "BasicBlock"),
     ("torchvision.models.resnet", "Bottleneck"),
     ("timm.models.res2net", "Bottle2neck"),
+    ("timm.models.resnetv2", "PreActBottleneck"),
+    ("timm.models.resnetv2", "PreActBasic"),
 }
 
 

@@ -15,12 +15,16 @@ timm = pytest.importorskip("timm")
 tvm = pytest.importorskip("torchvision.models")
 
 RESFAST_BLOCKS = (rnn.BasicBlock, rnn.Bottleneck, rnn.Bottle2neck, rnn.Res2NetBottleneck, rnn.Res2Block,
-                  rnn.ResBlock, rnn.PreActBasicBlock, rnn.PreActBottleneck)
+                  rnn.ResBlock, rnn.PreActBasicBlock, rnn.PreActBottleneck, rnn.TimmPreActBottleneck,
+                  rnn.TimmPreActBasic)
 
 MODELS = {
     "timm_res2net50_26w_4s": lambda: timm.create_model("res2net50_26w_4s"),
     "timm_res2next50": lambda: timm.create_model("res2next50"),
     "timm_res2net50_14w_8s": lambda: timm.create_model("res2net50_14w_8s"),
+    "timm_resnetv2_50": lambda: timm.create_model("resnetv2_50"),
+    "timm_resnetv2_50d": lambda: timm.create_model("resnetv2_50d"),  # deep stem, DownsampleAvg shortcuts
+    "timm_resnetv2_18": lambda: timm.create_model("resnetv2_18"),  # PreActBasic
     "tv_resnet18": lambda: tvm.resnet18(),
     "tv_resnet50": lambda: tvm.resnet50(),
     "tv_resnext50_32x4d": lambda: tvm.resnext50_32x4d(),
@@ -37,7 +41,8 @@ MODELS = {
 def _blocks(model):
     return [m for m in model.modules() if type(m).__name__ in
             ("BasicBlock", "Bottleneck", "Bottle2neck", "Res2NetBottleneck", "Res2Block", "ResBlock", "BasicBlockV2",
-             "BottleneckV2", "PreActBasicBlock", "PreActBottleneck")]
+             "BottleneckV2", "PreActBasicBlock", "PreActBottleneck", "PreActBasic", "TimmPreActBottleneck",
+             "TimmPreActBasic")]
 
 
 @pytest.mark.parametrize("name", list(MODELS))
@@ -54,12 +59,50 @@ def test_convert_whole_model_identical_logits(name):
     check_fused_model(orig, conv, x)  # the default backend (folded BatchNorm on CPU): the accuracy rule
 
 
-@pytest.mark.parametrize("name", ["timm_res2net50_26w_4s", "tv_resnext50_32x4d", "seed001", "seed004_resnet18_v2"])
+@pytest.mark.parametrize("name", ["timm_res2net50_26w_4s", "tv_resnext50_32x4d", "seed001", "seed004_resnet18_v2",
+                                  "timm_resnetv2_50", "timm_resnetv2_50d", "timm_resnetv2_18"])
 def test_convert_training_step_identical(name):
     orig = randomize_bn(MODELS[name]()).double()
     conv = resfast.convert(orig)
     compare_modules(orig, conv, torch.randn(2, 3, 48, 48, dtype=torch.float64), True, steps=2, rtol=1e-10,
                     atol=1e-10)
+
+
+@pytest.mark.parametrize("name, cls, count", [("resnetv2_50", rnn.TimmPreActBottleneck, 16),
+                                              ("resnetv2_101", rnn.TimmPreActBottleneck, 33),
+                                              ("resnetv2_50d", rnn.TimmPreActBottleneck, 16),
+                                              ("resnetv2_18", rnn.TimmPreActBasic, 8)])
+def test_convert_timm_resnetv2_every_block(name, cls, count):
+    """Every pre-activation block of timm's ResNetV2 is converted (the benchmark's count says so too), the
+    state_dict keys stay, and a timm checkpoint loads strictly into the converted model."""
+    from resfast._bench.models import count_blocks
+
+    orig = timm.create_model(name)
+    conv = resfast.convert(orig)
+    assert sum(type(m) is cls for m in conv.modules()) == count
+    assert count_blocks(conv) == (count, count) and count_blocks(orig) == (0, count)
+    assert list(conv.state_dict()) == list(orig.state_dict())
+    conv.load_state_dict(randomize_bn(orig).state_dict(), strict=True)
+
+
+def test_convert_timm_resnetv2_drop_path_training():
+    """With drop_path_rate > 0 every block holds a DropPath: training drops the residual branch per sample
+    exactly as timm does (same generator state -> same mask), gradients and buffers included."""
+    orig = randomize_bn(timm.create_model("resnetv2_50", num_classes=10, drop_path_rate=0.3)).double().train()
+    conv = resfast.convert(orig)
+    assert sum(isinstance(m, rnn.TimmPreActBottleneck) for m in conv.modules()) == 16
+    x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    torch.manual_seed(5)
+    ya = orig(xa)
+    torch.manual_seed(5)
+    yb = conv(xb)
+    torch.testing.assert_close(yb, ya, rtol=1e-9, atol=1e-9)
+    ya.sum().backward()
+    yb.sum().backward()
+    torch.testing.assert_close(xb.grad, xa.grad, rtol=1e-9, atol=1e-9)
+    for k, v in orig.state_dict().items():
+        torch.testing.assert_close(conv.state_dict()[k], v, rtol=1e-9, atol=1e-9, msg=k)
 
 
 def test_convert_detector_backbone_with_frozen_bn():

@@ -28,7 +28,7 @@ MODELS = {
 PROVIDERS = ("eager", "resfast", "compile", "compile-max-autotune")
 MODES = ("infer", "train")
 RESFAST_BLOCKS = ("BasicBlock", "Bottleneck", "Bottle2neck", "Res2NetBottleneck", "Res2Block", "ResBlock",
-                  "PreActBasicBlock", "PreActBottleneck")
+                  "PreActBasicBlock", "PreActBottleneck", "TimmPreActBottleneck", "TimmPreActBasic")
 
 
 def eager_model(name: str) -> torch.nn.Module:
@@ -44,7 +44,8 @@ def eager_model(name: str) -> torch.nn.Module:
 
 def count_blocks(model) -> tuple[int, int]:
     """(resfast blocks, all residual blocks) in a model."""
-    blocks = [m for m in model.modules() if "Block" in type(m).__name__ or "neck" in type(m).__name__]
+    blocks = [m for m in model.modules()
+              if any(k in type(m).__name__ for k in ("Block", "neck")) or type(m).__name__.endswith("PreActBasic")]
     ours = [m for m in blocks if type(m).__module__.startswith("resfast.")]
     return len(ours), len(blocks)
 

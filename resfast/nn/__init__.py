@@ -1,6 +1,6 @@
 """Drop-in blocks: same constructor, attributes and state_dict keys as the blocks they replace."""
 
-from .preact import PreActBasicBlock, PreActBottleneck
+from .preact import PreActBasicBlock, PreActBottleneck, TimmPreActBasic, TimmPreActBottleneck
 from .res2net import Bottle2neck, Res2Block, Res2NetBottleneck, SEModule
 from .resnet import BasicBlock, Bottleneck, ResBlock
 
@@ -14,4 +14,6 @@ __all__ = [
     "Res2Block",
     "PreActBasicBlock",
     "PreActBottleneck",
+    "TimmPreActBottleneck",
+    "TimmPreActBasic",
 ]

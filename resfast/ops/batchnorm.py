@@ -79,8 +79,32 @@ def is_supported_bn(module: Optional[nn.Module]) -> bool:
     return is_frozen_bn(module)
 
 
+def is_bn_relu(module: Optional[nn.Module]) -> bool:
+    """timm's ``BatchNormAct2d`` whose activation is a plain ReLU: ``relu(bn(x))``, which the fused ops reproduce
+    as a BatchNorm followed by a ReLU (:func:`as_bn_params` gives its BatchNorm part).
+
+    Recognised by its exact class (a module under ``timm.``; timm is not imported), with ``.drop`` an
+    nn.Identity and ``.act`` an nn.ReLU (in place or not). Its forward is a copy of nn.BatchNorm2d's (the same
+    momentum / ``momentum=None`` / num_batches_tracked / track_running_stats rules, the same F.batch_norm call;
+    checked against timm 1.0) followed by ``drop`` and ``act``; a subclass may change that, so it is not accepted.
+    SyncBatchNormAct is not a BatchNormAct2d (and is a SyncBatchNorm): excluded, as SyncBatchNorm is.
+    """
+    t = type(module)
+    return (
+        t.__name__ == "BatchNormAct2d"
+        and t.__module__.startswith("timm.")
+        and isinstance(module, nn.BatchNorm2d)
+        and not isinstance(module, nn.SyncBatchNorm)
+        and type(getattr(module, "drop", None)) is nn.Identity
+        and type(getattr(module, "act", None)) is nn.ReLU
+    )
+
+
 def as_bn_params(bn) -> BatchNormParams:
-    """BatchNormParams from a BatchNormParams, an nn.BatchNorm2d or a FrozenBatchNorm2d."""
+    """BatchNormParams from a BatchNormParams, an nn.BatchNorm2d or a FrozenBatchNorm2d.
+
+    For a BatchNorm2d subclass that does more in its forward (timm's BatchNormAct2d: see :func:`is_bn_relu`)
+    these are the parameters of its BatchNorm alone; whether the rest can be fused is the caller's decision."""
     if isinstance(bn, BatchNormParams):
         return bn
     if isinstance(bn, nn.SyncBatchNorm):

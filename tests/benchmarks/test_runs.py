@@ -46,8 +46,8 @@ def test_resfast_bench_quick(tmp_path):
 def test_bench_models_script(tmp_path):
     _, r = _run(["benchmarks/bench_models.py", "--models", "resnetv2_50", "--providers", "eager", "resfast",
                  "--batch", "1", "--size", "32", "--iters", "1", "--warmup", "0", "--mode", "infer"], tmp_path)
-    # timm's resnetv2 blocks are not converted (yet): the file says so instead of claiming a speedup
-    assert {row["resfast_blocks"] for row in r["rows"] if row["provider"] == "resfast"} == {"0/16"}
+    # timm's resnetv2 blocks are converted (TimmPreActBottleneck): the file records it
+    assert {row["resfast_blocks"] for row in r["rows"] if row["provider"] == "resfast"} == {"16/16"}
 
 
 def test_bench_ops_script_and_tables(tmp_path):

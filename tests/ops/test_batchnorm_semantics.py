@@ -135,3 +135,50 @@ def test_bad_batchnorm_arguments_are_named():
     # float32 statistics with a bfloat16 input are what PyTorch allows: accepted
     out = ops.bn_relu_conv(x.bfloat16(), nn.BatchNorm2d(4).eval(), w.bfloat16())
     assert out.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=str)
+@pytest.mark.parametrize("training", [True, False])
+def test_timm_batchnormact2d_is_batchnorm_then_relu(cfg, training):
+    """timm's BatchNormAct2d (ReLU) through bn_relu_conv equals the module followed by the conv, over steps:
+    its forward keeps nn.BatchNorm2d's rules (momentum, momentum=None, num_batches_tracked, no tracking)."""
+    norm_act = pytest.importorskip("timm.layers.norm_act")
+    C, C_out = 5, 4
+    mod = norm_act.BatchNormAct2d(C, dtype=torch.float64, **cfg)
+    if mod.affine:
+        with torch.no_grad():
+            mod.weight.uniform_(0.5, 1.5)
+            mod.bias.uniform_(-0.5, 0.5)
+    op = norm_act.BatchNormAct2d(C, dtype=torch.float64, **cfg)
+    op.load_state_dict(mod.state_dict())
+    mod.train(training)
+    op.train(training)
+    conv = nn.Conv2d(C, C_out, 3, padding=1, bias=False, dtype=torch.float64)
+    for step in range(3):
+        x = torch.randn(3, C, 5, 4, dtype=torch.float64)
+        ref = conv(mod(x))
+        out = ops.bn_relu_conv(x, op, conv.weight, padding=1, training=training)
+        torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
+        for k, v in mod.state_dict().items():
+            torch.testing.assert_close(op.state_dict()[k], v, rtol=0, atol=1e-12, msg=f"{k} after step {step}")
+
+
+def test_is_bn_relu_recognises_only_batchnormact2d_with_plain_relu():
+    from resfast.ops.batchnorm import is_bn_relu, is_supported_bn
+
+    norm_act = pytest.importorskip("timm.layers.norm_act")
+    BNA = norm_act.BatchNormAct2d
+
+    class Subclass(BNA):  # may compute anything: not trusted
+        pass
+
+    assert is_bn_relu(BNA(4)) and is_bn_relu(BNA(4, inplace=False)) and is_bn_relu(BNA(4, act_layer="relu"))
+    assert not is_supported_bn(BNA(4))  # a BatchNorm2d with its own forward: not a bare BatchNorm
+    assert not is_bn_relu(BNA(4, act_layer=nn.SiLU))
+    assert not is_bn_relu(BNA(4, apply_act=False))
+    assert not is_bn_relu(BNA(4, act_layer=nn.ReLU6))
+    assert not is_bn_relu(BNA(4, drop_layer=nn.Dropout))
+    assert not is_bn_relu(Subclass(4))
+    assert not is_bn_relu(nn.BatchNorm2d(4)) and not is_bn_relu(None)
+    sync = norm_act.convert_sync_batchnorm(nn.Sequential(BNA(4)))[0]
+    assert type(sync).__name__ == "SyncBatchNormAct" and not is_bn_relu(sync)
