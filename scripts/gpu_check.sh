@@ -24,4 +24,7 @@ if command -v compute-sanitizer > /dev/null; then
 fi
 $PY -m resfast.bench --out-dir "$OUT/results" > "$OUT/bench.txt" 2>&1; echo "bench rc=$?" | tee -a "$OUT/summary.txt"
 $PY benchmarks/bench_ops.py --quick --out-dir "$OUT/results" > "$OUT/bench_ops.txt" 2>&1; echo "bench_ops rc=$?" | tee -a "$OUT/summary.txt"
+# mask or pad for Res2Net's 26-channel splits (the issue asks for the measurement)
+$PY benchmarks/bench_pad_vs_mask.py --out-dir "$OUT/results" > "$OUT/bench_pad_vs_mask.txt" 2>&1
+echo "bench_pad_vs_mask rc=$?" | tee -a "$OUT/summary.txt"; tail -5 "$OUT/bench_pad_vs_mask.txt"
 tail -12 "$OUT/bench.txt"

@@ -49,6 +49,8 @@ def capture_layers(model_name: str, size: int = 224) -> list[Layer]:
     real_run = dispatch.run
 
     def record(op, args):
+        if op not in REFS:  # e.g. scale_add_relu (SE blocks): elementwise, not a layer of these models
+            return real_run(op, args)
         spec = _spec(op, args)
         key = (op, tuple(sorted((k, str(v)) for k, v in spec.items())))
         if key not in seen:
@@ -81,6 +83,8 @@ def _spec(op, a) -> dict:
             "padding": a.padding, "dilation": a.dilation, "groups": a.groups, "residual": a.residual is not None}
     if op == "conv_bn_relu":
         spec["relu"] = a.relu
+        sc = a.shortcut  # the projection shortcut computed inside the op: (C_in', H', W', stride)
+        spec["shortcut"] = None if sc is None else (sc.x.shape[1], *sc.x.shape[2:], sc.stride[0])
     return spec
 
 
@@ -89,7 +93,8 @@ def _name(op, s, stage) -> str:
         return (f"s{stage} chain {s['block_type']} C{s['C']} x{s['scale']} g{s['groups']} st{s['stride']} "
                 f"{s['HW'][0]}px")
     k = s["w"][2]
-    extra = (" +res" if s["residual"] else "") + ("" if s.get("relu", True) else " norelu")
+    extra = ((" +res" if s["residual"] else "") + (" +proj" if s.get("shortcut") else "")
+             + ("" if s.get("relu", True) else " norelu"))
     return f"s{stage} {op} {k}x{k} {s['C']}->{s['w'][0]} g{s['groups']} st{s['stride'][0]}{extra} {s['HW'][0]}px"
 
 
@@ -133,15 +138,25 @@ def build_call(layer: Layer, batch: int, device, dtype, channels_last: bool, tra
               residual=res)
     out_numel = out_shape[0] * out_shape[1] * out_shape[2] * out_shape[3]
     nbytes = (x.numel() + w.numel() + out_numel * (2 if res is not None else 1)) * isz
+    extra_leaves = []
     if layer.op == "conv_bn_relu":
         kw["relu"] = s["relu"]
+        if s.get("shortcut"):
+            cs, hs, ws_, st = s["shortcut"]
+            xs = torch.randn(batch, cs, hs, ws_, device=device, dtype=dtype).contiguous(memory_format=fmt)
+            wsc = torch.randn(cout, cs, 1, 1, device=device, dtype=dtype).mul_(0.1).requires_grad_(g)
+            bns = _bn(cout, device, dtype, g)
+            kw["shortcut"] = ops.ConvShortcut(xs.requires_grad_(g), wsc, bns, st)
+            # a strided 1x1 conv needs only the pixels it samples (the output's)
+            nbytes += (batch * cs * s["out_hw"][0] * s["out_hw"][1] + wsc.numel()) * isz
+            extra_leaves = [xs, wsc, bns.weight, bns.bias]
 
         def call(fn):
             return fn(x, w, bn, **kw)
     else:
         def call(fn):
             return fn(x, bn, w, **kw)
-    return call, [x, w, bn.weight, bn.bias], nbytes
+    return call, [x, w, bn.weight, bn.bias, *extra_leaves], nbytes
 
 
 REFS = {"res2net_chain": ops.res2net_chain_ref, "conv_bn_relu": ops.conv_bn_relu_ref,

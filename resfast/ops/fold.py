@@ -5,8 +5,9 @@ computed in float64 for float64 inputs and float32 otherwise, then cast to the i
 
 :class:`FoldCache` keeps the folded (and, on CPU, oneDNN-prepacked) weights of one block so an eval forward
 does not redo them. An entry is valid while every tensor it was made from is the same storage at the same
-version: an optimizer step, ``load_state_dict``, ``copy_``, ``.to()`` or a train-mode forward (which updates the
-running statistics) all make the next call rebuild it. Writes that bypass autograd's version counter
+version (inference tensors, which have no version, by their storage alone): an optimizer step,
+``load_state_dict``, ``copy_``, ``.to()`` or a train-mode forward (which updates the running statistics) all make
+the next call rebuild it. Writes that bypass autograd's version counter
 (``param.data.copy_(...)``) cannot be seen: call :func:`clear_fold_caches` after those.
 """
 
@@ -46,7 +47,9 @@ def fold_conv_bn(weight: Tensor, conv_bias: Optional[Tensor], bn: BatchNormParam
 def _stamp(t: Optional[Tensor]):
     if t is None:
         return None
-    return (t.data_ptr(), t._version, t.dtype, t.device, tuple(t.shape))
+    # inference tensors (made under torch.inference_mode) have no version counter: their storage identifies them
+    version = None if t.is_inference() else t._version
+    return (t.data_ptr(), version, t.dtype, t.device, tuple(t.shape))
 
 
 class FoldCache:

@@ -87,3 +87,19 @@ def test_committed_tables_are_current():
     out = subprocess.run([sys.executable, "benchmarks/update_tables.py", "--check"], cwd=ROOT, capture_output=True,
                          text=True)
     assert out.returncode == 0, out.stderr
+
+
+def test_bench_pad_vs_mask_script(tmp_path):
+    """The mask-or-pad benchmark (ready for the GPU) runs end to end on the CPU through the Triton interpreter."""
+    pytest.importorskip("triton")
+    import os
+
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    out = subprocess.run([sys.executable, "benchmarks/bench_pad_vs_mask.py", "--device", "cpu", "--batch", "1",
+                          "--size", "32", "--dtype", "float32", "--out-dir", str(tmp_path), "--name", "r"],
+                         capture_output=True, text=True, timeout=900, cwd=ROOT, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    r = json.loads((tmp_path / "r.json").read_text())
+    assert [row["width"] for row in r["rows"]] == [26, 52, 104, 208]
+    assert [row["padded_width"] for row in r["rows"]] == [32, 64, 112, 208]
+    assert all(row["masked_ms"] > 0 and row["padded_ms"] > 0 for row in r["rows"])

@@ -257,3 +257,17 @@ def test_compile_fullgraph_matches_eager(train):
         torch.testing.assert_close(compiled(x), eager(x), rtol=1e-5, atol=1e-5)
     for k, v in eager.state_dict().items():
         torch.testing.assert_close(mod.state_dict()[k], v, rtol=1e-5, atol=1e-5, msg=k)
+
+
+def test_eval_under_inference_mode():
+    """torch.inference_mode (what serving code and the model benchmark use): the blocks' cached folds include
+    tensors made under it (inference tensors have no version counter); two forwards match the original."""
+    m = timm.create_model("resnetv2_50", pretrained=False, num_classes=10)
+    randomize_bn(m).eval()
+    new = resfast.convert(m)
+    x = torch.randn(1, 3, 32, 32)
+    with torch.inference_mode():
+        ref = m(x)
+        out1, out2 = new(x), new(x)
+    torch.testing.assert_close(out1, ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out2, out1, rtol=0, atol=0)
