@@ -1,4 +1,6 @@
 // CPU kernel of resfast::bn_act: one pass over x, per-channel affine, optional residual, optional ReLU.
+#include <algorithm>
+
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -28,13 +30,27 @@ at::Tensor bn_act_cpu(const at::Tensor& x_, const at::Tensor& scale_, const at::
     const scalar_t* bp = shift.const_data_ptr<scalar_t>();
     const scalar_t* rp = residual.defined() ? residual.const_data_ptr<scalar_t>() : nullptr;
     scalar_t* yp = y.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, total, 4096, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        const int64_t c = cl ? i % C : (i / HW) % C;
-        opmath_t v = static_cast<opmath_t>(xp[i]) * static_cast<opmath_t>(sp[c]) + static_cast<opmath_t>(bp[c]);
-        if (rp) v += static_cast<opmath_t>(rp[i]);
+    // One contiguous run at a time (a pixel's C channels in channels_last, an (n, c) plane in NCHW), so the
+    // channel is known per run, not computed with a division per element, and the inner loop vectorizes.
+    auto run = [&](int64_t off, int64_t len, int64_t c0, int64_t c_step) {
+      for (int64_t j = 0; j < len; ++j) {
+        const int64_t c = c0 + j * c_step;
+        opmath_t v = static_cast<opmath_t>(xp[off + j]) * static_cast<opmath_t>(sp[c]) +
+                     static_cast<opmath_t>(bp[c]);
+        if (rp) v += static_cast<opmath_t>(rp[off + j]);
         if (relu) v = v > opmath_t(0) ? v : opmath_t(0);
-        yp[i] = static_cast<scalar_t>(v);
+        yp[off + j] = static_cast<scalar_t>(v);
+      }
+    };
+    const int64_t len = cl ? C : HW;
+    const int64_t runs = total / len;
+    at::parallel_for(0, runs, std::max<int64_t>(1, 4096 / len), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        if (cl) {
+          run(r * C, C, 0, 1);
+        } else {
+          run(r * HW, HW, r % C, 0);
+        }
       }
     });
   });
