@@ -235,6 +235,8 @@ def run(models, providers, modes, batches, dtypes, device, stages=None, progress
                 if r.get("median_ms") and r.get("min_bytes"):
                     row["gbs"] = r["min_bytes"] / (r["median_ms"] * 1e-3) / 1e9
                     row["pct_of_floor"] = 100 * row["gbs"] / bw
+                    if device.type == "cuda":  # the floor: H100 HBM at a nominal 3.0 TB/s
+                        row["pct_of_3tbs"] = 100 * row["gbs"] / 3000
                 rows.append(row)
                 if progress:
                     progress.update(1)

@@ -82,9 +82,13 @@ def test_bn_relu_conv_real_shape(dtype):
 
 
 @pytest.mark.parametrize("name", ["res2net50_26w_4s", "res2net50_14w_8s", "res2next50", "resnext50_32x4d",
-                                  "resnet50", "resnet50_v2"])
+                                  "resnet50", "resnet50_v2", "timm:resnetv2_50"])
 def test_whole_model_logits_bf16(name):
-    model = randomize_bn(models.get_model(name)).eval().cuda()
+    if name.startswith("timm:"):  # timm's own pre-activation model, converted
+        timm = pytest.importorskip("timm")
+        model = randomize_bn(resfast.convert(timm.create_model(name[5:]))).eval().cuda()
+    else:
+        model = randomize_bn(models.get_model(name)).eval().cuda()
     x = _x((8, 3, 224, 224), torch.float32)
     with torch.no_grad():
         ref = copy.deepcopy(model).double()(x.double())
