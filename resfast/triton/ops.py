@@ -97,19 +97,36 @@ def pre_bn(cache, bn, dtype):
                      (bn.eps, dtype))
 
 
+def _packed_with_projection(args, dtype):
+    """(main packed weight, shortcut packed weight, one bias with both BatchNorm shifts): one cache entry, so an
+    eval forward adds no per-call work (not even the (C_out,) sum of the shifts)."""
+    sc = args.shortcut
+
+    def build():
+        w, shift = packed_conv(None, args.weight, args.bias, args.bn, dtype)
+        sw, s_shift = packed_conv(None, sc.weight, sc.bias, sc.bn, dtype)
+        return w, sw, shift + s_shift
+
+    if args.cache is None:
+        with torch.no_grad():
+            return build()
+    sources = (args.weight, args.bias, *_bn_sources(args.bn), sc.weight, sc.bias, *_bn_sources(sc.bn))
+    return args.cache.get(("triton-proj", id(args.weight), id(sc.weight)), sources, build,
+                          (args.bn.eps, sc.bn.eps, dtype))
+
+
 def conv_bn_relu(args):
     from . import library  # noqa: F401  (registers torch.ops.resfast_triton)
 
     dtype = args.x.dtype
-    w, shift = packed_conv(args.cache, args.weight, args.bias, args.bn, dtype)
     sx = sw = None
     s_stride = [1, 1]
     sc = args.shortcut
-    if sc is not None:
-        sw, s_shift = packed_conv(args.cache, sc.weight, sc.bias, sc.bn, dtype)
+    if sc is None:
+        w, shift = packed_conv(args.cache, args.weight, args.bias, args.bn, dtype)
+    else:
+        w, sw, shift = _packed_with_projection(args, dtype)
         sx, s_stride = sc.x, list(sc.stride)
-        # one bias for both GEMMs: both BatchNorm shifts (a (C_out,) add per call, not worth a cache entry)
-        shift = shift + s_shift
     return torch.ops.resfast_triton.conv_bn_relu(args.x, w, shift, list(args.stride), list(args.padding),
                                                  list(args.dilation), args.groups, args.relu, args.residual,
                                                  sx, sw, s_stride)
