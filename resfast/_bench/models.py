@@ -25,7 +25,9 @@ MODELS = {
     "resnext50_32x4d": ("torchvision", "resnext50_32x4d"),
     "resnetv2_50": ("timm", "resnetv2_50"),
 }
-PROVIDERS = ("eager", "resfast", "compile", "compile-max-autotune")
+# resfast-triton: resfast with the Triton backend selected explicitly (auto does not pick it until it has been verified
+# on a GPU), so a GPU run measures it either way
+PROVIDERS = ("eager", "resfast", "resfast-triton", "compile", "compile-max-autotune")
 MODES = ("infer", "train")
 RESFAST_BLOCKS = ("BasicBlock", "Bottleneck", "Bottle2neck", "Res2NetBottleneck", "Res2Block", "ResBlock",
                   "PreActBasicBlock", "PreActBottleneck", "TimmPreActBottleneck", "TimmPreActBasic")
@@ -107,7 +109,21 @@ def time_interleaved(fns: dict, device, warmup: int, iters: int, desc: str, roun
     return times
 
 
-def _make_step(model, x, mode: str, amp_dtype):
+def _make_step(model, x, mode: str, amp_dtype, backend=None):
+    """One inference call or one training step (forward, cross-entropy, backward, SGD); under ``backend`` (a resfast
+    backend name) when given."""
+    step = _plain_step(model, x, mode, amp_dtype)
+    if backend is None:
+        return step
+    import resfast
+
+    def with_backend():
+        with resfast.backend(backend):
+            return step()
+    return with_backend
+
+
+def _plain_step(model, x, mode: str, amp_dtype):
     if mode == "infer":
         model.eval()
 
@@ -158,13 +174,13 @@ def run(models, modes, providers, batch, size, dtype, device, channels_last, war
             for p in providers:
                 if p == "eager":
                     m = base
-                elif p == "resfast":
-                    m = resfast.convert(base)
+                elif p in ("resfast", "resfast-triton"):
+                    m = resfast.convert(base)  # a converted copy
                 else:
                     kw = {"mode": "max-autotune"} if p == "compile-max-autotune" else {}
                     m = torch.compile(copy.deepcopy(base), **kw)
-                steps[(name, p)] = _make_step(m, x, mode, amp)
-                ours, total = count_blocks(m) if p == "resfast" else (0, count_blocks(base)[1])
+                steps[(name, p)] = _make_step(m, x, mode, amp, "triton" if p == "resfast-triton" else None)
+                ours, total = count_blocks(m) if p.startswith("resfast") else (0, count_blocks(base)[1])
                 extra[(name, p)] = {"resfast_blocks": f"{ours}/{total}"}
             if mode == "infer":  # correctness first: every provider against eager
                 ref = steps[(name, "eager")]().float() if "eager" in providers else None
@@ -180,7 +196,8 @@ def run(models, modes, providers, batch, size, dtype, device, channels_last, war
             med = statistics.median(t)
             rows.append({
                 "kind": "models", "model": name, "provider": p, "mode": mode, "batch": batch, "size": size,
-                "dtype": str(dtype).replace("torch.", ""), "backend": backend if p == "resfast" else "pytorch",
+                "dtype": str(dtype).replace("torch.", ""),
+                "backend": {"resfast": backend, "resfast-triton": "triton"}.get(p, "pytorch"),
                 "median_ms": med * 1e3, "p20_ms": quantile(t, 0.2) * 1e3, "p80_ms": quantile(t, 0.8) * 1e3,
                 "images_per_s": batch / med, **extra[(name, p)],
             })

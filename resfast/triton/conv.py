@@ -25,7 +25,6 @@ The idea is the implicit-GEMM convolution of cuDNN/CUTLASS and inductor's Triton
 
 from __future__ import annotations
 
-import os
 from typing import NamedTuple, Optional
 
 import torch
@@ -33,6 +32,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 from torch.library import wrap_triton
+
+from .batchnorm import STATS_BLOCK_M, tile_moments
+from .common import _is_fake, interpreting  # noqa: F401  (re-exported: the ops' modules import them from here)
 
 
 @triton.jit
@@ -73,13 +75,14 @@ def _passthrough_tile(
 
 @triton.jit
 def _load_input(
-    X_ptr, A_ptr, PS_ptr, PT_ptr, on, cin, ih, iw, mask, c_mask,
+    X_ptr, A_ptr, PS_ptr, PT_ptr, PC_ptr, on, cin, ih, iw, mask, c_mask,
     sxn, sxc, sxh, sxw, san, sac, sah, saw,
     HAS_ADD: tl.constexpr, PRE_BN_RELU: tl.constexpr, ACC_F64: tl.constexpr,
 ):
     """The conv input at pixels (on, ih, iw) [rows] and channels cin [columns], zero where ~mask, with the
     prologues: ``+ A`` (Res2Net adds the previous split's output; never stored) and ``relu(x * ps + pt)``
-    (pre-activation; padding stays zero after it)."""
+    (PRE_BN_RELU 1: pre-activation with eval BatchNorm folded) or ``relu((x - pc) * ps + pt)`` (2: with batch
+    statistics); padding stays zero after it."""
     cin = cin.to(tl.int64)
     ih = ih.to(tl.int64)
     iw = iw.to(tl.int64)
@@ -90,25 +93,28 @@ def _load_input(
         acc_dtype = tl.float64 if ACC_F64 else tl.float32
         ps = tl.load(PS_ptr + cin, mask=c_mask, other=0.0).to(acc_dtype)
         pt = tl.load(PT_ptr + cin, mask=c_mask, other=0.0).to(acc_dtype)
-        act = tl.maximum(a.to(acc_dtype) * ps[None, :] + pt[None, :], 0.0)
+        v = a.to(acc_dtype)
+        if PRE_BN_RELU == 2:  # training statistics: (x - mean) * scale + beta, as F.batch_norm computes it
+            v -= tl.load(PC_ptr + cin, mask=c_mask, other=0.0).to(acc_dtype)[None, :]
+        act = tl.maximum(v * ps[None, :] + pt[None, :], 0.0)
         a = tl.where(mask, act, 0.0).to(X_ptr.dtype.element_ty)
     return a
 
 
 @triton.jit
 def _conv_tile(
-    X_ptr, A_ptr, PS_ptr, PT_ptr, W_ptr, B_ptr, R_ptr, Y_ptr, pid_m, pid_n,
+    X_ptr, A_ptr, PS_ptr, PT_ptr, PC_ptr, W_ptr, B_ptr, R_ptr, Y_ptr, pid_m, pid_n,
     N, C_in, H, W, C_out, H_out, W_out,
     sxn, sxc, sxh, sxw,
     san, sac, sah, saw,
     srn, src, srh, srw,
     syn, syc, syh, syw,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
-    D_ptr, WD_ptr, C_d, sdn, sdc, sdh, sdw, ds_stride_h, ds_stride_w,
+    D_ptr, WD_ptr, C_d, sdn, sdc, sdh, sdw, ds_stride_h, ds_stride_w, PM_ptr, PV_ptr,
     CIN_G: tl.constexpr, COUT_G: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, G_TILE: tl.constexpr,
     DIRECT: tl.constexpr,
     HAS_ADD: tl.constexpr, PRE_BN_RELU: tl.constexpr, HAS_RES: tl.constexpr, RELU: tl.constexpr,
-    HAS_DS: tl.constexpr, ACC_F64: tl.constexpr,
+    HAS_DS: tl.constexpr, STATS: tl.constexpr, ACC_F64: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -132,7 +138,7 @@ def _conv_tile(
             ih = oh * stride_h - pad_h + (t // KW) * dil_h
             iw = ow * stride_w - pad_w + (t % KW) * dil_w
             ok = m_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-            a = _load_input(X_ptr, A_ptr, PS_ptr, PT_ptr, on, cin, ih[:, None], iw[:, None],
+            a = _load_input(X_ptr, A_ptr, PS_ptr, PT_ptr, PC_ptr, on, cin, ih[:, None], iw[:, None],
                             ok[:, None] & n_mask[None, :], n_mask,
                             sxn, sxc, sxh, sxw, san, sac, sah, saw, HAS_ADD, PRE_BN_RELU, ACC_F64)
             # packed weights with CIN_G == 1: row t = (kh, kw), column = output channel
@@ -161,7 +167,7 @@ def _conv_tile(
             ih = oh[:, None] * stride_h - pad_h + kh_[None, :] * dil_h
             iw = ow[:, None] * stride_w - pad_w + kw_[None, :] * dil_w
             a_mask = m_mask[:, None] & k_mask[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-            a = _load_input(X_ptr, A_ptr, PS_ptr, PT_ptr, on, cin, ih, iw, a_mask, k_mask,
+            a = _load_input(X_ptr, A_ptr, PS_ptr, PT_ptr, PC_ptr, on, cin, ih, iw, a_mask, k_mask,
                             sxn, sxc, sxh, sxw, san, sac, sah, saw, HAS_ADD, PRE_BN_RELU, ACC_F64)
             # packed weights: [KH * KW * CIN_G, C_out], row (kh, kw, c within the group), column = output channel
             row = (kh_ * KW + kw_) * CIN_G + cl % CIN_G
@@ -190,6 +196,15 @@ def _conv_tile(
     acc = acc + bias[None, :]
     out_mask = m_mask[:, None] & n_mask[None, :]
     co64 = cout.to(tl.int64)
+    if STATS:
+        # training BatchNorm: this tile's per-channel mean and variance, from the accumulator (the
+        # raw conv output + bias, before any rounding to the output dtype), row pid_m of the partial buffers
+        # (the launch runs BLOCK_M == batchnorm.STATS_BLOCK_M); batchnorm.finalize merges the rows
+        n_valid = tl.minimum(N * H_out * W_out - pid_m.to(tl.int64) * BLOCK_M, BLOCK_M).to(acc_dtype)
+        t_mean, t_m2 = tile_moments(acc, m_mask, n_valid)
+        p_off = pid_m.to(tl.int64) * C_out + co64
+        tl.store(PM_ptr + p_off, t_mean, mask=n_mask)
+        tl.store(PV_ptr + p_off, t_m2, mask=n_mask)
     if HAS_RES:
         r_ptrs = R_ptr + on[:, None] * srn + co64[None, :] * src + oh[:, None] * srh + ow[:, None] * srw
         acc += tl.load(r_ptrs, mask=out_mask, other=0.0).to(acc_dtype)
@@ -201,7 +216,7 @@ def _conv_tile(
 
 @triton.jit
 def _conv_bn_act_fwd_kernel(
-    X_ptr, A_ptr, PS_ptr, PT_ptr, W_ptr, B_ptr, R_ptr, Y_ptr, P_ptr, Q_ptr,
+    X_ptr, A_ptr, PS_ptr, PT_ptr, PC_ptr, W_ptr, B_ptr, R_ptr, Y_ptr, P_ptr, Q_ptr,
     N, C_in, H, W, C_out, H_out, W_out,
     sxn, sxc, sxh, sxw,
     san, sac, sah, saw,
@@ -212,11 +227,11 @@ def _conv_bn_act_fwd_kernel(
     spn, spc, sph, spw,
     sqn, sqc, sqh, sqw,
     pt_stride,
-    D_ptr, WD_ptr, C_d, sdn, sdc, sdh, sdw, ds_stride_h, ds_stride_w,
+    D_ptr, WD_ptr, C_d, sdn, sdc, sdh, sdw, ds_stride_h, ds_stride_w, PM_ptr, PV_ptr,
     CIN_G: tl.constexpr, COUT_G: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, G_TILE: tl.constexpr,
     DIRECT: tl.constexpr, HAS_CONV: tl.constexpr, HAS_ADD: tl.constexpr, PRE_BN_RELU: tl.constexpr,
     HAS_RES: tl.constexpr, RELU: tl.constexpr, HAS_PT: tl.constexpr, PT_POOL: tl.constexpr, HAS_DS: tl.constexpr,
-    ACC_F64: tl.constexpr,
+    STATS: tl.constexpr, ACC_F64: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
@@ -230,12 +245,12 @@ def _conv_bn_act_fwd_kernel(
                               spn, spc, sph, spw, sqn, sqc, sqh, sqw, pt_stride,
                               PT_POOL, ACC_F64, BLOCK_M, BLOCK_C)
     elif HAS_CONV:
-        _conv_tile(X_ptr, A_ptr, PS_ptr, PT_ptr, W_ptr, B_ptr, R_ptr, Y_ptr, pid_m, pid_n,
+        _conv_tile(X_ptr, A_ptr, PS_ptr, PT_ptr, PC_ptr, W_ptr, B_ptr, R_ptr, Y_ptr, pid_m, pid_n,
                    N, C_in, H, W, C_out, H_out, W_out,
                    sxn, sxc, sxh, sxw, san, sac, sah, saw, srn, src, srh, srw, syn, syc, syh, syw,
                    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
-                   D_ptr, WD_ptr, C_d, sdn, sdc, sdh, sdw, ds_stride_h, ds_stride_w,
-                   CIN_G, COUT_G, KH, KW, G_TILE, DIRECT, HAS_ADD, PRE_BN_RELU, HAS_RES, RELU, HAS_DS, ACC_F64,
+                   D_ptr, WD_ptr, C_d, sdn, sdc, sdh, sdw, ds_stride_h, ds_stride_w, PM_ptr, PV_ptr,
+                   CIN_G, COUT_G, KH, KW, G_TILE, DIRECT, HAS_ADD, PRE_BN_RELU, HAS_RES, RELU, HAS_DS, STATS, ACC_F64,
                    INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
 
 
@@ -342,15 +357,6 @@ def _passthrough_launch_args(pt: Optional[PassThrough], like: Tensor):
                 cols=triton.cdiv(C, block_c), BLOCK_C=block_c, pool=bool(pt.pool))
 
 
-def _is_fake(t: Tensor) -> bool:
-    """A FakeTensor call is the op's fake implementation (triton_op runs the Python body): outputs are allocated
-    with their real strides and nothing is launched (the interpreter cannot read fake data; on a GPU the
-    wrap_triton HOP would do nothing either)."""
-    from torch._subclasses.fake_tensor import FakeTensor
-
-    return isinstance(t, FakeTensor)
-
-
 # Autotuning: a few tile shapes per conv shape, benchmarked once per key on the GPU (Triton's autotuner caches
 # the winner per key in memory). BLOCK_N, G_TILE and the pass-through's BLOCK_C follow from the channels
 # (conv_tiling), so they are not tuned.
@@ -364,17 +370,15 @@ CONFIGS = [
 # the shape and the structure of the launch; Triton adds every tensor's dtype
 AUTOTUNE_KEY = ["N", "C_in", "H", "W", "C_out", "H_out", "W_out", "stride_h", "stride_w", "dil_h", "dil_w", "C_pt",
                 "C_d", "CIN_G", "COUT_G", "KH", "KW", "G_TILE", "DIRECT", "HAS_CONV", "HAS_ADD", "PRE_BN_RELU",
-                "HAS_PT", "HAS_DS"]
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+                "HAS_PT", "HAS_DS", "STATS"]
 
 
 def _prune_configs(configs, named_args, **kwargs):
     """Drop tiles larger than the problem (BLOCK_M beyond the output pixels, BLOCK_K beyond the reduction) and,
     where no tl.dot reduces over K (DIRECT, pass-through only), configs that differ only in BLOCK_K."""
     a = {**named_args, **kwargs}
+    if a["STATS"]:  # the statistics partials have one row per STATS_BLOCK_M output pixels
+        configs = [c for c in configs if c.kwargs["BLOCK_M"] == STATS_BLOCK_M]
     max_m = max(32, triton.next_power_of_2(a["N"] * a["H_out"] * a["W_out"]))
     kept = [c for c in configs if c.kwargs["BLOCK_M"] <= max_m]
     if a["HAS_CONV"] and not a["DIRECT"]:
@@ -384,7 +388,7 @@ def _prune_configs(configs, named_args, **kwargs):
         seen: set = set()
         kept = [c for c in kept if not ((c.kwargs["BLOCK_M"], c.num_warps, c.num_stages) in seen
                                         or seen.add((c.kwargs["BLOCK_M"], c.num_warps, c.num_stages)))]
-    return kept or [configs[0]]
+    return kept or configs[:1]
 
 
 def make_tuned_kernel(configs, do_bench=None):
@@ -424,14 +428,14 @@ def passthrough_fwd(pt: PassThrough) -> None:
     x = pt.src
     _launch(
         M, p["cols"],
-        x, x, x, x, x, x, x, x, p["P"], p["Q"],
+        x, x, x, x, x, x, x, x, x, p["P"], p["Q"],
         N, 0, H, W, 0, H_out, W_out,
         *(0,) * 16, 1, 1, 0, 0, 1, 1,
         0, p["C_pt"], *p["sp"], *p["sq"], p["stride"],
-        **_projection_launch_args(None, x, N, 0, H_out, W_out),
+        **_projection_launch_args(None, x, N, 0, H_out, W_out), PM_ptr=x, PV_ptr=x,
         CIN_G=1, COUT_G=1, KH=1, KW=1, G_TILE=1, DIRECT=False,
         HAS_CONV=False, HAS_ADD=False, PRE_BN_RELU=False, HAS_RES=False, RELU=False, HAS_PT=True, PT_POOL=p["pool"],
-        HAS_DS=False,
+        HAS_DS=False, STATS=False,
         ACC_F64=x.dtype == torch.float64, INPUT_PRECISION=None,
         BLOCK_N=16, BLOCK_C=p["BLOCK_C"],
     )
@@ -451,15 +455,20 @@ def conv_bn_act_fwd(
     out: Optional[Tensor] = None,
     pre_scale: Optional[Tensor] = None,
     pre_shift: Optional[Tensor] = None,
+    pre_mean: Optional[Tensor] = None,
     passthrough: Optional[PassThrough] = None,
     projection: Optional[Projection] = None,
+    stats: Optional[tuple[Tensor, Tensor]] = None,
 ) -> Tensor:
     """Launch the kernel. x (N, C_in, H, W) any strides; ``w_packed`` (kH, kW, C_in/groups, C_out) from pack_weight;
     ``bias`` (C_out,) the folded shift (plus the projection's); ``add`` (x's shape) is added to x while loading;
     writes ``out`` (any strides, e.g. a channel slice of a larger tensor) or returns a new channels_last tensor.
-    ``pre_scale``/``pre_shift`` (C_in,) apply ``relu(x * pre_scale + pre_shift)`` to the input as it is loaded.
+    ``pre_scale``/``pre_shift`` (C_in,) apply ``relu(x * pre_scale + pre_shift)`` to the input as it is loaded,
+    ``relu((x - pre_mean) * pre_scale + pre_shift)`` with ``pre_mean`` (training statistics).
     ``passthrough`` (same output pixels) is copied/pooled by extra programs of the same launch; ``projection``
-    (a 1x1 shortcut conv, same output pixels) is added to the accumulator before the bias, residual and ReLU."""
+    (a 1x1 shortcut conv, same output pixels) is added to the accumulator before the bias, residual and ReLU.
+    ``stats`` (two (cdiv(M, STATS_BLOCK_M), C_out) buffers, batchnorm.new_partials) receive the per-tile mean and
+    variance of the output (conv + bias) for training BatchNorm; no residual or ReLU with them."""
     N, C_in, H, W = x.shape
     kh, kw, cin_g_w, C_out = w_packed.shape
     if cin_g_w * groups != C_in:
@@ -489,20 +498,26 @@ def conv_bn_act_fwd(
     g_tile, direct, BLOCK_N, n_conv_cols = conv_tiling(C_out, cin_g, cout_g, groups)
     r = residual if residual is not None else y
     a = add if add is not None else x
+    if stats is not None and (residual is not None or relu or projection is not None):
+        raise ValueError("stats are the conv output's: no residual, projection or ReLU in the same launch")
+    pm, pv = stats if stats is not None else (bias, bias)
     pre = pre_scale is not None
     ps = pre_scale if pre else bias
     pt = pre_shift if pre else bias
+    pc = pre_mean if pre_mean is not None else ps
     _launch(
         M, n_conv_cols + p["cols"],
-        x, a, ps, pt, w_packed, bias, r, y, p["P"], p["Q"],
+        x, a, ps, pt, pc, w_packed, bias, r, y, p["P"], p["Q"],
         N, C_in, H, W, C_out, H_out, W_out,
         *x.stride(), *a.stride(), *r.stride(), *y.stride(),
         stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
         n_conv_cols, p["C_pt"], *p["sp"], *p["sq"], p["stride"],
-        **d,
+        **d, PM_ptr=pm, PV_ptr=pv,
         CIN_G=cin_g, COUT_G=cout_g, KH=kh, KW=kw, G_TILE=g_tile, DIRECT=direct,
-        HAS_CONV=C_out > 0, HAS_ADD=add is not None, PRE_BN_RELU=pre, HAS_RES=residual is not None, RELU=relu,
+        HAS_CONV=C_out > 0, HAS_ADD=add is not None, PRE_BN_RELU=(2 if pre_mean is not None else 1) if pre else 0,
+        HAS_RES=residual is not None, RELU=relu,
         HAS_PT=passthrough is not None, PT_POOL=p["pool"], HAS_DS=projection is not None and d["C_d"] > 0,
+        STATS=stats is not None,
         ACC_F64=x.dtype == torch.float64,
         # fp32 follows cuDNN's TF32 switch, as nn.Conv2d does; other dtypes take Triton's default
         INPUT_PRECISION=("tf32" if torch.backends.cudnn.allow_tf32 and x.is_cuda else "ieee")

@@ -1,17 +1,19 @@
 """The Triton backend's op implementations (from prepared op arguments) and what they support.
 
-So far, forward only, eval-mode BatchNorm (running statistics or FrozenBatchNorm2d):
-``conv_bn_relu`` (with a 1x1 projection shortcut as a second GEMM in the same kernel), ``bn_relu_conv``
-(BatchNorm + ReLU applied to the input tile as it is loaded), and ``res2net_chain`` (scale - 1 conv launches,
-each reading its split in place, adding the previous split's output in its prologue and writing its channel slice
-of the output; the pass-through split is copied or average-pooled into its slice by extra programs of the first
-launch). Training and backward come with
-the Triton issues.
+Eval BatchNorm without gradients (inference): ``conv_bn_relu`` (with a 1x1 projection shortcut as a second GEMM in
+the same kernel), ``bn_relu_conv`` (BatchNorm + ReLU applied to the input tile as it is loaded), and
+``res2net_chain`` (scale - 1 conv launches, each reading its split in place, adding the previous split's output in
+its prologue and writing its channel slice of the output; the pass-through split is copied or average-pooled into
+its slice by extra programs of the first launch), with the BatchNorm folded into packed weights kept in the calling
+block's FoldCache, so an eval forward re-packs nothing (library.py).
 
-Each op is a dispatcher op, ``torch.ops.resfast_triton.<op>`` (library.py); ``KERNELS[op](prepared args)``, the
-dispatch layer's entry point, folds eval BatchNorm into the weights, packs them for the kernels (both kept in the
-calling block's FoldCache, so an eval forward re-packs nothing) and calls it. This module
-imports triton only when a kernel runs, so the dispatch layer can ask input_reasons without it.
+Training BatchNorm (batch statistics, running buffers updated exactly as nn.BatchNorm2d), or any call whose inputs
+require grad: the training ops of training.py, with their backward ops wired to autograd. The projection shortcut
+is then its own conv + BatchNorm op whose output is the main op's residual. ``scale_add_relu`` has no backward yet.
+
+Under ``torch.autocast`` the convolutions run in the autocast dtype (inputs, weights, biases and residuals cast to
+it, as F.conv2d would be), BatchNorm statistics and parameters stay fp32.
+This module imports triton only when a kernel runs, so the dispatch layer can ask input_reasons without it.
 """
 
 from __future__ import annotations
@@ -20,43 +22,68 @@ import os
 
 import torch
 
+from ..ops.batchnorm import resolve_bn
 from ..ops.checks import needs_batch_stats
 
 CUDA_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 INTERPRETER_DTYPES = (torch.float32, torch.float64)
 
 
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the convolutions run in: the autocast dtype where autocast is on for x's device, else x's."""
+    if torch.is_autocast_enabled(x.device.type) and x.is_floating_point():
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+def _grad_tensors(op: str, args) -> list:
+    if op == "res2net_chain":
+        ts = [args.x, *args.weights, *args.biases, *[t for bn in args.bns for t in (bn.weight, bn.bias)]]
+    elif op == "scale_add_relu":
+        ts = [args.x, args.gate, args.residual]
+    else:
+        ts = [args.x, args.weight, args.bias, args.residual, args.bn.weight, args.bn.bias]
+        sc = args.shortcut if op == "conv_bn_relu" else None
+        if sc is not None:
+            ts += [sc.x, sc.weight, sc.bias, sc.bn.weight, sc.bn.bias]
+    return [t for t in ts if t is not None]
+
+
+def wants_grad(op: str, args) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in _grad_tensors(op, args))
+
+
+def training_path(op: str, args) -> bool:
+    """Whether the call needs the training ops: batch statistics somewhere, or gradients."""
+    if op == "res2net_chain":
+        bns = args.bns
+    elif op == "scale_add_relu":
+        bns = ()
+    else:
+        sc = args.shortcut if op == "conv_bn_relu" else None
+        bns = (args.bn,) if sc is None else (args.bn, sc.bn)
+    return any(needs_batch_stats(bn, args.training) for bn in bns) or wants_grad(op, args)
+
+
 def input_reasons(op: str, args) -> list[str]:
     """Why the Triton implementation of `op` cannot take these prepared arguments (empty when it can)."""
     reasons = []
     x = args.x
+    dtype = compute_dtype(x)
     interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
     if x.device.type == "cuda":
-        if x.dtype not in CUDA_DTYPES:
-            reasons.append(f"dtype {x.dtype} is not supported by the Triton kernels on CUDA")
+        if dtype not in CUDA_DTYPES:
+            reasons.append(f"dtype {dtype} is not supported by the Triton kernels on CUDA")
     elif x.device.type == "cpu" and interpret:
-        if x.dtype not in INTERPRETER_DTYPES:
-            reasons.append(f"dtype {x.dtype} is not supported under the Triton interpreter (float32/float64)")
-    if op == "res2net_chain":
-        if any(needs_batch_stats(bn, args.training) for bn in args.bns):
-            reasons.append("BatchNorm with batch statistics (training) is not implemented in the Triton backend yet")
-        tensors = [x, *args.weights, *[b for b in args.biases if b is not None],
-                   *[t for bn in args.bns for t in (bn.weight, bn.bias) if t is not None]]
-        if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-            reasons.append("the inputs require grad and the Triton res2net_chain has no backward yet")
-    if op == "scale_add_relu":
-        tensors = [t for t in (x, args.gate, args.residual) if t is not None]
-        if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-            reasons.append("the inputs require grad and the Triton scale_add_relu has no backward yet")
-    if op in ("conv_bn_relu", "bn_relu_conv"):
-        sc = args.shortcut if op == "conv_bn_relu" else None
-        if needs_batch_stats(args.bn, args.training) or (sc is not None and needs_batch_stats(sc.bn, args.training)):
-            reasons.append("BatchNorm with batch statistics (training) is not implemented in the Triton backend yet")
-        tensors = [t for t in (x, args.weight, args.bias, args.residual, args.bn.weight, args.bn.bias) if t is not None]
-        if sc is not None:
-            tensors += [t for t in (sc.x, sc.weight, sc.bias, sc.bn.weight, sc.bn.bias) if t is not None]
-        if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-            reasons.append(f"the inputs require grad and the Triton {op} has no backward yet")
+        if dtype not in INTERPRETER_DTYPES:
+            reasons.append(f"dtype {dtype} is not supported under the Triton interpreter (float32/float64)")
+    if op == "res2net_chain" and training_path(op, args):
+        if len({needs_batch_stats(bn, args.training) for bn in args.bns}) > 1:
+            reasons.append("the chain's BatchNorms mix batch and running statistics (the Triton chain takes one kind)")
+        if len({bn.weight is None for bn in args.bns}) > 1 or len({bn.bias is None for bn in args.bns}) > 1:
+            reasons.append("the chain's BatchNorms mix affine and non-affine (the Triton chain takes one kind)")
+    if op == "scale_add_relu" and wants_grad(op, args):
+        reasons.append("the inputs require grad and the Triton scale_add_relu has no backward yet")
     return reasons
 
 
@@ -115,9 +142,99 @@ def _packed_with_projection(args, dtype):
                           (args.bn.eps, sc.bn.eps, dtype))
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# training (and eval with gradients): the ops of training.py
+
+
+def _stat_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _cast(t, dtype):
+    return None if t is None else t.to(dtype)
+
+
+def _bn_inputs(bn, training, dtype):
+    """(resolved BatchNorm, mean_in, invstd_in): the statistics handed to a training op, None for batch statistics.
+    resolve_bn increments num_batches_tracked, once per BatchNorm per forward, as nn.BatchNorm2d does."""
+    r = resolve_bn(bn, training)
+    if r.use_batch_stats:
+        return r, None, None
+    stat = _stat_dtype(dtype)
+    return r, r.running_mean.detach().to(stat), (r.running_var.detach().to(stat) + r.eps).rsqrt()
+
+
+def _update_running(r, mean, var):
+    if r.update_running:
+        torch.ops.resfast_triton.bn_running_update(r.running_mean, r.running_var, mean, var, r.factor)
+
+
+def _conv_bn_train(x, weight, bias, bn, training, stride, padding, dilation, groups, relu, residual, dtype):
+    r, mean_in, invstd_in = _bn_inputs(bn, training, dtype)
+    y, _, mean, _, var = torch.ops.resfast_triton.conv_bn_train(
+        x.to(dtype), weight.to(dtype), _cast(bias, dtype), r.weight, r.bias, _cast(residual, dtype), mean_in,
+        invstd_in, list(stride), list(padding), list(dilation), groups, relu, r.eps)
+    _update_running(r, mean, var)
+    return y
+
+
+def conv_bn_relu_train(args):
+    from . import training  # noqa: F401  (registers the training ops)
+
+    dtype = compute_dtype(args.x)
+    residual = args.residual
+    sc = args.shortcut
+    if sc is not None:
+        residual = _conv_bn_train(sc.x, sc.weight, sc.bias, sc.bn, args.training, sc.stride, (0, 0), (1, 1), 1,
+                                  False, None, dtype)
+    return _conv_bn_train(args.x, args.weight, args.bias, args.bn, args.training, args.stride, args.padding,
+                          args.dilation, args.groups, args.relu, residual, dtype)
+
+
+def bn_relu_conv_train(args):
+    from . import training  # noqa: F401
+
+    dtype = compute_dtype(args.x)
+    r, mean_in, invstd_in = _bn_inputs(args.bn, args.training, dtype)
+    y, mean, _, var = torch.ops.resfast_triton.bn_relu_conv_train(
+        args.x.to(dtype), r.weight, r.bias, mean_in, invstd_in, args.weight.to(dtype), _cast(args.bias, dtype),
+        _cast(args.residual, dtype), list(args.stride), list(args.padding), list(args.dilation), args.groups, r.eps)
+    _update_running(r, mean, var)
+    return y
+
+
+def res2net_chain_train(args):
+    from . import training  # noqa: F401
+
+    dtype = compute_dtype(args.x)
+    resolved = [_bn_inputs(bn, args.training, dtype) for bn in args.bns]
+    rs = [r for r, _, _ in resolved]
+    given = resolved[0][1] is not None
+    biases = []
+    if any(b is not None for b in args.biases):  # a conv without bias among convs with one: a zero bias
+        biases = [b.to(dtype) if b is not None else args.x.new_zeros(args.width, dtype=dtype) for b in args.biases]
+    out, _, mean, _, var = torch.ops.resfast_triton.res2net_chain_train(
+        args.x.to(dtype), [w.to(dtype) for w in args.weights], biases,
+        [r.weight for r in rs] if rs[0].weight is not None else [],
+        [r.bias for r in rs] if rs[0].bias is not None else [],
+        torch.stack([m for _, m, _ in resolved]) if given else None,
+        torch.stack([v for _, _, v in resolved]) if given else None,
+        args.scale, args.stride, args.dilation, args.groups, args.order, args.block_type, [r.eps for r in rs])
+    for k, r in enumerate(rs):
+        _update_running(r, mean[k], var[k])
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# inference
+
+
 def conv_bn_relu(args):
     from . import library  # noqa: F401  (registers torch.ops.resfast_triton)
 
+    if training_path("conv_bn_relu", args):
+        return conv_bn_relu_train(args)
+    args = _autocast_inputs(args)
     dtype = args.x.dtype
     sx = sw = None
     s_stride = [1, 1]
@@ -135,6 +252,9 @@ def conv_bn_relu(args):
 def bn_relu_conv(args):
     from . import library  # noqa: F401
 
+    if training_path("bn_relu_conv", args):
+        return bn_relu_conv_train(args)
+    args = _autocast_inputs(args)
     dtype = args.x.dtype
     scale, shift = pre_bn(args.cache, args.bn, dtype)
     w, bias = packed_conv(args.cache, args.weight, args.bias, None, dtype)
@@ -146,10 +266,27 @@ def bn_relu_conv(args):
 def res2net_chain(args):
     from . import library  # noqa: F401
 
+    if training_path("res2net_chain", args):
+        return res2net_chain_train(args)
+    args = _autocast_inputs(args)
     packed = [packed_conv(args.cache, w, b, bn, args.x.dtype) for w, b, bn in zip(args.weights, args.biases, args.bns)]
     return torch.ops.resfast_triton.res2net_chain(args.x, [p[0] for p in packed], [p[1] for p in packed],
                                                   args.scale, args.stride, args.dilation, args.groups, args.order,
                                                   args.block_type)
+
+
+def _autocast_inputs(args):
+    """Under autocast, the activations in the autocast dtype (the packed weights follow x's dtype)."""
+    dtype = compute_dtype(args.x)
+    if dtype == args.x.dtype:
+        return args
+    fields = {"x": args.x.to(dtype)}
+    if getattr(args, "residual", None) is not None:
+        fields["residual"] = args.residual.to(dtype)
+    sc = getattr(args, "shortcut", None)
+    if sc is not None:
+        fields["shortcut"] = sc._replace(x=sc.x.to(dtype))
+    return args._replace(**fields)
 
 
 def scale_add_relu(args):

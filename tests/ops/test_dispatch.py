@@ -29,18 +29,18 @@ def test_auto_runs_eager_here_when_nothing_else_can():
 def test_explicit_backend_that_cannot_run_lists_reasons_and_touches_nothing(name):
     from resfast.ops._args import prepare_conv_bn_relu
 
-    bn = nn.BatchNorm2d(4)
-    x, w = torch.randn(2, 4, 3, 3), torch.randn(4, 4, 1, 1)
+    bn = nn.BatchNorm2d(4).half()
+    x, w = torch.randn(2, 4, 3, 3).half(), torch.randn(4, 4, 1, 1).half()
     reasons = dispatch.get(name).not_supported_reasons(
         "conv_bn_relu", prepare_conv_bn_relu(x, w, bn, None, 1, 0, 1, 1, True, True, None))
-    assert reasons  # training-mode BatchNorm on a CPU tensor: neither backend runs it today
+    assert reasons  # a float16 CPU tensor: neither backend runs it (not even the Triton interpreter)
     with resfast.backend(name), pytest.raises(resfast.BackendUnavailableError) as e:
         ops.conv_bn_relu(x, w, bn, training=True)
     msg = str(e.value)
     assert f"'{name}' was requested but cannot run conv_bn_relu" in msg
     for reason in reasons:
         assert reason in msg
-    assert int(bn.num_batches_tracked) == 0 and torch.equal(bn.running_mean, torch.zeros(4))
+    assert int(bn.num_batches_tracked) == 0 and torch.equal(bn.running_mean, torch.zeros(4).half())
 
 
 def test_context_manager_restores_and_set_backend():
@@ -94,6 +94,8 @@ def test_availability_lists_every_backend_and_op():
 
 def test_explicit_backend_lists_input_reasons_too():
     with resfast.backend("triton"), pytest.raises(resfast.BackendUnavailableError) as e:
-        ops.conv_bn_relu(torch.randn(2, 4, 3, 3), torch.randn(4, 4, 1, 1), nn.BatchNorm2d(4))
+        ops.conv_bn_relu(torch.randn(2, 4, 3, 3).half(), torch.randn(4, 4, 1, 1).half(), nn.BatchNorm2d(4).half())
     if os.environ.get("TRITON_INTERPRET") != "1":
         assert "TRITON_INTERPRET=1" in str(e.value)
+    else:
+        assert "dtype torch.float16 is not supported under the Triton interpreter" in str(e.value)

@@ -11,6 +11,7 @@ from torch import nn
 import resfast
 from resfast import ops
 from resfast.ops import dispatch
+from resfast.ops.reference import conv_bn_relu_ref
 
 pytest.importorskip("triton")
 pytestmark = needs_triton_runtime
@@ -159,15 +160,17 @@ def test_matches_torchvision_resnext_block_in_eval():
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
 
 
-def test_refuses_what_it_does_not_implement():
+def test_training_and_gradients_run_on_triton():
+    """Training BatchNorm and inputs that require grad go to the training ops (tests/triton/test_triton_training.py
+    checks them in depth); an explicit backend request no longer refuses them."""
     x, w = torch.randn(2, 4, 3, 3, device=DEVICE), torch.randn(4, 4, 1, 1, device=DEVICE)
-    bn = nn.BatchNorm2d(4).to(DEVICE)
-    with resfast.backend("triton"), pytest.raises(resfast.BackendUnavailableError, match="batch statistics"):
-        ops.conv_bn_relu(x, w, bn, training=True)
-    with resfast.backend("triton"), pytest.raises(resfast.BackendUnavailableError, match="require grad"):
-        ops.conv_bn_relu(x, w.requires_grad_(), bn.eval())
-    with resfast.backend("triton"), pytest.raises(resfast.BackendUnavailableError, match="batch statistics"):
-        ops.bn_relu_conv(x, bn.train(), w.detach(), training=True)
+    bn, bn_ref = nn.BatchNorm2d(4).to(DEVICE), nn.BatchNorm2d(4).to(DEVICE)
+    with resfast.backend("triton"):
+        out = ops.conv_bn_relu(x, w, bn, training=True)
+        out_grad = ops.conv_bn_relu(x, w.clone().requires_grad_(), bn.eval())
+    torch.testing.assert_close(out, conv_bn_relu_ref(x, w, bn_ref, training=True), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(bn.running_var, bn_ref.running_var)
+    assert out_grad.requires_grad
 
 
 def test_auto_does_not_pick_unverified_triton():
@@ -271,17 +274,20 @@ def test_projection_shortcut_in_the_same_launch(monkeypatch, case, channels_last
     assert out.is_contiguous(memory_format=torch.channels_last)
 
 
-def test_projection_shortcut_zero_batch_and_refusals():
+def test_projection_shortcut_zero_batch_and_training():
     x, xs = torch.randn(0, 4, 3, 3, device=DEVICE), torch.randn(0, 6, 5, 5, device=DEVICE)
     w, ws = torch.randn(8, 4, 1, 1, device=DEVICE), torch.randn(8, 6, 1, 1, device=DEVICE)
     bn, bns = _bn(8, torch.float32).to(DEVICE), _bn(8, torch.float32).to(DEVICE)
     with resfast.backend("triton"), torch.no_grad():
         out = ops.conv_bn_relu(x, w, bn, shortcut=ops.ConvShortcut(xs, ws, bns, 2))
     assert out.shape == (0, 8, 3, 3)
-    x, xs = torch.randn(1, 4, 3, 3, device=DEVICE), torch.randn(1, 6, 5, 5, device=DEVICE)
+    # batch statistics in the shortcut's BatchNorm, and weights that require grad: the training ops
+    x, xs = torch.randn(2, 4, 3, 3, device=DEVICE), torch.randn(2, 6, 5, 5, device=DEVICE)
     no_stats = ops.BatchNormParams(bns.weight, bns.bias, None, None, None, 0.1, 1e-5)  # always batch statistics
-    with resfast.backend("triton"), torch.no_grad(), pytest.raises(resfast.BackendUnavailableError,
-                                                                    match="batch statistics"):
-        ops.conv_bn_relu(x, w, bn, shortcut=ops.ConvShortcut(xs, ws, no_stats, 2))
-    with resfast.backend("triton"), pytest.raises(resfast.BackendUnavailableError, match="require grad"):
-        ops.conv_bn_relu(x, w, bn, shortcut=ops.ConvShortcut(xs, ws.requires_grad_(), bns.eval(), 2))
+    ref = conv_bn_relu_ref(x, w, bn, shortcut=ops.ConvShortcut(xs, ws, no_stats, 2))
+    with resfast.backend("triton"), torch.no_grad():
+        out = ops.conv_bn_relu(x, w, bn, shortcut=ops.ConvShortcut(xs, ws, no_stats, 2))
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    with resfast.backend("triton"):
+        out = ops.conv_bn_relu(x, w, bn, shortcut=ops.ConvShortcut(xs, ws.clone().requires_grad_(), bns.eval(), 2))
+    assert out.requires_grad

@@ -102,11 +102,15 @@ def test_timm_bottle2neck_through_triton():
         torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
 
 
-def test_training_chain_is_refused():
+def test_chain_with_mixed_statistics_is_refused():
+    """The Triton chain takes one kind of statistics for all its BatchNorms: a FrozenBatchNorm2d among training
+    BatchNorms is refused (auto runs eager)."""
     x = torch.randn(2, 8, 4, 4, device=DEVICE)
     ws = [torch.randn(2, 2, 3, 3, device=DEVICE) for _ in range(3)]
-    with resfast.backend("triton"), pytest.raises(resfast.BackendUnavailableError, match="batch statistics"):
-        ops.res2net_chain(x, ws, _bns(3, 2, torch.float32), scale=4, training=True)
+    bns = _bns(3, 2, torch.float32)
+    bns[1] = ops.BatchNormParams(bns[1].weight, bns[1].bias, bns[1].running_mean, bns[1].running_var, frozen=True)
+    with resfast.backend("triton"), pytest.raises(resfast.BackendUnavailableError, match="mix batch and running"):
+        ops.res2net_chain(x, ws, bns, scale=4, training=True)
 
 
 class _AtenLog(TorchDispatchMode):
@@ -115,7 +119,7 @@ class _AtenLog(TorchDispatchMode):
 
     def __init__(self):
         super().__init__()
-        self.ops, self.triton_ops, self.paused = [], [], False
+        self.ops, self.triton_ops, self.paused, self.alive = [], [], False, []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         from resfast.triton.library import IMPLS
@@ -125,8 +129,9 @@ class _AtenLog(TorchDispatchMode):
             with self:
                 return IMPLS[func._opname](*args, **(kwargs or {}))
         if not self.paused:
-            flat = torch.utils._pytree.tree_leaves((args, kwargs or {}))
-            self.ops.append((func, {t.untyped_storage().data_ptr() for t in flat if isinstance(t, torch.Tensor)}))
+            flat = [t for t in torch.utils._pytree.tree_leaves((args, kwargs or {})) if isinstance(t, torch.Tensor)]
+            self.ops.append((func, {t.untyped_storage().data_ptr() for t in flat}))
+            self.alive.extend(flat)  # no recorded storage is freed and its address reused by a later tensor
         return func(*args, **(kwargs or {}))
 
 

@@ -1,0 +1,385 @@
+"""The Triton backend's training ops (and eval with gradients): dispatcher ops with their backward ops, wired to
+autograd with ``register_autograd``.
+
+``torch.ops.resfast_triton``:
+
+* ``conv_bn_train``: ``y = relu(bn(conv2d(x, w, b)) + residual)``. The conv kernel writes its raw output ``z`` and,
+  in its epilogue, per-tile statistics partials (batchnorm.py); ``finalize`` merges them; one elementwise pass
+  writes ``y``. Returns ``(y, z, mean, invstd, var)``: ``z`` and the statistics are what the backward reads (the
+  normalised activation is never saved: it is recomputed from ``z``), ``var`` (unbiased) feeds the running
+  estimate. With given statistics (``mean_in``/``invstd_in``: eval BatchNorm, FrozenBatchNorm2d) no partials.
+* ``bn_relu_conv_train``: ``y = conv2d(relu(bn(x)), w, b) + residual``: statistics of x, then the conv applies
+  BatchNorm + ReLU to its input tiles as it loads them (the activation is never written). Returns
+  ``(y, mean, invstd, var)``.
+* ``res2net_chain_train``: the Res2Net chain (resfast.ops.res2net_chain). Per conv: the conv kernel reads its split
+  in place, adds the previous split's output while loading (normal blocks), writes its raw output into a slice of
+  one ``Z`` tensor with statistics partials; ``finalize``; the apply pass writes the split's output straight into
+  its slice of the chain's output (no split copies, no cat). The pass-through split rides on the first conv launch.
+  Returns ``(out, Z, mean, invstd, var)``, statistics stacked (convs, width).
+* ``bn_running_update``: running buffers updated in place (mutates its arguments; no autograd).
+
+Backward ops: BatchNorm (+ ReLU, + residual) backward in two Triton passes (batchnorm.backward: per-channel sums of
+``g`` and ``g * xhat`` in fp32, then ``dz`` and the residual's gradient), and the convolutions' data and weight
+gradients through ATen's ``convolution_backward`` (cuDNN on a GPU; whether a Triton implicit-GEMM backward would be
+faster is unmeasured). The Res2Net chain's backward runs the splits in reverse; a split's input gradient also flows
+into the previous split's output through the add (``dy2`` of batchnorm.backward), so nothing is summed in memory.
+Inputs are recomputed where cheap (a split's conv input ``x_i + y_{i-1}``, bn_relu_conv's activation).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+from torch.library import triton_op
+
+from ..ops._args import chain_layout
+from . import batchnorm as B
+from .common import _is_fake, interpreting
+from .conv import PassThrough, conv_bn_act_fwd, pack_weight, passthrough_fwd
+
+
+def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _bias_vector(bias: Optional[Tensor], C: int, like: Tensor) -> Tensor:
+    stat = _stat_dtype(like.dtype)
+    return bias.to(stat) if bias is not None else torch.zeros(C, device=like.device, dtype=stat)
+
+
+def _given_stats(mean_in: Tensor, invstd_in: Tensor, gamma: Optional[Tensor], stat: torch.dtype):
+    """(mean, invstd, var placeholder, scale) from statistics handed in (eval BatchNorm): fresh tensors, since an
+    op's outputs may not alias its inputs."""
+    mean = mean_in.to(stat, copy=True)
+    invstd = invstd_in.to(stat, copy=True)
+    scale = invstd * gamma.to(stat) if gamma is not None else invstd
+    return mean, invstd, torch.zeros_like(mean), scale
+
+
+def _out_hw(H: int, W: int, k: tuple[int, int], stride, padding, dilation) -> tuple[int, int]:
+    return ((H + 2 * padding[0] - dilation[0] * (k[0] - 1) - 1) // stride[0] + 1,
+            (W + 2 * padding[1] - dilation[1] * (k[1] - 1) - 1) // stride[1] + 1)
+
+
+def _empty(like: Tensor) -> Tensor:
+    """The placeholder a backward op returns for a gradient nobody asked for."""
+    return like.new_empty(0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# conv -> BatchNorm (-> + residual) (-> ReLU)
+
+
+def _conv_bn_train(x: Tensor, weight: Tensor, bias: Optional[Tensor], gamma: Optional[Tensor], beta: Optional[Tensor],
+                   residual: Optional[Tensor], mean_in: Optional[Tensor], invstd_in: Optional[Tensor],
+                   stride: list[int], padding: list[int], dilation: list[int], groups: int, relu: bool,
+                   eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """x (N, C_in, H, W), weight (C_out, C_in/groups, kH, kW) in x's dtype; gamma/beta/mean_in/invstd_in (C_out,)
+    or None. Batch statistics unless mean_in/invstd_in are given. Returns (y, z, mean, invstd, var), y and z
+    channels_last, the statistics (C_out,) in fp32 (fp64 for float64)."""
+    C_out, _, kh, kw = weight.shape
+    N, _, H, W = x.shape
+    H_out, W_out = _out_hw(H, W, (kh, kw), stride, padding, dilation)
+    M = N * H_out * W_out
+    args = (x, pack_weight(weight, None, x.dtype), _bias_vector(bias, C_out, x), tuple(stride), tuple(padding),
+            tuple(dilation), groups)
+    if mean_in is None:
+        partials = B.new_partials(M, C_out, x)
+        z = conv_bn_act_fwd(*args, relu=False, stats=partials)
+        mean, invstd, var, scale = B.finalize(*partials, M, gamma, eps)
+    else:
+        z = conv_bn_act_fwd(*args, relu=False)
+        mean, invstd, var, scale = _given_stats(mean_in, invstd_in, gamma, _stat_dtype(x.dtype))
+    y = B.apply(z, mean, scale, beta, residual, relu)
+    return y, z, mean, invstd, var
+
+
+def _conv_bn_train_backward(dy: Tensor, x: Tensor, weight: Tensor, z: Tensor, y: Optional[Tensor],
+                            gamma: Optional[Tensor], mean: Tensor, invstd: Tensor, stride: list[int],
+                            padding: list[int], dilation: list[int], groups: int, batch_stats: bool, has_bias: bool,
+                            need: list[bool]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Gradients (dx, dweight, dbias, dgamma, dbeta, dresidual) of conv_bn_train; ``y`` is the saved output when the
+    forward had a ReLU (its mask), else None. ``need`` says which are wanted; the others come back empty."""
+    need_dx, need_dw, need_db, need_dgamma, need_dbeta, need_dres = need
+    dz, dgamma, dbeta, dres = B.backward(dy, None, y, z, mean, invstd, gamma, batch_stats,
+                                         need_dweight=need_dgamma or need_dbeta, need_dres=need_dres)
+    dx = dw = db = None
+    if need_dx or need_dw or (need_db and has_bias):
+        dx, dw, db = torch.ops.aten.convolution_backward(
+            dz, x, weight, [weight.shape[0]] if has_bias else None, stride, padding, dilation, False, [0, 0], groups,
+            [need_dx, need_dw, need_db and has_bias])
+    gdt = gamma.dtype if gamma is not None else mean.dtype
+    return (dx if need_dx else _empty(x), dw if need_dw else _empty(weight), db if db is not None else _empty(weight),
+            dgamma.to(gdt) if need_dgamma else _empty(mean), dbeta.to(gdt) if need_dbeta else _empty(mean),
+            dres if dres is not None else _empty(z))
+
+
+def _conv_bn_setup(ctx, inputs, output):
+    x, weight, bias, gamma, beta, residual, mean_in, invstd_in, stride, padding, dilation, groups, relu, eps = inputs
+    y, z, mean, invstd, _ = output
+    ctx.save_for_backward(x, weight, z, y if relu else None, gamma, mean, invstd)
+    ctx.hyper = (stride, padding, dilation, groups, mean_in is None, bias is not None)
+
+
+def _conv_bn_backward(ctx, dy, dz_, dmean, dinvstd, dvar):
+    x, weight, z, y, gamma, mean, invstd = ctx.saved_tensors
+    stride, padding, dilation, groups, batch_stats, has_bias = ctx.hyper
+    n = ctx.needs_input_grad
+    need = [n[0], n[1], has_bias and n[2], gamma is not None and n[3], n[4], n[5]]
+    if not any(need):
+        return (None,) * 14
+    g = torch.ops.resfast_triton.conv_bn_train_backward(dy, x, weight, z, y, gamma, mean, invstd, stride, padding,
+                                                        dilation, groups, batch_stats, has_bias, need)
+    return tuple(t if want else None for t, want in zip(g, need)) + (None,) * 8
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# BatchNorm -> ReLU -> conv (-> + residual)
+
+
+def _bn_relu_conv_train(x: Tensor, gamma: Optional[Tensor], beta: Optional[Tensor], mean_in: Optional[Tensor],
+                        invstd_in: Optional[Tensor], weight: Tensor, bias: Optional[Tensor],
+                        residual: Optional[Tensor], stride: list[int], padding: list[int], dilation: list[int],
+                        groups: int, eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``conv2d(relu(bn(x)), weight, bias) + residual`` with batch statistics of x unless mean_in/invstd_in (C_in,)
+    are given. Returns (y channels_last, mean, invstd, var)."""
+    N, C, H, W = x.shape
+    stat = _stat_dtype(x.dtype)
+    if mean_in is None:
+        partials = B.stats_partials(x)
+        mean, invstd, var, scale = B.finalize(*partials, N * H * W, gamma, eps)
+    else:
+        mean, invstd, var, scale = _given_stats(mean_in, invstd_in, gamma, stat)
+    shift = beta.to(stat) if beta is not None else torch.zeros_like(mean)
+    y = conv_bn_act_fwd(x, pack_weight(weight, None, x.dtype), _bias_vector(bias, weight.shape[0], x),
+                        tuple(stride), tuple(padding), tuple(dilation), groups, residual, relu=False,
+                        pre_scale=scale, pre_shift=shift, pre_mean=mean)
+    return y, mean, invstd, var
+
+
+def _bn_relu_conv_train_backward(dy: Tensor, x: Tensor, gamma: Optional[Tensor], beta: Optional[Tensor],
+                                 mean: Tensor, invstd: Tensor, weight: Tensor, stride: list[int], padding: list[int],
+                                 dilation: list[int], groups: int, batch_stats: bool, has_bias: bool,
+                                 need: list[bool]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Gradients (dx, dgamma, dbeta, dweight, dbias) of bn_relu_conv_train (the residual's is dy itself). The
+    activation relu(bn(x)) is recomputed here, used by the conv's backward and as the ReLU mask, then dropped."""
+    need_dx, need_dgamma, need_dbeta, need_dw, need_db = need
+    scale = invstd * gamma.to(invstd.dtype) if gamma is not None else invstd
+    act = B.apply(x, mean, scale, beta, None, True)
+    need_dact = need_dx or need_dgamma or need_dbeta
+    dact, dw, db = torch.ops.aten.convolution_backward(
+        dy, act, weight, [weight.shape[0]] if has_bias else None, stride, padding, dilation, False, [0, 0], groups,
+        [need_dact, need_dw, need_db and has_bias])
+    dx = dgamma = dbeta = None
+    if need_dact:
+        dx, dgamma, dbeta, _ = B.backward(dact, None, act, x, mean, invstd, gamma, batch_stats,
+                                          need_dweight=need_dgamma or need_dbeta, need_dres=False)
+    gdt = gamma.dtype if gamma is not None else mean.dtype
+    return (dx if need_dx else _empty(x), dgamma.to(gdt) if need_dgamma else _empty(mean),
+            dbeta.to(gdt) if need_dbeta else _empty(mean), dw if need_dw else _empty(weight),
+            db if db is not None else _empty(weight))
+
+
+def _bn_relu_conv_setup(ctx, inputs, output):
+    x, gamma, beta, mean_in, invstd_in, weight, bias, residual, stride, padding, dilation, groups, eps = inputs
+    _, mean, invstd, _ = output
+    ctx.save_for_backward(x, gamma, beta, mean, invstd, weight)
+    ctx.hyper = (stride, padding, dilation, groups, mean_in is None, bias is not None)
+
+
+def _bn_relu_conv_backward(ctx, dy, dmean, dinvstd, dvar):
+    x, gamma, beta, mean, invstd, weight = ctx.saved_tensors
+    stride, padding, dilation, groups, batch_stats, has_bias = ctx.hyper
+    n = ctx.needs_input_grad
+    need = [n[0], gamma is not None and n[1], beta is not None and n[2], n[5], has_bias and n[6]]
+    g = [None] * 5
+    if any(need):
+        g = torch.ops.resfast_triton.bn_relu_conv_train_backward(dy, x, gamma, beta, mean, invstd, weight, stride,
+                                                                 padding, dilation, groups, batch_stats, has_bias,
+                                                                 need)
+    dx, dgamma, dbeta, dw, db = (t if want else None for t, want in zip(g, need))
+    return dx, dgamma, dbeta, None, None, dw, db, (dy if n[7] else None), None, None, None, None, None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the Res2Net chain
+
+
+def _chain_geometry(x: Tensor, scale: int, order: str, stride: int):
+    conv_splits, passthrough = chain_layout(scale, order)
+    N, C, H, W = x.shape
+    wd = C // scale if passthrough is not None else C
+    H_out, W_out = (H - 1) // stride + 1, (W - 1) // stride + 1
+
+    def split(t: Tensor, i: int) -> Tensor:
+        return t if passthrough is None else t[:, i * wd:(i + 1) * wd]
+
+    return conv_splits, passthrough, wd, H_out, W_out, split
+
+
+def _res2net_chain_train(x: Tensor, weights: list[Tensor], biases: list[Tensor], gammas: list[Tensor],
+                         betas: list[Tensor], mean_in: Optional[Tensor], invstd_in: Optional[Tensor], scale: int,
+                         stride: int, dilation: int, groups: int, order: str, block_type: str,
+                         eps: list[float]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The chain with every conv's BatchNorm from batch statistics, or from the given ``mean_in``/``invstd_in``
+    (convs, width). weights[k] (width, width/groups, 3, 3) in x's dtype; ``biases``, ``gammas``, ``betas``: one
+    (width,) tensor per conv, or empty lists (no conv bias, affine=False). Returns (out, Z, mean, invstd, var): out
+    (N, C, H_out, W_out) and Z (N, convs * width, H_out, W_out) channels_last, statistics (convs, width)."""
+    conv_splits, passthrough, wd, H_out, W_out, split = _chain_geometry(x, scale, order, stride)
+    N, C = x.shape[:2]
+    S = len(conv_splits)
+    stat = _stat_dtype(x.dtype)
+    out = torch.empty((N, C, H_out, W_out), device=x.device, dtype=x.dtype, memory_format=torch.channels_last)
+    Z = torch.empty((N, S * wd, H_out, W_out), device=x.device, dtype=x.dtype, memory_format=torch.channels_last)
+    M = N * H_out * W_out
+    if mean_in is None:
+        stats = torch.empty((4, S, wd), device=x.device, dtype=stat)  # mean, invstd, var, scale
+    else:
+        mean, invstd, var, sc = _given_stats(mean_in, invstd_in, torch.stack(gammas) if gammas else None, stat)
+        stats = torch.stack((mean, invstd, var, sc))
+    pt = None if passthrough is None else PassThrough(split(x, passthrough), split(out, passthrough),
+                                                      pool=block_type == "stage", stride=stride)
+    s, d = (stride, stride), (dilation, dilation)
+    prev = None
+    for k, i in enumerate(conv_splits):
+        z = Z[:, k * wd:(k + 1) * wd]
+        conv = (split(x, i), pack_weight(weights[k], None, x.dtype),
+                _bias_vector(biases[k] if biases else None, wd, x), s, d, d, groups)
+        add = prev if block_type == "normal" else None
+        if mean_in is None:
+            partials = B.new_partials(M, wd, x)
+            conv_bn_act_fwd(*conv, relu=False, add=add, out=z, passthrough=pt, stats=partials)
+            B.finalize(*partials, M, gammas[k] if gammas else None, eps[k], outs=tuple(stats[:, k]))
+        else:
+            conv_bn_act_fwd(*conv, relu=False, add=add, out=z, passthrough=pt)
+        prev = B.apply(z, stats[0, k], stats[3, k], betas[k] if betas else None, None, True, out=split(out, i))
+        pt = None
+    if pt is not None:  # no conv at all (paper order, scale 1)
+        passthrough_fwd(pt)
+    return out, Z, stats[0].clone(), stats[1].clone(), stats[2].clone()
+
+
+def _res2net_chain_train_backward(dout: Tensor, x: Tensor, out: Tensor, Z: Tensor, weights: list[Tensor],
+                                  gammas: list[Tensor], mean: Tensor, invstd: Tensor, scale: int, stride: int,
+                                  dilation: int, groups: int, order: str, block_type: str, batch_stats: bool,
+                                  has_bias: bool, need_dx: bool, need_dw: bool, need_db: bool, need_dgamma: bool,
+                                  need_dbeta: bool
+                                  ) -> tuple[Tensor, list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
+    """Gradients (dx, dweights, dbiases, dgammas, dbetas) of res2net_chain_train, the lists in chain order (empty
+    tensors where not wanted). Splits in reverse order: conv k's input gradient is also the gradient of the
+    previous split's output (the add), passed to that split's BatchNorm backward as its second incoming gradient."""
+    conv_splits, passthrough, wd, _, _, split = _chain_geometry(x, scale, order, stride)
+    S = len(conv_splits)
+    normal = block_type == "normal"
+    dx = torch.empty_like(x, memory_format=torch.channels_last) if need_dx else _empty(x)
+    # distinct placeholders: an op's outputs may not alias each other
+    dws, dbs = [_empty(x) for _ in range(S)], [_empty(x) for _ in range(S)]
+    dgammas, dbetas = [_empty(mean) for _ in range(S)], [_empty(mean) for _ in range(S)]
+    s, d = [stride, stride], [dilation, dilation]
+    dnext = None
+    for k in reversed(range(S)):
+        i = conv_splits[k]
+        gamma = gammas[k] if gammas else None
+        dz, dgamma, dbeta, _ = B.backward(split(dout, i), dnext, split(out, i), Z[:, k * wd:(k + 1) * wd], mean[k],
+                                          invstd[k], gamma, batch_stats,
+                                          need_dweight=need_dgamma or need_dbeta, need_dres=False)
+        gdt = gamma.dtype if gamma is not None else mean.dtype
+        if need_dgamma:
+            dgammas[k] = dgamma.to(gdt)
+        if need_dbeta:
+            dbetas[k] = dbeta.to(gdt)
+        chained = normal and k > 0
+        inp = split(x, i)
+        if chained:  # the conv's input, recomputed: this split plus the previous split's output
+            inp = inp + split(out, conv_splits[k - 1])
+        want_din = need_dx or chained
+        din, dw, db = torch.ops.aten.convolution_backward(
+            dz, inp, weights[k], [wd] if has_bias else None, s, d, d, False, [0, 0], groups,
+            [want_din, need_dw, need_db and has_bias])
+        if need_dw:
+            dws[k] = dw
+        if db is not None:
+            dbs[k] = db
+        if need_dx:
+            split(dx, i).copy_(din)
+        dnext = din if chained else None
+    if need_dx and passthrough is not None:
+        g = split(dout, passthrough)
+        if block_type == "stage":  # timm's AvgPool2d(3, stride, padding=1), count_include_pad
+            g = torch.ops.aten.avg_pool2d_backward(g, split(x, passthrough), [3, 3], s, [1, 1], False, True, None)
+        split(dx, passthrough).copy_(g)
+    return dx, dws, dbs, dgammas, dbetas
+
+
+def _wants(ts) -> list[bool]:
+    return [t.requires_grad for t in ts]
+
+
+def _chain_setup(ctx, inputs, output):
+    (x, weights, biases, gammas, betas, mean_in, invstd_in, scale, stride, dilation, groups, order, block_type,
+     eps) = inputs
+    out, Z, mean, invstd, _ = output
+    ctx.save_for_backward(x, out, Z, mean, invstd, *weights, *gammas)
+    ctx.hyper = (len(weights), len(gammas), scale, stride, dilation, groups, order, block_type, mean_in is None,
+                 bool(biases))
+    # which inputs want gradients (needs_input_grad flattens the lists in a way not worth relying on)
+    ctx.wants = (x.requires_grad, _wants(weights), _wants(biases), _wants(gammas), _wants(betas))
+
+
+def _chain_backward(ctx, dout, dZ, dmean, dinvstd, dvar):
+    S, n_gamma, scale, stride, dilation, groups, order, block_type, batch_stats, has_bias = ctx.hyper
+    x, out, Z, mean, invstd, *rest = ctx.saved_tensors
+    weights, gammas = rest[:S], rest[S:]
+    nx, nw, nb, ng, nbeta = ctx.wants
+    need = (nx, any(nw), any(nb), any(ng), any(nbeta))
+    none_after = (None,) * 9  # mean_in, invstd_in, scale, stride, dilation, groups, order, block_type, eps
+    if not any(need):
+        return (None, [None] * len(nw), [None] * len(nb), [None] * len(ng), [None] * len(nbeta)) + none_after
+    dx, dws, dbs, dgs, dbetas = torch.ops.resfast_triton.res2net_chain_train_backward(
+        dout, x, out, Z, list(weights), list(gammas), mean, invstd, scale, stride, dilation, groups, order,
+        block_type, batch_stats, has_bias, *need)
+
+    def pick(grads, wanted):
+        return [g if w else None for g, w in zip(grads, wanted)]
+
+    return (dx if nx else None, pick(dws, nw), pick(dbs, nb), pick(dgs, ng), pick(dbetas, nbeta)) + none_after
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _bn_running_update(running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor, factor: float) -> None:
+    """``running = factor * batch + (1 - factor) * running`` in place (nn.BatchNorm2d's update; var unbiased)."""
+    B.running_update(running_mean, running_var, mean, var, factor)
+
+
+FORWARD = {
+    "conv_bn_train": (_conv_bn_train, _conv_bn_setup, _conv_bn_backward),
+    "bn_relu_conv_train": (_bn_relu_conv_train, _bn_relu_conv_setup, _bn_relu_conv_backward),
+    "res2net_chain_train": (_res2net_chain_train, _chain_setup, _chain_backward),
+}
+BACKWARD = {
+    "conv_bn_train_backward": _conv_bn_train_backward,
+    "bn_relu_conv_train_backward": _bn_relu_conv_train_backward,
+    "res2net_chain_train_backward": _res2net_chain_train_backward,
+}
+OPS = {}
+for _name, (_fn, _setup, _bwd) in FORWARD.items():
+    OPS[_name] = triton_op(f"resfast_triton::{_name}", _fn, mutates_args=())
+    OPS[_name].register_autograd(_bwd, setup_context=_setup)
+for _name, _fn in BACKWARD.items():
+    OPS[_name] = triton_op(f"resfast_triton::{_name}", _fn, mutates_args=())
+OPS["bn_running_update"] = triton_op("resfast_triton::bn_running_update", _bn_running_update,
+                                     mutates_args=("running_mean", "running_var"))
+
+if interpreting():  # as in library.py: opaque under functionalisation, so the interpreter never sees a tracer
+    from torch._subclasses.functional_tensor import FunctionalTensorMode
+
+    from .library import _keep_opaque
+
+    for _op in OPS.values():
+        _op.register_torch_dispatch(FunctionalTensorMode, _keep_opaque)
+
+__all__ = ["OPS", "_is_fake"]

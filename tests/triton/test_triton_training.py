@@ -1,0 +1,448 @@
+"""The Triton backend in training (and eval with gradients): forward, every gradient and the BatchNorm buffers
+against the eager reference, float64 gradcheck of every training op, nn.BatchNorm2d's buffer rules, the awkward
+inputs (zero and negative gamma, expanded or non-contiguous grad_output, |x| ~ 1e30), whole converted blocks over
+several steps, and torch.compile of a training step.
+
+CPU under TRITON_INTERPRET=1 in CI (float32/float64, small shapes); on a GPU the same tests run compiled kernels
+(float32 with TF32 off; the fp16/bf16 2x-rule checks are in test_triton_gpu.py)."""
+
+import copy
+
+import pytest
+import torch
+from helpers import TRITON_DEVICE, TRITON_INTERPRET, needs_triton_runtime, randomize_bn
+from torch import nn
+
+import resfast
+from resfast import ops
+from resfast.ops.reference import bn_relu_conv_ref, conv_bn_relu_ref, res2net_chain_ref
+
+pytest.importorskip("triton")
+pytestmark = needs_triton_runtime
+DEVICE = TRITON_DEVICE
+DTYPES = [torch.float32, torch.float64] if TRITON_INTERPRET else [torch.float32]
+F64 = torch.float64
+
+
+def _tol(dtype):
+    return dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=1e-9, atol=1e-9)
+
+
+def _x(*shape, dtype, cl=True, grad=True):
+    t = torch.randn(*shape, dtype=dtype, device=DEVICE)
+    t = t.contiguous(memory_format=torch.channels_last) if cl else t
+    return t.requires_grad_(grad)
+
+
+def _bn(C, dtype, gamma=None, **kw):
+    bn = nn.BatchNorm2d(C, dtype=dtype, device=DEVICE, **kw)
+    if bn.weight is not None:
+        with torch.no_grad():
+            bn.weight.uniform_(-1.5, 1.5) if gamma is None else bn.weight.fill_(gamma)
+            bn.bias.uniform_(-0.5, 0.5)
+    return bn
+
+
+def _leaves(*ts):
+    return [t for t in ts if t is not None and t.requires_grad]
+
+
+def _bn_leaves(bns):
+    return [t for bn in bns for t in (bn.weight, bn.bias) if t is not None and t.requires_grad]
+
+
+def _check(fn_triton, fn_ref, inputs, bns, dtype, grad_out=None):
+    """Output, gradients of every leaf and the BatchNorms' buffers: Triton vs eager on identical copies."""
+    bns_ref = copy.deepcopy(bns)
+    with resfast.backend("triton"):
+        out = fn_triton(bns)
+    ref = fn_ref(bns_ref)
+    tol = _tol(dtype)
+    torch.testing.assert_close(out, ref, **tol)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    for a, b in zip(bns, bns_ref):
+        for name in ("running_mean", "running_var", "num_batches_tracked"):
+            ta, tb = getattr(a, name, None), getattr(b, name, None)
+            assert (ta is None) == (tb is None)
+            if ta is not None:
+                torch.testing.assert_close(ta, tb, **tol, msg=lambda m, name=name: f"{name}: {m}")
+    g = torch.randn_like(ref) if grad_out is None else grad_out
+    g_before = g.clone()
+    leaves, leaves_ref = _leaves(*inputs) + _bn_leaves(bns), _leaves(*inputs) + _bn_leaves(bns_ref)
+    grads = torch.autograd.grad(out, leaves, g, allow_unused=True)
+    grads_ref = torch.autograd.grad(ref, leaves_ref, g, allow_unused=True)
+    for i, (a, b) in enumerate(zip(grads, grads_ref)):
+        assert (a is None) == (b is None), i
+        if a is not None:
+            torch.testing.assert_close(a, b, **tol, msg=lambda m, i=i: f"gradient {i}: {m}")
+    torch.testing.assert_close(g, g_before, rtol=0, atol=0)  # grad_output is never written
+    return out
+
+
+# --- conv_bn_relu ------------------------------------------------------------------------------------------------
+
+CONV_CASES = [
+    # (N, C_in, H, W, C_out, k, stride, padding, dilation, groups, relu, residual, channels_last)
+    (2, 6, 7, 5, 8, 3, 1, 1, 1, 1, True, True, True),
+    (2, 8, 5, 6, 8, 3, 2, 1, 1, 4, True, False, False),   # grouped, strided, NCHW
+    (1, 6, 6, 6, 6, 3, 1, 2, 2, 6, False, True, True),    # depthwise, dilated, no ReLU
+    (3, 5, 4, 3, 7, 1, 1, 0, 1, 1, True, False, True),    # odd channel counts, 1x1
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", CONV_CASES, ids=lambda c: "x".join(map(str, c[:5])) + f"-g{c[9]}")
+def test_conv_bn_relu_training(case, dtype):
+    N, C, H, W, Co, k, s, p, d, g, relu, has_res, cl = case
+    x = _x(N, C, H, W, dtype=dtype, cl=cl)
+    w = (torch.randn(Co, C // g, k, k, dtype=dtype, device=DEVICE) * 0.5).requires_grad_()
+    b = torch.randn(Co, dtype=dtype, device=DEVICE, requires_grad=True)
+    Ho, Wo = (H + 2 * p - d * (k - 1) - 1) // s + 1, (W + 2 * p - d * (k - 1) - 1) // s + 1
+    res = _x(N, Co, Ho, Wo, dtype=dtype, cl=not cl) if has_res else None
+    kw = dict(bias=b, stride=s, padding=p, dilation=d, groups=g, relu=relu, residual=res, training=True)
+    for _ in range(2):  # the second step starts from the updated running statistics
+        bns = [_bn(Co, dtype)]
+        _check(lambda bns: ops.conv_bn_relu(x, w, bns[0], **kw), lambda bns: conv_bn_relu_ref(x, w, bns[0], **kw),
+               [x, w, b, res], bns, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_conv_bn_relu_projection_shortcut_training(dtype):
+    x, xs = _x(2, 4, 5, 4, dtype=dtype), _x(2, 6, 9, 7, dtype=dtype, cl=False)
+    w = torch.randn(8, 4, 1, 1, dtype=dtype, device=DEVICE, requires_grad=True)
+    ws = torch.randn(8, 6, 1, 1, dtype=dtype, device=DEVICE, requires_grad=True)
+    bns = [_bn(8, dtype), _bn(8, dtype)]
+    _check(lambda bns: ops.conv_bn_relu(x, w, bns[0], training=True, shortcut=ops.ConvShortcut(xs, ws, bns[1], 2)),
+           lambda bns: conv_bn_relu_ref(x, w, bns[0], training=True, shortcut=ops.ConvShortcut(xs, ws, bns[1], 2)),
+           [x, xs, w, ws], bns, dtype)
+
+
+@pytest.mark.parametrize("variant", ["momentum_none", "no_tracking", "buffers_not_tracked", "affine_false",
+                                     "gamma_zero", "gamma_negative", "eval_with_grad", "frozen"])
+def test_batchnorm_variants(variant):
+    """nn.BatchNorm2d's rules (momentum=None, track_running_stats False at construction or switched off later,
+    affine=False), timm's zero_init_last (gamma = 0) and negative gamma, eval mode with gradients (running
+    statistics), FrozenBatchNorm2d: forward, gradients and buffers as eager, over three steps."""
+    dtype = DTYPES[-1]
+    x = _x(2, 6, 5, 4, dtype=dtype)
+    w = torch.randn(6, 6, 3, 3, dtype=dtype, device=DEVICE, requires_grad=True)
+    res = _x(2, 6, 5, 4, dtype=dtype)
+    training = variant != "eval_with_grad"
+    for _ in range(3):
+        if variant == "frozen":
+            tv = pytest.importorskip("torchvision.ops")
+            bn = randomize_bn(tv.FrozenBatchNorm2d(6).to(dtype)).to(DEVICE)
+        else:
+            kw = {"momentum_none": dict(momentum=None), "no_tracking": dict(track_running_stats=False),
+                  "affine_false": dict(affine=False)}.get(variant, {})
+            gamma = {"gamma_zero": 0.0, "gamma_negative": -0.7}.get(variant)
+            bn = _bn(6, dtype, gamma=gamma, **kw)
+            if variant == "buffers_not_tracked":
+                bn.track_running_stats = False
+            if variant == "eval_with_grad":
+                randomize_bn(bn)
+        _check(lambda bns: ops.conv_bn_relu(x, w, bns[0], padding=1, residual=res, training=training),
+               lambda bns: conv_bn_relu_ref(x, w, bns[0], padding=1, residual=res, training=training),
+               [x, w, res], [bn], dtype)
+
+
+@pytest.mark.parametrize("kind", ["expanded", "transposed"])
+def test_awkward_grad_output(kind):
+    """grad_output expanded from a scalar (the backward of .sum(): stride 0) or non-contiguous: read through its
+    strides, never written."""
+    dtype = DTYPES[-1]
+    x = _x(2, 6, 5, 4, dtype=dtype)
+    w = torch.randn(8, 6, 3, 3, dtype=dtype, device=DEVICE, requires_grad=True)
+    g = (torch.ones((), dtype=dtype, device=DEVICE).expand(2, 8, 5, 4) if kind == "expanded"
+         else torch.randn(2, 8, 4, 5, dtype=dtype, device=DEVICE).transpose(2, 3))
+    _check(lambda bns: ops.conv_bn_relu(x, w, bns[0], padding=1, training=True),
+           lambda bns: conv_bn_relu_ref(x, w, bns[0], padding=1, training=True), [x, w], [_bn(8, dtype)], dtype,
+           grad_out=g)
+    _check(lambda bns: ops.res2net_chain(x, [w[:2, :2]] * 2, bns, scale=3, training=True),
+           lambda bns: res2net_chain_ref(x, [w[:2, :2]] * 2, bns, scale=3, training=True), [x, w],
+           [_bn(2, dtype), _bn(2, dtype)], dtype, grad_out=g[:, :6])
+
+
+def test_statistics_of_huge_values_do_not_overflow():
+    """|x| ~ 1e30 in float32: a plain sum of squares overflows, and a mean that is off by rounding leaves a squared
+    error of ~1e45 (inf in fp32). The tile-shifted merge gives equal values their exact mean and a zero variance, so
+    the output is exactly beta and the running statistics are exact (eager on the CPU is off by ~1e24 here)."""
+    x = torch.full((2, 4, 9, 9), 1e30, device=DEVICE)
+    x[:, 1] = -3e29
+    w = torch.eye(4, device=DEVICE).reshape(4, 4, 1, 1)
+    bn = _bn(4, torch.float32)
+    with resfast.backend("triton"):
+        out = ops.conv_bn_relu(x, w, bn, relu=False, training=True)
+        out_pre = ops.bn_relu_conv(x, bn, w, training=True)
+    beta = bn.bias.detach().reshape(1, 4, 1, 1)
+    torch.testing.assert_close(out, beta.expand_as(out), rtol=0, atol=0)
+    torch.testing.assert_close(out_pre, beta.relu().expand_as(out_pre), rtol=0, atol=0)
+    # two updates (momentum 0.1) from mean = x, var = 0: 0.19 * x and 0.81 * 1
+    mean = torch.tensor([1e30, -3e29, 1e30, 1e30], device=DEVICE)
+    torch.testing.assert_close(bn.running_mean, 0.19 * mean)
+    torch.testing.assert_close(bn.running_var, torch.full((4,), 0.81, device=DEVICE))
+
+
+# --- bn_relu_conv ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", [(2, 6, 5, 4, 8, 3, 1, 1, 1, True), (3, 9, 6, 5, 9, 3, 2, 1, 3, False),
+                                  (2, 7, 4, 4, 5, 1, 1, 0, 1, True)], ids=str)
+def test_bn_relu_conv_training(case, dtype):
+    N, C, H, W, Co, k, s, p, g, has_res = case
+    x = _x(N, C, H, W, dtype=dtype, cl=g == 1)
+    w = (torch.randn(Co, C // g, k, k, dtype=dtype, device=DEVICE) * 0.5).requires_grad_()
+    Ho, Wo = (H + 2 * p - k) // s + 1, (W + 2 * p - k) // s + 1
+    res = _x(N, Co, Ho, Wo, dtype=dtype) if has_res else None
+    kw = dict(stride=s, padding=p, groups=g, residual=res, training=True)
+    for _ in range(2):
+        _check(lambda bns: ops.bn_relu_conv(x, bns[0], w, **kw), lambda bns: bn_relu_conv_ref(x, bns[0], w, **kw),
+               [x, w, res], [_bn(C, dtype)], dtype)
+
+
+# --- res2net_chain -----------------------------------------------------------------------------------------------
+
+CHAIN_CASES = [
+    # (N, scale, width, H, W, stride, groups, order, block_type)
+    (2, 4, 3, 5, 4, 1, 1, "timm", "normal"),
+    (2, 4, 3, 7, 5, 2, 1, "timm", "stage"),
+    (1, 3, 4, 5, 5, 1, 2, "paper", "normal"),
+    (2, 3, 4, 6, 5, 2, 4, "paper", "stage"),
+    (2, 1, 5, 4, 4, 1, 1, "timm", "normal"),  # timm with scale 1: one conv over the whole input
+    (2, 2, 6, 4, 3, 1, 1, "timm", "stage"),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", CHAIN_CASES, ids=lambda c: f"s{c[1]}w{c[2]}-{c[7]}-{c[8]}-st{c[5]}-g{c[6]}")
+def test_res2net_chain_training(case, dtype):
+    N, scale, wd, H, W, s, g, order, bt = case
+    n = max(1, scale - 1)
+    x = _x(N, scale * wd, H, W, dtype=dtype, cl=order == "timm")
+    ws = [(torch.randn(wd, wd // g, 3, 3, dtype=dtype, device=DEVICE) * 0.5).requires_grad_() for _ in range(n)]
+    kw = dict(scale=scale, stride=s, groups=g, order=order, block_type=bt, training=True)
+    for _ in range(2):
+        _check(lambda bns: ops.res2net_chain(x, ws, bns, **kw), lambda bns: res2net_chain_ref(x, ws, bns, **kw),
+               [x, *ws], [_bn(wd, dtype) for _ in range(n)], dtype)
+
+
+def test_chain_writes_no_cat_and_no_split_copies():
+    """The training chain's forward: every aten op it runs is a small one (weight packing, statistics); nothing of
+    the activation's size is copied or concatenated (the convs and the apply pass write their slices)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    big = []
+
+    class Log(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func.__name__.split(".")[0] in ("cat", "copy_", "clone", "add", "split", "_to_copy"):
+                for t in torch.utils._pytree.tree_leaves(out):
+                    if isinstance(t, torch.Tensor) and t.numel() >= 2 * 9 * 5 * 4:
+                        big.append(func.__name__)
+            return out
+
+    x = _x(2, 12, 5, 4, dtype=torch.float32, grad=False)
+    ws = [torch.randn(3, 3, 3, 3, device=DEVICE) for _ in range(3)]
+    bns = [_bn(3, torch.float32) for _ in range(3)]
+    with resfast.backend("triton"), Log():
+        ops.res2net_chain(x, ws, bns, scale=4, training=True)
+    assert big == []
+
+
+# --- gradcheck (float64) -----------------------------------------------------------------------------------------
+
+def _gradcheck(fn, inputs, fast):
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-5, rtol=1e-4, fast_mode=fast)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_gradcheck_conv_bn_relu(training):
+    x = _x(2, 3, 4, 3, dtype=F64)
+    w = torch.randn(4, 3, 3, 3, dtype=F64, device=DEVICE, requires_grad=True)
+    res = _x(2, 4, 2, 2, dtype=F64)
+    bn = randomize_bn(_bn(4, F64))
+    g, b = bn.weight, bn.bias
+
+    def fn(x, w, g, b, res):
+        p = ops.BatchNormParams(g, b, bn.running_mean, bn.running_var, bn.num_batches_tracked, 0.1, 1e-5)
+        with resfast.backend("triton"):
+            return ops.conv_bn_relu(x, w, p, stride=2, padding=1, residual=res, training=training)
+
+    _gradcheck(fn, (x, w, g, b, res), fast=False)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_gradcheck_conv_bn_projection(training):
+    x, xs = _x(2, 3, 3, 3, dtype=F64), _x(2, 2, 5, 5, dtype=F64)
+    w = torch.randn(4, 3, 1, 1, dtype=F64, device=DEVICE, requires_grad=True)
+    ws = torch.randn(4, 2, 1, 1, dtype=F64, device=DEVICE, requires_grad=True)
+    bn, bns = randomize_bn(_bn(4, F64)), randomize_bn(_bn(4, F64))
+
+    def fn(x, xs, w, ws, g, gs):
+        main = ops.BatchNormParams(g, bn.bias, bn.running_mean, bn.running_var)
+        short = ops.BatchNormParams(gs, bns.bias, bns.running_mean, bns.running_var)
+        with resfast.backend("triton"):
+            return ops.conv_bn_relu(x, w, main, training=training, shortcut=ops.ConvShortcut(xs, ws, short, 2))
+
+    _gradcheck(fn, (x, xs, w, ws, bn.weight, bns.weight), fast=True)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_gradcheck_bn_relu_conv(training):
+    x = _x(2, 3, 4, 3, dtype=F64)
+    w = torch.randn(4, 3, 3, 3, dtype=F64, device=DEVICE, requires_grad=True)
+    bn = randomize_bn(_bn(3, F64))
+
+    def fn(x, w, g, b):
+        p = ops.BatchNormParams(g, b, bn.running_mean, bn.running_var, bn.num_batches_tracked, 0.1, 1e-5)
+        with resfast.backend("triton"):
+            return ops.bn_relu_conv(x, p, w, padding=1, training=training)
+
+    _gradcheck(fn, (x, w, bn.weight, bn.bias), fast=False)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("order,block_type,stride", [("timm", "normal", 1), ("paper", "stage", 2)])
+def test_gradcheck_res2net_chain(order, block_type, stride, training):
+    x = _x(2, 6, 4, 3, dtype=F64)
+    ws = [torch.randn(2, 2, 3, 3, dtype=F64, device=DEVICE, requires_grad=True) for _ in range(2)]
+    bns = [randomize_bn(_bn(2, F64)) for _ in range(2)]
+
+    def fn(x, w0, w1, g0, g1, b0, b1):
+        ps = [ops.BatchNormParams(g, b, bn.running_mean, bn.running_var) for g, b, bn in zip((g0, g1), (b0, b1), bns)]
+        with resfast.backend("triton"):
+            return ops.res2net_chain(x, [w0, w1], ps, scale=3, stride=stride, order=order, block_type=block_type,
+                                     training=training)
+
+    # the full Jacobian once (training, timm order: every gradient route of the normal chain), fast mode elsewhere
+    _gradcheck(fn, (x, *ws, *[bn.weight for bn in bns], *[bn.bias for bn in bns]),
+               fast=not (training and order == "timm"))
+
+
+def test_opcheck_training_ops():
+    """schema, autograd registration, fake tensors (strides equal to the real kernels') and AOT dispatch of the
+    training ops and their backward ops, in float64."""
+    from resfast.triton import training  # noqa: F401
+
+    tops = torch.ops.resfast_triton
+    x = _x(2, 6, 5, 4, dtype=F64)
+    w = torch.randn(4, 6, 3, 3, dtype=F64, device=DEVICE, requires_grad=True)
+    g = torch.rand(4, dtype=F64, device=DEVICE) + 0.5
+    b = torch.randn(4, dtype=F64, device=DEVICE)
+    res = _x(2, 4, 5, 4, dtype=F64)
+    torch.library.opcheck(tops.conv_bn_train, (x, w, None, g, b, res, None, None, [1, 1], [1, 1], [1, 1], 1, True,
+                                               1e-5))
+    w2 = torch.randn(4, 3, 3, 3, dtype=F64, device=DEVICE, requires_grad=True)
+    torch.library.opcheck(tops.conv_bn_train, (x, w2, b, None, None, None, g, g, [2, 2], [1, 1], [1, 1], 2, False,
+                                               1e-5))
+    g6, b6 = torch.rand(6, dtype=F64, device=DEVICE) + 0.5, torch.randn(6, dtype=F64, device=DEVICE)
+    torch.library.opcheck(tops.bn_relu_conv_train, (x, g6, b6, None, None, w, None, res, [1, 1], [1, 1], [1, 1],
+                                                    1, 1e-5))
+    ws = [torch.randn(2, 2, 3, 3, dtype=F64, device=DEVICE, requires_grad=True) for _ in range(2)]
+    g2 = [torch.rand(2, dtype=F64, device=DEVICE) + 0.5 for _ in range(2)]
+    torch.library.opcheck(tops.res2net_chain_train, (x, ws, [], g2, g2, None, None, 3, 1, 1, 1, "timm", "normal",
+                                                     [1e-5, 1e-5]))
+    ws_g = [torch.randn(2, 1, 3, 3, dtype=F64, device=DEVICE, requires_grad=True) for _ in range(2)]
+    torch.library.opcheck(tops.res2net_chain_train, (x, ws_g, [], [], [], None, None, 3, 2, 1, 2, "paper", "stage",
+                                                     [1e-5, 1e-3]))
+
+
+# --- blocks ------------------------------------------------------------------------------------------------------
+
+def _blocks():
+    tv = pytest.importorskip("torchvision.models.resnet")
+    timm_res2net = pytest.importorskip("timm.models.res2net")
+    timm_v2 = pytest.importorskip("timm.models.resnetv2")
+    down = nn.Sequential(nn.Conv2d(8, 16, 1, stride=2, bias=False), nn.BatchNorm2d(16))
+    yield "torchvision-bottleneck-downsample", tv.Bottleneck(8, 4, stride=2, downsample=down), 8
+    d2 = nn.Sequential(nn.Conv2d(8, 16, 1, bias=False), nn.BatchNorm2d(16))
+    bn = dict(norm_layer=nn.BatchNorm2d)
+    yield "timm-bottle2neck-stage", timm_res2net.Bottle2neck(8, 4, downsample=d2, base_width=26, scale=4, **bn), 8
+    yield ("timm-bottle2neck-normal", timm_res2net.Bottle2neck(16, 4, base_width=26, scale=4, cardinality=2, **bn),
+           16)
+    layers = pytest.importorskip("timm.layers")
+    yield ("timm-preact-bottleneck", timm_v2.PreActBottleneck(8, 16, stride=2, proj_layer=timm_v2.DownsampleConv,
+                                                              conv_layer=layers.create_conv2d,
+                                                              norm_layer=layers.BatchNormAct2d), 8)
+
+
+def test_converted_blocks_train_like_the_originals(monkeypatch):
+    """Whole blocks (projection shortcut, Res2Net stage and normal chains, Res2NeXt, timm's pre-activation block),
+    three training steps with SGD updates: outputs, input and parameter gradients, and every buffer as the
+    originals (float64), each block through the Triton training ops."""
+    from resfast.triton import ops as tops
+
+    calls = []
+
+    def recording(name, fn):
+        def wrapper(args):
+            calls.append(name)
+            return fn(args)
+        return wrapper
+
+    for name in ("conv_bn_relu_train", "bn_relu_conv_train", "res2net_chain_train"):
+        monkeypatch.setattr(tops, name, recording(name, getattr(tops, name)))
+    for name, block, cin in _blocks():
+        calls.clear()
+        orig = randomize_bn(block.to(F64)).to(DEVICE).train()
+        new = resfast.convert(copy.deepcopy(orig))
+        assert type(new) is not type(orig), name
+        opt_a = torch.optim.SGD(orig.parameters(), lr=0.1, momentum=0.9)
+        opt_b = torch.optim.SGD(new.parameters(), lr=0.1, momentum=0.9)
+        for step in range(3):
+            x = _x(2, cin, 6, 5, dtype=F64, grad=False)
+            xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+            ya = orig(xa)
+            with resfast.backend("triton"):
+                yb = new(xb)
+            tol = dict(rtol=1e-9, atol=1e-9, msg=lambda m, step=step, name=name: f"{name}, step {step}: {m}")
+            torch.testing.assert_close(yb, ya, **tol)
+            g = torch.randn_like(ya)
+            ya.backward(g)
+            yb.backward(g)
+            torch.testing.assert_close(xb.grad, xa.grad, **tol)
+            for (_k, pa), (_, pb) in zip(orig.named_parameters(), new.named_parameters()):
+                torch.testing.assert_close(pb.grad, pa.grad, **tol)
+            opt_a.step()
+            opt_b.step()
+            opt_a.zero_grad()
+            opt_b.zero_grad()
+            for (_k, ba), (_, bb) in zip(orig.state_dict().items(), new.state_dict().items()):
+                torch.testing.assert_close(bb, ba, **tol)
+        expected = {"res2net_chain_train", "conv_bn_relu_train"} if "bottle2neck" in name else {"conv_bn_relu_train"}
+        if "preact" in name:
+            expected = {"bn_relu_conv_train"}
+        assert expected <= set(calls), (name, calls)
+
+
+def test_compile_training_step_matches_eager():
+    """torch.compile (aot_eager under the interpreter, inductor on a GPU) of a training step of converted blocks
+    (forward, backward, SGD) through the Triton backend: loss, parameters and BatchNorm buffers as eager."""
+    timm_res2net = pytest.importorskip("timm.models.res2net")
+    torch._dynamo.reset()
+    d2 = nn.Sequential(nn.Conv2d(8, 16, 1, bias=False), nn.BatchNorm2d(16))
+    bn = dict(norm_layer=nn.BatchNorm2d)
+    model = nn.Sequential(timm_res2net.Bottle2neck(8, 4, downsample=d2, base_width=26, scale=4, **bn),
+                          timm_res2net.Bottle2neck(16, 4, base_width=26, scale=4, **bn))
+    model = randomize_bn(model).to(DEVICE)
+    eager, compiled = resfast.convert(copy.deepcopy(model)), resfast.convert(copy.deepcopy(model))
+    opt_e = torch.optim.SGD(eager.parameters(), lr=0.05)
+    opt_c = torch.optim.SGD(compiled.parameters(), lr=0.05)
+
+    def step(m, opt, x):
+        loss = m(x).square().mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        return loss.detach()
+
+    cstep = torch.compile(step, backend="aot_eager" if TRITON_INTERPRET else "inductor")
+    for _i in range(2):
+        x = torch.randn(2, 8, 6, 5, device=DEVICE).contiguous(memory_format=torch.channels_last)
+        with resfast.backend("triton"):
+            le = step(eager, opt_e, x)
+            lc = cstep(compiled, opt_c, x)
+        torch.testing.assert_close(lc, le, rtol=1e-4, atol=1e-5)
+    for (k, a), (_, b) in zip(eager.state_dict().items(), compiled.state_dict().items()):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=lambda m, k=k: f"{k}: {m}")
