@@ -20,8 +20,11 @@ from .nn import (  # noqa: E402
     Res2NetBottleneck,
     ResBlock,
     SEModule,
+    SyncBatchNorm2d,
+    SyncBatchNormAct2d,
     TimmPreActBasic,
     TimmPreActBottleneck,
+    convert_sync_batchnorm,
 )
 from .ops.dispatch import BackendUnavailableError, backend, get_backend, set_backend
 from .version import __version__
@@ -32,6 +35,9 @@ __all__ = [
     "nn",
     "models",
     "convert",
+    "convert_sync_batchnorm",
+    "SyncBatchNorm2d",
+    "SyncBatchNormAct2d",
     "backend",
     "set_backend",
     "get_backend",

@@ -9,6 +9,10 @@ otherwise the block is left alone (a look-alike with other semantics, e.g. a pre
 BasicBlock, is never swapped). The replacement takes over the original's parameters, buffers, submodules,
 attributes and hooks (it is the same object state under the resfast class), so weights, outputs and state_dict
 keys are unchanged.
+
+Synchronised BatchNorms are kept: resfast's SyncBatchNorm2d (resfast.convert_sync_batchnorm, before or after
+convert) goes on through the fused ops; torch's nn.SyncBatchNorm makes the converted block run its modules. The
+behavioural check runs on one process, so in it every BatchNorm uses the probe's own statistics (no collective).
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from .nn import (
     TimmPreActBasic,
     TimmPreActBottleneck,
 )
+from .ops.batchnorm import local_statistics
 
 # class name -> (resfast class, the exact sets of child-module names accepted)
 _BY_NAME: dict[str, tuple[Type[nn.Module], tuple[frozenset, ...]]] = {
@@ -122,6 +127,25 @@ def _randomize(m: nn.Module, seed: int = 0) -> None:
             t.copy_(r + 0.5 if name.endswith("running_var") else (r - 0.5) * (2.0 if t.dim() <= 1 else 1.0))
 
 
+def _deepcopy(m: nn.Module) -> nn.Module:
+    """copy.deepcopy, sharing process groups (of SyncBatchNorm layers), which cannot be copied."""
+    memo = {}
+    for mod in m.modules():
+        group = getattr(mod, "process_group", None)
+        if group is not None:
+            memo[id(group)] = group
+    return copy.deepcopy(m, memo)
+
+
+def _local_bns(m: nn.Module) -> None:
+    """torch's nn.SyncBatchNorm in a probe copy becomes the nn.BatchNorm2d it is on one process (its training
+    forward refuses CPU tensors once torch.distributed is initialised)."""
+    for mod in m.modules():
+        if isinstance(mod, nn.SyncBatchNorm):
+            mod.__class__ = nn.BatchNorm2d
+            mod.process_group = None
+
+
 def _behaves_the_same(m: nn.Module, cls: Type[nn.Module]) -> bool:
     """Run a randomised float64 copy of `m` and of its conversion on a small input, in eval and training mode:
     same outputs and same buffers, or the block is not converted."""
@@ -131,7 +155,8 @@ def _behaves_the_same(m: nn.Module, cls: Type[nn.Module]) -> bool:
         return False
     device = params[0].device
     try:
-        a = copy.deepcopy(m).to(torch.float64)
+        a = _deepcopy(m).to(torch.float64)
+        _local_bns(a)
         _randomize(a)
         b = _adopt(copy.deepcopy(a), cls)
         g = torch.Generator().manual_seed(1)
@@ -139,7 +164,7 @@ def _behaves_the_same(m: nn.Module, cls: Type[nn.Module]) -> bool:
             a.train(train)
             b.train(train)
             x = torch.randn(2, cin, 9, 9, generator=g, dtype=torch.float64).to(device)
-            with torch.no_grad():
+            with torch.no_grad(), local_statistics():
                 ya, yb = a(x.clone()), b(x.clone())
             if ya.shape != yb.shape or not torch.allclose(ya, yb, rtol=1e-9, atol=1e-9):
                 return False
@@ -170,7 +195,7 @@ def convert(model: nn.Module, inplace: bool = False) -> nn.Module:
         and inplace=True, a new object holding its state).
     """
     if not inplace:
-        model = copy.deepcopy(model)
+        model = _deepcopy(model)
     cls = _target(model)
     if cls is not None:
         return _adopt(model, cls)

@@ -3,6 +3,7 @@
 from .preact import PreActBasicBlock, PreActBottleneck, TimmPreActBasic, TimmPreActBottleneck
 from .res2net import Bottle2neck, Res2Block, Res2NetBottleneck, SEModule
 from .resnet import BasicBlock, Bottleneck, ResBlock
+from .sync_batchnorm import SyncBatchNorm2d, SyncBatchNormAct2d, convert_sync_batchnorm
 
 __all__ = [
     "BasicBlock",
@@ -16,4 +17,7 @@ __all__ = [
     "PreActBottleneck",
     "TimmPreActBottleneck",
     "TimmPreActBasic",
+    "SyncBatchNorm2d",
+    "SyncBatchNormAct2d",
+    "convert_sync_batchnorm",
 ]

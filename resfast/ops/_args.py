@@ -141,7 +141,7 @@ def _prepare_shortcut(op, x, shortcut, out_shape, training, residual) -> Optiona
     _check_bias(op, x, shortcut.bias, w.shape[0], "shortcut.bias")
     bn = as_bn_params(shortcut.bn)
     checks.check_bn(op, x, bn, w.shape[0], "shortcut.bn")
-    checks.check_batch_stats(op, out_shape, checks.needs_batch_stats(bn, training), "the shortcut conv output")
+    checks.check_batch_stats(op, out_shape, checks.local_batch_stats(bn, training), "the shortcut conv output")
     return ConvShortcut(sx, w, bn, stride, shortcut.bias)
 
 
@@ -156,7 +156,7 @@ def prepare_conv_bn_relu(x, weight, bn, bias, stride, padding, dilation, groups,
     _check_bias(op, x, bias, weight.shape[0])
     checks.check_bn(op, x, bn, weight.shape[0])
     checks.check_residual(op, x, residual, out_shape)
-    checks.check_batch_stats(op, out_shape, checks.needs_batch_stats(bn, training), "the conv output")
+    checks.check_batch_stats(op, out_shape, checks.local_batch_stats(bn, training), "the conv output")
     shortcut = _prepare_shortcut(op, x, shortcut, out_shape, training, residual)
     return ConvBnReluArgs(x, weight, bias, bn, stride, padding, dilation, groups, training, relu, residual,
                           _check_cache(op, cache), shortcut)
@@ -168,7 +168,7 @@ def prepare_bn_relu_conv(x, bn, weight, bias, stride, padding, dilation, groups,
     checks.check_flag(op, training, "training")
     bn = as_bn_params(bn)
     checks.check_bn(op, x, bn, x.shape[1])
-    checks.check_batch_stats(op, x.shape, checks.needs_batch_stats(bn, training), "the input")
+    checks.check_batch_stats(op, x.shape, checks.local_batch_stats(bn, training), "the input")
     stride, padding, dilation, out_shape = _conv_params(op, x, weight, stride, padding, dilation, groups)
     _check_bias(op, x, bias, weight.shape[0])
     checks.check_residual(op, x, residual, out_shape)
@@ -250,7 +250,7 @@ def prepare_res2net_chain(x, weights, bns, scale, biases, stride, dilation, grou
         hw = checks.conv_out_hw(op, x.shape[2], x.shape[3], (3, 3), (stride,) * 2, (dilation,) * 2, (dilation,) * 2)
         out_hw = hw
         checks.check_batch_stats(
-            op, (x.shape[0], conv_in) + hw, checks.needs_batch_stats(bn, training),
+            op, (x.shape[0], conv_in) + hw, checks.local_batch_stats(bn, training),
             f"split {conv_splits[i]}'s conv output",
         )
     if out_hw is None and block_type == "stage":

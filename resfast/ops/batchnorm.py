@@ -5,14 +5,22 @@ Every op takes its BatchNorm as a :class:`BatchNormParams` (or a BatchNorm modul
 backend runs: which statistics to use, whether the running buffers are updated, the averaging factor
 (``momentum``, or ``1 / num_batches_tracked`` when ``momentum is None``), and the ``num_batches_tracked``
 increment. Backends receive a :class:`ResolvedBN` and never re-derive these rules.
+
+A BatchNorm whose training statistics are synchronised across processes (resfast's ``SyncBatchNorm2d``, from
+:func:`resfast.convert_sync_batchnorm`) carries its ``process_group``; :func:`batch_norm_eager` then merges the
+statistics of the group (``resfast/ops/sync_batchnorm.py``) and only the eager backend runs it. torch's own
+nn.SyncBatchNorm is not taken: blocks run it as a module (its forward needs GPU tensors in training).
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+import contextlib
+from typing import Iterator, NamedTuple, Optional
 
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .sync_batchnorm import sync_batch_norm, world_size
 
 
 class BatchNormParams(NamedTuple):
@@ -23,6 +31,8 @@ class BatchNormParams(NamedTuple):
     switched off later) is nn.BatchNorm2d's third case: batch statistics and no update in training, the
     running statistics in eval. ``frozen=True`` is torchvision's FrozenBatchNorm2d: running statistics
     always, never updated, computed as ``x * (w * rsqrt(rv + eps)) + (b - rm * w * rsqrt(rv + eps))``.
+    ``process_group`` (a torch.distributed group of more than one process, or None): in training, the batch
+    statistics are those of the whole group's batch (see :func:`batch_norm_eager`); None: this process's batch.
     """
 
     weight: Optional[Tensor] = None
@@ -34,6 +44,7 @@ class BatchNormParams(NamedTuple):
     eps: float = 1e-5
     frozen: bool = False
     track_running_stats: bool = True
+    process_group: Optional[object] = None  # last, with a default: positional constructions stay valid
 
     @property
     def num_features(self) -> Optional[int]:
@@ -55,6 +66,7 @@ class ResolvedBN(NamedTuple):
     factor: float
     eps: float
     frozen: bool
+    process_group: Optional[object] = None  # set only with batch statistics in training: merge over this group
 
 
 def is_frozen_bn(module: nn.Module) -> bool:
@@ -67,15 +79,18 @@ def is_frozen_bn(module: nn.Module) -> bool:
 def is_supported_bn(module: Optional[nn.Module]) -> bool:
     """BatchNorm modules the fused ops reproduce exactly.
 
-    nn.BatchNorm2d (and subclasses that do not override forward) and FrozenBatchNorm2d. SyncBatchNorm is
-    excluded: its training statistics are synchronised across processes, which the ops do not do.
+    nn.BatchNorm2d (and subclasses that do not override forward), resfast's SyncBatchNorm2d (whose process group
+    the ops take along: :func:`as_bn_params`) and FrozenBatchNorm2d. torch's nn.SyncBatchNorm is excluded: the
+    block runs it as a module.
     """
     if module is None:
         return False
     if isinstance(module, nn.SyncBatchNorm):
         return False
     if isinstance(module, nn.BatchNorm2d):
-        return type(module).forward is nn.BatchNorm2d.forward
+        from ..nn.sync_batchnorm import SyncBatchNorm2d
+
+        return type(module).forward in (nn.BatchNorm2d.forward, SyncBatchNorm2d.forward)
     return is_frozen_bn(module)
 
 
@@ -87,12 +102,15 @@ def is_bn_relu(module: Optional[nn.Module]) -> bool:
     nn.Identity and ``.act`` an nn.ReLU (in place or not). Its forward is a copy of nn.BatchNorm2d's (the same
     momentum / ``momentum=None`` / num_batches_tracked / track_running_stats rules, the same F.batch_norm call;
     checked against timm 1.0) followed by ``drop`` and ``act``; a subclass may change that, so it is not accepted.
-    SyncBatchNormAct is not a BatchNormAct2d (and is a SyncBatchNorm): excluded, as SyncBatchNorm is.
+    timm's SyncBatchNormAct is not a BatchNormAct2d (and is a SyncBatchNorm): excluded, as SyncBatchNorm is.
+    resfast's SyncBatchNormAct2d (what :func:`resfast.convert_sync_batchnorm` makes of a BatchNormAct2d) is
+    accepted on the same conditions.
     """
+    from ..nn.sync_batchnorm import SyncBatchNormAct2d
+
     t = type(module)
     return (
-        t.__name__ == "BatchNormAct2d"
-        and t.__module__.startswith("timm.")
+        (t is SyncBatchNormAct2d or (t.__name__ == "BatchNormAct2d" and t.__module__.startswith("timm.")))
         and isinstance(module, nn.BatchNorm2d)
         and not isinstance(module, nn.SyncBatchNorm)
         and type(getattr(module, "drop", None)) is nn.Identity
@@ -104,7 +122,9 @@ def as_bn_params(bn) -> BatchNormParams:
     """BatchNormParams from a BatchNormParams, an nn.BatchNorm2d or a FrozenBatchNorm2d.
 
     For a BatchNorm2d subclass that does more in its forward (timm's BatchNormAct2d: see :func:`is_bn_relu`)
-    these are the parameters of its BatchNorm alone; whether the rest can be fused is the caller's decision."""
+    these are the parameters of its BatchNorm alone; whether the rest can be fused is the caller's decision.
+    A resfast SyncBatchNorm2d gives its process group (None: the default group) when torch.distributed is
+    initialised and the group has more than one process, else None (it then is an nn.BatchNorm2d)."""
     if isinstance(bn, BatchNormParams):
         return bn
     if isinstance(bn, nn.SyncBatchNorm):
@@ -117,13 +137,45 @@ def as_bn_params(bn) -> BatchNormParams:
             raise TypeError(f"expected a BatchNorm2d, got {type(bn).__name__} (resfast's ops normalise 4-D inputs)")
         return BatchNormParams(
             bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.num_batches_tracked, bn.momentum, bn.eps, False,
-            bool(bn.track_running_stats),
+            bool(bn.track_running_stats), _sync_group(bn),
         )
     if isinstance(bn, nn.Module) and is_frozen_bn(bn):
         return BatchNormParams(bn.weight, bn.bias, bn.running_mean, bn.running_var, None, None, bn.eps, True)
     raise TypeError(
         f"expected a BatchNormParams, nn.BatchNorm2d or FrozenBatchNorm2d for the BatchNorm, got {type(bn).__name__}"
     )
+
+
+_LOCAL_ONLY = [0]  # > 0 inside local_statistics()
+
+
+@contextlib.contextmanager
+def local_statistics() -> Iterator[None]:
+    """Within this context synchronised BatchNorms use this process's batch alone (no collective): for a
+    computation that runs on one rank only, such as resfast.convert's check of a block on a probe input."""
+    _LOCAL_ONLY[0] += 1
+    try:
+        yield
+    finally:
+        _LOCAL_ONLY[0] -= 1
+
+
+def _sync_group(bn: nn.Module) -> Optional[object]:
+    """The process group a resfast SyncBatchNorm2d synchronises over now, or None when there is nothing to merge."""
+    if not hasattr(bn, "process_group") or _LOCAL_ONLY[0]:
+        return None
+    from ..nn.sync_batchnorm import SyncBatchNorm2d
+
+    if not isinstance(bn, SyncBatchNorm2d):
+        return None
+    group = bn.process_group
+    if world_size(group) <= 1:
+        return None
+    if group is None:
+        import torch.distributed as dist
+
+        group = dist.group.WORLD
+    return group
 
 
 def resolve_bn(bn: BatchNormParams, training: bool) -> ResolvedBN:
@@ -140,6 +192,9 @@ def resolve_bn(bn: BatchNormParams, training: bool) -> ResolvedBN:
         if bn.momentum is None:  # cumulative moving average
             factor = 1.0 / float(bn.num_batches_tracked)
     use_batch_stats = training or not has_buffers
+    # synchronised statistics in training only, as torch's nn.SyncBatchNorm (an eval pass, often run on one rank,
+    # never waits on a collective)
+    group = bn.process_group if training else None
     # as nn.BatchNorm2d: the buffers are passed (and, with batch statistics, updated) unless training without
     # tracking; in eval they are used whenever they exist
     pass_buffers = has_buffers and (not training or bn.track_running_stats)
@@ -153,15 +208,20 @@ def resolve_bn(bn: BatchNormParams, training: bool) -> ResolvedBN:
         factor,
         bn.eps,
         False,
+        group,
     )
 
 
 def batch_norm_eager(x: Tensor, bn: ResolvedBN) -> Tensor:
-    """The eager BatchNorm of a resolved BN: exactly what nn.BatchNorm2d / FrozenBatchNorm2d compute."""
+    """The eager BatchNorm of a resolved BN: exactly what nn.BatchNorm2d / FrozenBatchNorm2d compute, with the batch
+    statistics of the whole process group for a synchronised BatchNorm in training."""
     if bn.frozen:
         scale = bn.weight * (bn.running_var + bn.eps).rsqrt()
         shift = bn.bias - bn.running_mean * scale
         return x * scale.reshape(1, -1, 1, 1) + shift.reshape(1, -1, 1, 1)
+    if bn.process_group is not None:
+        return sync_batch_norm(x, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.factor, bn.eps,
+                               bn.process_group)
     return F.batch_norm(
         x, bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.use_batch_stats, bn.factor, bn.eps
     )

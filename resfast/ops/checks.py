@@ -133,6 +133,33 @@ def needs_batch_stats(bn: BatchNormParams, training: bool) -> bool:
     return not bn.frozen and (training or bn.running_mean is None)
 
 
+def local_batch_stats(bn: BatchNormParams, training: bool) -> bool:
+    """Batch statistics from this process's batch alone: nn.BatchNorm2d's one-value-per-channel rule applies here.
+    A synchronised BatchNorm in training checks the count of the group's batch when it runs."""
+    return needs_batch_stats(bn, training) and not (training and bn.process_group is not None)
+
+
+SYNCED_BN_REASON = "synchronized BatchNorm (process_group) in training runs on the eager backend only"
+
+
+def op_bns(op: str, args) -> tuple[BatchNormParams, ...]:
+    """The BatchNorms of an op's prepared arguments (the projection shortcut's included)."""
+    if op == "res2net_chain":
+        return tuple(args.bns)
+    if op == "conv_bn_relu":
+        return (args.bn,) if args.shortcut is None else (args.bn, args.shortcut.bn)
+    if op == "bn_relu_conv":
+        return (args.bn,)
+    return ()
+
+
+def synced_bn_reasons(op: str, args) -> list[str]:
+    """Why a backend without synchronised BatchNorm (every one but eager) cannot run these arguments."""
+    if not getattr(args, "training", False):
+        return []
+    return [SYNCED_BN_REASON] if any(bn.process_group is not None for bn in op_bns(op, args)) else []
+
+
 def check_flag(op: str, value, name: str) -> None:
     if not isinstance(value, bool):
         raise TypeError(f"{op}: {name} must be a bool, got {value!r}")

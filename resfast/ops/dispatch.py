@@ -20,6 +20,7 @@ from typing import Callable, Iterator
 import torch
 
 from .. import _ext
+from .checks import synced_bn_reasons
 from .reference import EAGER_IMPLS
 
 OPS = ("res2net_chain", "conv_bn_relu", "bn_relu_conv", "scale_add_relu")
@@ -33,6 +34,8 @@ class BackendUnavailableError(RuntimeError):
 
 class Backend:
     name = ""
+    # synchronised BatchNorm (a process group) in training: only the eager backend merges statistics across ranks
+    runs_synced_bn = False
     # op name -> callable(args) -> Tensor. Kernels register here as the backends grow.
     kernels: dict[str, Callable] = {}
 
@@ -42,6 +45,11 @@ class Backend:
 
     def _input_reasons(self, op: str, args) -> list[str]:
         return []
+
+    def input_reasons(self, op: str, args) -> list[str]:
+        """Reasons from the inputs: the backend's own, after the ones every backend but eager shares."""
+        shared = [] if self.runs_synced_bn else synced_bn_reasons(op, args)
+        return shared + self._input_reasons(op, args)
 
     def static_reasons(self, op: str) -> tuple[str, ...]:
         return _static_reasons(self.name, op)
@@ -60,7 +68,7 @@ class Backend:
             raise ValueError(f"unknown resfast op {op!r}; ops are {OPS}")
         reasons = list(self.static_reasons(op))
         if args is not None:  # every reason, so an explicit request explains everything that stands in the way
-            reasons += self._input_reasons(op, args)
+            reasons += self.input_reasons(op, args)
         return reasons
 
     def run(self, op: str, args):
@@ -69,6 +77,7 @@ class Backend:
 
 class EagerBackend(Backend):
     name = "eager"
+    runs_synced_bn = True
     kernels = EAGER_IMPLS
 
 
@@ -238,7 +247,7 @@ def select(op: str, args) -> Backend:
     if name == "auto":
         for b in _BACKENDS.values():
             # cheap first: backends ruled out whatever the inputs are never look at the inputs
-            if not b.static_reasons(op) and not b.auto_reasons(op) and not b._input_reasons(op, args):
+            if not b.static_reasons(op) and not b.auto_reasons(op) and not b.input_reasons(op, args):
                 return b
         raise AssertionError("unreachable: the eager backend supports every op")
     b = _BACKENDS[name]
