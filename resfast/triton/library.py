@@ -6,7 +6,8 @@ torch.compile and torch.export see them. The fake implementation of each op is i
 FakeTensors it allocates the channels_last outputs, with the strides the kernels write, and launches nothing.
 The ops take weights already packed for the kernels, (kH, kW, C_in/groups, C_out), with eval BatchNorm's scale
 folded in, and the folded shift as the bias (resfast.triton.ops.packed_conv, cached by the calling block); they are
-inference-only (no autograd formula: the dispatch layer does not send inputs that require grad here).
+inference-only except scale_add_relu, whose backward is an op too (the training versions of the others are in
+training.py).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from torch.library import triton_op
 
 from ..ops._args import BLOCK_TYPES, ORDERS, chain_layout
 from .conv import PassThrough, Projection, conv_bn_act_fwd, interpreting, passthrough_fwd
-from .scale_add_relu import scale_add_relu_fwd
+from .scale_add_relu import scale_add_relu_bwd, scale_add_relu_fwd
 
 
 def _check_folded(op: str, x: Tensor, weight: Tensor, groups: int, tensors: dict) -> None:
@@ -139,10 +140,33 @@ def _scale_add_relu(x: Tensor, gate: Tensor, residual: Optional[Tensor], relu: b
     return scale_add_relu_fwd(x, gate, residual, relu)
 
 
+def _scale_add_relu_backward(dy: Tensor, x: Tensor, gate: Tensor, y: Optional[Tensor], need_dx: bool,
+                             need_dgate: bool, need_dres: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(dx, dgate, dresidual) of scale_add_relu; ``y`` its saved output (the ReLU's mask), None without the ReLU.
+    Gradients not asked for come back empty."""
+    return scale_add_relu_bwd(dy, x, gate, y, need_dx, need_dgate, need_dres)
+
+
+def _scale_add_relu_setup(ctx, inputs, output):
+    x, gate, residual, relu = inputs
+    ctx.save_for_backward(x, gate, output if relu else None)
+    ctx.has_res = residual is not None
+
+
+def _scale_add_relu_grad(ctx, dy):
+    x, gate, y = ctx.saved_tensors
+    need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_res and ctx.needs_input_grad[2])
+    if not any(need):
+        return None, None, None, None
+    grads = torch.ops.resfast_triton.scale_add_relu_backward(dy, x, gate, y, *need)
+    return tuple(g if n else None for g, n in zip(grads, need)) + (None,)
+
+
 # the op bodies, also their fake implementations (FakeTensors: outputs allocated, nothing launched)
 IMPLS = {"conv_bn_relu": _conv_bn_relu, "bn_relu_conv": _bn_relu_conv, "res2net_chain": _res2net_chain,
-         "scale_add_relu": _scale_add_relu}
+         "scale_add_relu": _scale_add_relu, "scale_add_relu_backward": _scale_add_relu_backward}
 OPS = {name: triton_op(f"resfast_triton::{name}", fn, mutates_args=()) for name, fn in IMPLS.items()}
+OPS["scale_add_relu"].register_autograd(_scale_add_relu_grad, setup_context=_scale_add_relu_setup)
 
 
 def _keep_opaque(mode, func, types, args, kwargs):

@@ -9,7 +9,8 @@ block's FoldCache, so an eval forward re-packs nothing (library.py).
 
 Training BatchNorm (batch statistics, running buffers updated exactly as nn.BatchNorm2d), or any call whose inputs
 require grad: the training ops of training.py, with their backward ops wired to autograd. The projection shortcut
-is then its own conv + BatchNorm op whose output is the main op's residual. ``scale_add_relu`` has no backward yet.
+is then its own conv + BatchNorm op whose output is the main op's residual. ``scale_add_relu`` has its backward op
+registered with it (library.py).
 
 Under ``torch.autocast`` the convolutions run in the autocast dtype (inputs, weights, biases and residuals cast to
 it, as F.conv2d would be), BatchNorm statistics and parameters stay fp32.
@@ -82,8 +83,6 @@ def input_reasons(op: str, args) -> list[str]:
             reasons.append("the chain's BatchNorms mix batch and running statistics (the Triton chain takes one kind)")
         if len({bn.weight is None for bn in args.bns}) > 1 or len({bn.bias is None for bn in args.bns}) > 1:
             reasons.append("the chain's BatchNorms mix affine and non-affine (the Triton chain takes one kind)")
-    if op == "scale_add_relu" and wants_grad(op, args):
-        reasons.append("the inputs require grad and the Triton scale_add_relu has no backward yet")
     return reasons
 
 

@@ -56,10 +56,33 @@ def test_opcheck_and_direct_call_errors(dtype):
         tops.scale_add_relu(x, g, x[:1], True)
 
 
-def test_refuses_inputs_that_need_grad():
-    x = torch.randn(1, 3, 2, 2, device=DEVICE, requires_grad=True)
-    with resfast.backend("triton"), pytest.raises(resfast.BackendUnavailableError, match="require grad"):
-        ops.scale_add_relu(x, torch.rand(1, 3, device=DEVICE))
+@pytest.mark.parametrize("relu,has_res,cl", [(True, True, True), (True, False, False), (False, True, False)])
+def test_gradients_and_gradcheck(relu, has_res, cl):
+    """Every gradient as eager (float64, odd sizes, a grad_output expanded from a scalar included) and a float64
+    gradcheck of x, gate and residual; grad_output is never written."""
+    fmt = torch.channels_last if cl else torch.contiguous_format
+    x = torch.randn(2, 5, 9, 11, dtype=torch.float64, device=DEVICE).contiguous(memory_format=fmt).requires_grad_()
+    gate = torch.rand(2, 5, 1, 1, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    res = torch.randn(2, 5, 9, 11, dtype=torch.float64, device=DEVICE, requires_grad=True) if has_res else None
+    leaves = [t for t in (x, gate, res) if t is not None]
+    with resfast.backend("triton"):
+        out = ops.scale_add_relu(x, gate, res, relu=relu)
+    ref = ops.reference.scale_add_relu_ref(x, gate, res, relu=relu)
+    torch.testing.assert_close(out, ref)
+    for g in (torch.randn_like(ref), torch.ones((), dtype=ref.dtype, device=DEVICE).expand_as(ref)):
+        g_before = g.clone()
+        for a, b in zip(torch.autograd.grad(out, leaves, g, retain_graph=True),
+                        torch.autograd.grad(ref, leaves, g, retain_graph=True)):
+            torch.testing.assert_close(a, b)
+        assert torch.equal(g, g_before)
+
+    def fn(*ts):
+        with resfast.backend("triton"):
+            return ops.scale_add_relu(ts[0], ts[1], ts[2] if has_res else None, relu=relu)
+
+    small = [t.detach()[:, :3, :3, :2].clone().requires_grad_() if t.dim() == 4 and t.shape[-1] > 1
+             else t.detach()[:, :3].clone().requires_grad_() for t in leaves]
+    assert torch.autograd.gradcheck(fn, small)
 
 
 def test_se_block_end_is_one_launch(monkeypatch):

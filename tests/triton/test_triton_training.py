@@ -7,6 +7,7 @@ CPU under TRITON_INTERPRET=1 in CI (float32/float64, small shapes); on a GPU the
 (float32 with TF32 off; the fp16/bf16 2x-rule checks are in test_triton_gpu.py)."""
 
 import copy
+import functools
 
 import pytest
 import torch
@@ -362,6 +363,8 @@ def _blocks():
     yield ("timm-bottle2neck-normal", timm_res2net.Bottle2neck(16, 4, base_width=26, scale=4, cardinality=2, **bn),
            16)
     layers = pytest.importorskip("timm.layers")
+    se = functools.partial(layers.SEModule, rd_channels=8)
+    yield ("timm-bottle2neck-se", timm_res2net.Bottle2neck(16, 4, base_width=26, scale=4, attn_layer=se, **bn), 16)
     yield ("timm-preact-bottleneck", timm_v2.PreActBottleneck(8, 16, stride=2, proj_layer=timm_v2.DownsampleConv,
                                                               conv_layer=layers.create_conv2d,
                                                               norm_layer=layers.BatchNormAct2d), 8)
@@ -370,7 +373,7 @@ def _blocks():
 def test_converted_blocks_train_like_the_originals(monkeypatch):
     """Whole blocks (projection shortcut, Res2Net stage and normal chains, Res2NeXt, timm's pre-activation block),
     three training steps with SGD updates: outputs, input and parameter gradients, and every buffer as the
-    originals (float64), each block through the Triton training ops."""
+    originals (float64), each block through the Triton training ops (an SE block's end through scale_add_relu)."""
     from resfast.triton import ops as tops
 
     calls = []
@@ -383,6 +386,14 @@ def test_converted_blocks_train_like_the_originals(monkeypatch):
 
     for name in ("conv_bn_relu_train", "bn_relu_conv_train", "res2net_chain_train"):
         monkeypatch.setattr(tops, name, recording(name, getattr(tops, name)))
+    from resfast.triton import library
+
+    def recording_sar(*a):
+        calls.append("scale_add_relu")
+        return sar(*a)
+
+    sar = library.scale_add_relu_fwd
+    monkeypatch.setattr(library, "scale_add_relu_fwd", recording_sar)
     for name, block, cin in _blocks():
         calls.clear()
         orig = randomize_bn(block.to(F64)).to(DEVICE).train()
@@ -413,6 +424,8 @@ def test_converted_blocks_train_like_the_originals(monkeypatch):
         expected = {"res2net_chain_train", "conv_bn_relu_train"} if "bottle2neck" in name else {"conv_bn_relu_train"}
         if "preact" in name:
             expected = {"bn_relu_conv_train"}
+        if "-se" in name:
+            expected.add("scale_add_relu")
         assert expected <= set(calls), (name, calls)
 
 
@@ -446,3 +459,17 @@ def test_compile_training_step_matches_eager():
         torch.testing.assert_close(lc, le, rtol=1e-4, atol=1e-5)
     for (k, a), (_, b) in zip(eager.state_dict().items(), compiled.state_dict().items()):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=lambda m, k=k: f"{k}: {m}")
+
+
+@pytest.mark.skipif(not TRITON_INTERPRET, reason="CPU autocast under the interpreter")
+def test_autocast_dtype_decides_the_backend():
+    """Under torch.autocast the convolutions run in the autocast dtype: on the CPU that is bfloat16, which the
+    interpreter does not run, so an explicit request names it and auto falls back (the GPU tests train under AMP)."""
+    x = _x(2, 4, 3, 3, dtype=torch.float32, grad=False)
+    w = torch.randn(4, 4, 1, 1, device=DEVICE)
+    with torch.autocast("cpu", torch.bfloat16):
+        with resfast.backend("triton"), pytest.raises(resfast.BackendUnavailableError, match="torch.bfloat16"):
+            ops.conv_bn_relu(x, w, _bn(4, torch.float32), training=True)
+        with resfast.backend("auto"):
+            out = ops.conv_bn_relu(x, w, _bn(4, torch.float32), training=True)
+    assert out.dtype == torch.bfloat16
