@@ -319,7 +319,7 @@ def finalize(pm: Tensor, pv: Tensor, M: int, weight: Optional[Tensor], eps: floa
     T, C = pm.shape
     if outs is None:
         outs = tuple(torch.empty(C, device=pm.device, dtype=pm.dtype) for _ in range(4))
-    if C == 0 or _is_fake(pm):
+    if C == 0 or T == 0 or _is_fake(pm):  # T == 0: an empty batch (no statistics; nothing reads them)
         return outs
     bc = _block_c(C)
     _launch(_finalize_kernel, (triton.cdiv(C, bc),), pm, pv, weight if weight is not None else pm,

@@ -32,8 +32,8 @@ INTERPRETER_DTYPES = (torch.float32, torch.float64)
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype the convolutions run in: the autocast dtype where autocast is on for x's device, else x's."""
-    if torch.is_autocast_enabled(x.device.type) and x.is_floating_point():
-        return torch.get_autocast_dtype(x.device.type)
+    if torch.is_autocast_enabled(x.device.type) and x.is_floating_point() and x.dtype != torch.float64:
+        return torch.get_autocast_dtype(x.device.type)  # autocast leaves float64 alone
     return x.dtype
 
 
@@ -78,6 +78,14 @@ def input_reasons(op: str, args) -> list[str]:
     elif x.device.type == "cpu" and interpret:
         if dtype not in INTERPRETER_DTYPES:
             reasons.append(f"dtype {dtype} is not supported under the Triton interpreter (float32/float64)")
+    # under autocast: eager normalises bn_relu_conv's input in its own dtype, the chain's pass-through split keeps
+    # it (the cat promotes), and a residual add promotes to the residual's dtype; casting them first would round
+    residual = getattr(args, "residual", None)
+    kept = [(name, t.dtype) for name, t in (("input", x if op in ("bn_relu_conv", "res2net_chain") else None),
+                                            ("residual", residual)) if t is not None and t.dtype != dtype]
+    for name, dt in kept:
+        reasons.append(f"under autocast the {name} is {dt}, not the autocast dtype {dtype}: eager keeps its "
+                       "precision where the Triton kernels would round it")
     if op == "res2net_chain" and training_path(op, args):
         if len({needs_batch_stats(bn, args.training) for bn in args.bns}) > 1:
             reasons.append("the chain's BatchNorms mix batch and running statistics (the Triton chain takes one kind)")
@@ -163,8 +171,9 @@ def _bn_inputs(bn, training, dtype):
     return r, r.running_mean.detach().to(stat), (r.running_var.detach().to(stat) + r.eps).rsqrt()
 
 
-def _update_running(r, mean, var):
-    if r.update_running:
+def _update_running(r, mean, var, empty=False):
+    """The running buffers' update; none for an empty batch (F.batch_norm leaves them alone then)."""
+    if r.update_running and not empty:
         torch.ops.resfast_triton.bn_running_update(r.running_mean, r.running_var, mean, var, r.factor)
 
 
@@ -173,7 +182,7 @@ def _conv_bn_train(x, weight, bias, bn, training, stride, padding, dilation, gro
     y, _, mean, _, var = torch.ops.resfast_triton.conv_bn_train(
         x.to(dtype), weight.to(dtype), _cast(bias, dtype), r.weight, r.bias, _cast(residual, dtype), mean_in,
         invstd_in, list(stride), list(padding), list(dilation), groups, relu, r.eps)
-    _update_running(r, mean, var)
+    _update_running(r, mean, var, x.numel() == 0)
     return y
 
 
@@ -198,7 +207,7 @@ def bn_relu_conv_train(args):
     y, mean, _, var = torch.ops.resfast_triton.bn_relu_conv_train(
         args.x.to(dtype), r.weight, r.bias, mean_in, invstd_in, args.weight.to(dtype), _cast(args.bias, dtype),
         _cast(args.residual, dtype), list(args.stride), list(args.padding), list(args.dilation), args.groups, r.eps)
-    _update_running(r, mean, var)
+    _update_running(r, mean, var, args.x.numel() == 0)
     return y
 
 
@@ -208,19 +217,19 @@ def res2net_chain_train(args):
     dtype = compute_dtype(args.x)
     resolved = [_bn_inputs(bn, args.training, dtype) for bn in args.bns]
     rs = [r for r, _, _ in resolved]
-    given = resolved[0][1] is not None
+    given = bool(resolved) and resolved[0][1] is not None  # no conv at all: paper order with scale 1
     biases = []
     if any(b is not None for b in args.biases):  # a conv without bias among convs with one: a zero bias
         biases = [b.to(dtype) if b is not None else args.x.new_zeros(args.width, dtype=dtype) for b in args.biases]
     out, _, mean, _, var = torch.ops.resfast_triton.res2net_chain_train(
         args.x.to(dtype), [w.to(dtype) for w in args.weights], biases,
-        [r.weight for r in rs] if rs[0].weight is not None else [],
-        [r.bias for r in rs] if rs[0].bias is not None else [],
+        [r.weight for r in rs] if rs and rs[0].weight is not None else [],
+        [r.bias for r in rs] if rs and rs[0].bias is not None else [],
         torch.stack([m for _, m, _ in resolved]) if given else None,
         torch.stack([v for _, _, v in resolved]) if given else None,
         args.scale, args.stride, args.dilation, args.groups, args.order, args.block_type, [r.eps for r in rs])
     for k, r in enumerate(rs):
-        _update_running(r, mean[k], var[k])
+        _update_running(r, mean[k], var[k], args.x.numel() == 0)
     return out
 
 

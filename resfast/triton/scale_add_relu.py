@@ -95,12 +95,14 @@ def _scale_add_relu_bwd_kernel(
     RELU: tl.constexpr, NEED_DX: tl.constexpr, NEED_DG: tl.constexpr, NEED_DR: tl.constexpr,
     ACC_F64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """One image n (program_id 0), BLOCK_M of its pixels (1), BLOCK_C channels (2): g = dy where y > 0;
-    dx = g * gate[n, c], dresidual = g, and this tile's sum of g * x per channel (row (n, tile) of PG) for dgate."""
-    n = tl.program_id(0).to(tl.int64)
-    pid_t = tl.program_id(1)
+    """Image n, BLOCK_M of its pixels (program_id 0 = n * T + tile: the large grid axis), BLOCK_C channels (1):
+    g = dy where y > 0; dx = g * gate[n, c], dresidual = g, and this tile's sum of g * x per channel (row
+    (n, tile) of PG) for dgate."""
+    pid = tl.program_id(0).to(tl.int64)
+    n = pid // T
+    pid_t = pid % T
     hw = pid_t.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
-    offs_c = (tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)
+    offs_c = (tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)
     h = hw // W
     w = hw % W
     c_mask = offs_c < C
@@ -144,7 +146,7 @@ def scale_add_relu_bwd(dy: Tensor, x: Tensor, gate: Tensor, y: Optional[Tensor],
         e = dx if need_dx else x
         r = dr if need_dres else x
         block_c = max(16, min(64, triton.next_power_of_2(C)))
-        wrap_triton(_scale_add_relu_bwd_kernel)[(N, T, triton.cdiv(C, block_c))](
+        wrap_triton(_scale_add_relu_bwd_kernel)[(N * T, triton.cdiv(C, block_c))](
             dy, x, gate, yy, e, r, pg if pg is not None else x, C, HW, W, T,
             *dy.stride(), *x.stride(), *gate.stride(), *yy.stride(), *e.stride(), *r.stride(),
             RELU=y is not None, NEED_DX=need_dx, NEED_DG=need_dgate, NEED_DR=need_dres,

@@ -334,7 +334,9 @@ def _chain_backward(ctx, dout, dZ, dmean, dinvstd, dvar):
     weights, gammas = rest[:S], rest[S:]
     nx, nw, nb, ng, nbeta = ctx.wants
     need = (nx, any(nw), any(nb), any(ng), any(nbeta))
-    none_after = (None,) * 9  # mean_in, invstd_in, scale, stride, dilation, groups, order, block_type, eps
+    # mean_in, invstd_in, scale, stride, dilation, groups, order, block_type, eps (an empty list of floats is a list
+    # node of the inputs' structure, a non-empty one a leaf: the returned structure must match it)
+    none_after = (None,) * 8 + ([] if S == 0 else None,)
     if not any(need):
         return (None, [None] * len(nw), [None] * len(nb), [None] * len(ng), [None] * len(nbeta)) + none_after
     dx, dws, dbs, dgs, dbetas = torch.ops.resfast_triton.res2net_chain_train_backward(

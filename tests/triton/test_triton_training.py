@@ -473,3 +473,42 @@ def test_autocast_dtype_decides_the_backend():
         with resfast.backend("auto"):
             out = ops.conv_bn_relu(x, w, _bn(4, torch.float32), training=True)
     assert out.dtype == torch.bfloat16
+
+
+def test_chain_without_convs_and_empty_batches():
+    """Paper order with scale 1 (no conv: the pass-through alone) with gradients, and empty batches in training:
+    outputs and gradients as eager, running buffers untouched and num_batches_tracked counted (F.batch_norm's
+    rule for an empty input)."""
+    x = _x(2, 4, 5, 5, dtype=F64)
+    kw = dict(scale=1, order="paper", block_type="stage", stride=2, training=True)
+    _check(lambda bns: ops.res2net_chain(x, [], bns, **kw), lambda bns: res2net_chain_ref(x, [], bns, **kw), [x],
+           [], F64)
+    empty = _x(0, 6, 5, 4, dtype=F64)
+    w = torch.randn(6, 6, 3, 3, dtype=F64, device=DEVICE, requires_grad=True)
+    _check(lambda bns: ops.conv_bn_relu(empty, w, bns[0], padding=1, training=True),
+           lambda bns: conv_bn_relu_ref(empty, w, bns[0], padding=1, training=True), [empty, w], [_bn(6, F64)], F64)
+    _check(lambda bns: ops.bn_relu_conv(empty, bns[0], w, padding=1, training=True),
+           lambda bns: bn_relu_conv_ref(empty, bns[0], w, padding=1, training=True), [empty, w], [_bn(6, F64)], F64)
+    _check(lambda bns: ops.res2net_chain(empty, [w[:2, :2]] * 2, bns, scale=3, training=True),
+           lambda bns: res2net_chain_ref(empty, [w[:2, :2]] * 2, bns, scale=3, training=True), [empty, w],
+           [_bn(2, F64), _bn(2, F64)], F64)
+
+
+def test_autocast_keeps_what_eager_keeps():
+    """Under autocast, bn_relu_conv's input and the chain's input are normalised / passed through in their own dtype
+    by eager, and a residual keeps its dtype through the add: the Triton backend refuses to round them (auto runs
+    eager), and says so."""
+    from resfast.ops import dispatch
+    from resfast.ops._args import prepare_bn_relu_conv, prepare_conv_bn_relu
+
+    x = torch.randn(2, 4, 3, 3, device=DEVICE)
+    w = torch.randn(4, 4, 1, 1, device=DEVICE)
+    dev = "cuda" if DEVICE == "cuda" else "cpu"
+    with torch.autocast(dev, torch.bfloat16):
+        r1 = dispatch.get("triton").not_supported_reasons(
+            "bn_relu_conv", prepare_bn_relu_conv(x, _bn(4, torch.float32), w, None, 1, 0, 1, 1, True, None))
+        r2 = dispatch.get("triton").not_supported_reasons(
+            "conv_bn_relu", prepare_conv_bn_relu(x, w, _bn(4, torch.float32), None, 1, 0, 1, 1, True, True, x))
+    assert any("the input is torch.float32, not the autocast dtype torch.bfloat16" in r for r in r1), r1
+    assert any("the residual is torch.float32" in r for r in r2), r2
+    assert not any("the input is" in r for r in r2)  # conv_bn_relu casts its input as F.conv2d would
