@@ -60,6 +60,22 @@ def _rows(pid_m, M, HW, W, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
+def _tile(M, C, HW, W, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    """This program's (BLOCK_M pixels x BLOCK_C channels) tile of an elementwise grid (pixel tiles on axis 0,
+    channel tiles on axis 1): (n, h, w) per row, the channels, and the masks."""
+    n, h, w, m_mask = _rows(tl.program_id(0), M, HW, W, BLOCK_M)
+    offs_c = (tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)
+    c_mask = offs_c < C
+    return n, h, w, offs_c, m_mask, c_mask, m_mask[:, None] & c_mask[None, :]
+
+
+@triton.jit
+def _at(ptr, n, h, w, offs_c, sn, sc, sh, sw):
+    """Pointers to the tile's elements of a strided (N, C, H, W) tensor."""
+    return ptr + (n * sn + h * sh + w * sw)[:, None] + offs_c[None, :] * sc
+
+
+@triton.jit
 def tile_moments(v, row_mask, n_valid):
     """Per column of a (BLOCK_M, BLOCK_C) tile: the mean and the biased variance of the rows in ``row_mask``, from
     the values in registers (``n_valid`` rows, >= 1, row 0 always among them).
@@ -85,7 +101,7 @@ def _stats_partial_kernel(
     n, h, w, m_mask = _rows(pid_m, M, HW, W, BLOCK_M)
     c_mask = offs_c < C
     acc_dtype = tl.float64 if ACC_F64 else tl.float32
-    x = tl.load(X_ptr + (n * sxn + h * sxh + w * sxw)[:, None] + offs_c[None, :] * sxc,
+    x = tl.load(_at(X_ptr, n, h, w, offs_c, sxn, sxc, sxh, sxw),
                 mask=m_mask[:, None] & c_mask[None, :], other=0.0).to(acc_dtype)
     n_valid = tl.minimum(M - pid_m.to(tl.int64) * BLOCK_M, BLOCK_M).to(acc_dtype)
     mean, m2 = tile_moments(x, m_mask, n_valid)
@@ -163,12 +179,9 @@ def _apply_kernel(
     HAS_BETA: tl.constexpr, HAS_RES: tl.constexpr, RELU: tl.constexpr, ACC_F64: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    n, h, w, m_mask = _rows(tl.program_id(0), M, HW, W, BLOCK_M)
-    offs_c = (tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)
-    c_mask = offs_c < C
-    mask = m_mask[:, None] & c_mask[None, :]
+    n, h, w, offs_c, m_mask, c_mask, mask = _tile(M, C, HW, W, BLOCK_M, BLOCK_C)
     acc_dtype = tl.float64 if ACC_F64 else tl.float32
-    z = tl.load(Z_ptr + (n * szn + h * szh + w * szw)[:, None] + offs_c[None, :] * szc, mask=mask, other=0.0)
+    z = tl.load(_at(Z_ptr, n, h, w, offs_c, szn, szc, szh, szw), mask=mask, other=0.0)
     mean = tl.load(MEAN_ptr + offs_c, mask=c_mask, other=0.0).to(acc_dtype)
     a = tl.load(SCALE_ptr + offs_c, mask=c_mask, other=0.0).to(acc_dtype)
     # (z - mean) * scale + beta, as F.batch_norm: z * scale + (beta - mean * scale) cancels catastrophically when
@@ -177,11 +190,11 @@ def _apply_kernel(
     if HAS_BETA:
         y += tl.load(BETA_ptr + offs_c, mask=c_mask, other=0.0).to(acc_dtype)[None, :]
     if HAS_RES:
-        y += tl.load(R_ptr + (n * srn + h * srh + w * srw)[:, None] + offs_c[None, :] * src, mask=mask,
+        y += tl.load(_at(R_ptr, n, h, w, offs_c, srn, src, srh, srw), mask=mask,
                      other=0.0).to(acc_dtype)
     if RELU:
         y = tl.maximum(y, 0.0)
-    tl.store(Y_ptr + (n * syn + h * syh + w * syw)[:, None] + offs_c[None, :] * syc, y.to(Y_ptr.dtype.element_ty),
+    tl.store(_at(Y_ptr, n, h, w, offs_c, syn, syc, syh, syw), y.to(Y_ptr.dtype.element_ty),
              mask=mask)
 
 
@@ -192,13 +205,13 @@ def _grad_tile(
     HAS_DY2: tl.constexpr, RELU: tl.constexpr, acc_dtype: tl.constexpr,
 ):
     """g = (dy + dy2) where y > 0 (RELU), else dy + dy2: the gradient reaching the BatchNorm's output."""
-    g = tl.load(DY_ptr + (n * sdn + h * sdh + w * sdw)[:, None] + offs_c[None, :] * sdc, mask=mask,
+    g = tl.load(_at(DY_ptr, n, h, w, offs_c, sdn, sdc, sdh, sdw), mask=mask,
                 other=0.0).to(acc_dtype)
     if HAS_DY2:
-        g += tl.load(DY2_ptr + (n * s2n + h * s2h + w * s2w)[:, None] + offs_c[None, :] * s2c, mask=mask,
+        g += tl.load(_at(DY2_ptr, n, h, w, offs_c, s2n, s2c, s2h, s2w), mask=mask,
                      other=0.0).to(acc_dtype)
     if RELU:
-        y = tl.load(Y_ptr + (n * syn + h * syh + w * syw)[:, None] + offs_c[None, :] * syc, mask=mask, other=0.0)
+        y = tl.load(_at(Y_ptr, n, h, w, offs_c, syn, syc, syh, syw), mask=mask, other=0.0)
         g = tl.where(y > 0, g, 0.0)
     return g
 
@@ -215,14 +228,11 @@ def _bwd_reduce_kernel(
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
-    n, h, w, m_mask = _rows(pid_m, M, HW, W, BLOCK_M)
-    offs_c = (tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)
-    c_mask = offs_c < C
-    mask = m_mask[:, None] & c_mask[None, :]
+    n, h, w, offs_c, m_mask, c_mask, mask = _tile(M, C, HW, W, BLOCK_M, BLOCK_C)
     acc_dtype = tl.float64 if ACC_F64 else tl.float32
     g = _grad_tile(DY_ptr, DY2_ptr, Y_ptr, n, h, w, offs_c, mask, sdn, sdc, sdh, sdw, s2n, s2c, s2h, s2w,
                    syn, syc, syh, syw, HAS_DY2, RELU, acc_dtype)
-    z = tl.load(Z_ptr + (n * szn + h * szh + w * szw)[:, None] + offs_c[None, :] * szc, mask=mask,
+    z = tl.load(_at(Z_ptr, n, h, w, offs_c, szn, szc, szh, szw), mask=mask,
                 other=0.0).to(acc_dtype)
     mean = tl.load(MEAN_ptr + offs_c, mask=c_mask, other=0.0).to(acc_dtype)
     invstd = tl.load(INVSTD_ptr + offs_c, mask=c_mask, other=0.0).to(acc_dtype)
@@ -246,10 +256,7 @@ def _bwd_apply_kernel(
     WRITE_DR: tl.constexpr, ACC_F64: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    n, h, w, m_mask = _rows(tl.program_id(0), M, HW, W, BLOCK_M)
-    offs_c = (tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)
-    c_mask = offs_c < C
-    mask = m_mask[:, None] & c_mask[None, :]
+    n, h, w, offs_c, m_mask, c_mask, mask = _tile(M, C, HW, W, BLOCK_M, BLOCK_C)
     acc_dtype = tl.float64 if ACC_F64 else tl.float32
     g = _grad_tile(DY_ptr, DY2_ptr, Y_ptr, n, h, w, offs_c, mask, sdn, sdc, sdh, sdw, s2n, s2c, s2h, s2w,
                    syn, syc, syh, syw, HAS_DY2, RELU, acc_dtype)
@@ -258,7 +265,7 @@ def _bwd_apply_kernel(
     if HAS_WEIGHT:
         a = a * tl.load(G_ptr + offs_c, mask=c_mask, other=0.0).to(acc_dtype)
     if BATCH_STATS:
-        z = tl.load(Z_ptr + (n * szn + h * szh + w * szw)[:, None] + offs_c[None, :] * szc, mask=mask,
+        z = tl.load(_at(Z_ptr, n, h, w, offs_c, szn, szc, szh, szw), mask=mask,
                     other=0.0).to(acc_dtype)
         mean = tl.load(MEAN_ptr + offs_c, mask=c_mask, other=0.0).to(acc_dtype)
         xhat = (z - mean[None, :]) * invstd[None, :]
@@ -268,10 +275,10 @@ def _bwd_apply_kernel(
         dz = (g - sg[None, :] - xhat * sgx[None, :]) * a[None, :]
     else:
         dz = g * a[None, :]
-    tl.store(DZ_ptr + (n * son + h * soh + w * sow)[:, None] + offs_c[None, :] * soc,
+    tl.store(_at(DZ_ptr, n, h, w, offs_c, son, soc, soh, sow),
              dz.to(DZ_ptr.dtype.element_ty), mask=mask)
     if WRITE_DR:
-        tl.store(DR_ptr + (n * srn + h * srh + w * srw)[:, None] + offs_c[None, :] * src,
+        tl.store(_at(DR_ptr, n, h, w, offs_c, srn, src, srh, srw),
                  g.to(DR_ptr.dtype.element_ty), mask=mask)
 
 
