@@ -1,4 +1,11 @@
-"""The `cpu` backend: resfast._C's CPU kernels (csrc/cpu/conv_eval.cpp) for eval-mode blocks.
+"""The `cpu` backend (resfast._C's CPU kernels) and the glue of the C++ ops shared with the `cuda` backend.
+
+Training (batch statistics, or any call whose inputs require grad): the C++ training ops of csrc/training.cpp
+(``resfast::conv_bn_train`` ... with their backward ops; convolutions through ATen (oneDNN), BatchNorm statistics,
+the fused BN + ReLU (+ residual, + the next split's add) forward and the fused backward in csrc/cpu/bn_train.cpp),
+wired to autograd here with resfast/ops/training.py's setup/backward pairs. float32 and float64.
+
+Eval without gradients (csrc/cpu/conv_eval.cpp):
 
 BatchNorm is folded into the conv weights and bias (cached by the block: :mod:`resfast.ops.fold`); for
 float32/bfloat16 with oneDNN the folded weights are also prepacked for oneDNN, once, with
@@ -7,8 +14,8 @@ oneDNN with the ReLU and the residual add as post-ops applied while the output i
 ``res2net_chain`` is one op call (``resfast::res2net_chain_folded``) writing every split into its slice of one
 output. ``bn_relu_conv`` applies BN + ReLU with ``resfast::bn_act`` and then the conv.
 
-So far: inference only (BatchNorm with running statistics, no autograd); training runs on `eager`.
-This module also registers the fake (meta) implementations of the C++ ops, so torch.compile can trace them.
+This module also registers the fake (meta) implementations of the C++ ops, so torch.compile can trace them, and the
+autograd of the training ops.
 """
 
 from __future__ import annotations
@@ -16,11 +23,14 @@ from __future__ import annotations
 import torch
 
 from .. import _ext
-from .checks import needs_batch_stats
+from . import training as T
 from .fold import FoldCache, fold_conv_bn, fold_scale_shift
 
 CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
-CPP_OPS = ("conv_bias_act", "res2net_chain_folded", "bn_act")
+CPU_TRAIN_DTYPES = (torch.float32, torch.float64)
+TRAIN_OPS = ("conv_bn_train", "conv_bn_train_backward", "bn_relu_conv_train", "bn_relu_conv_train_backward",
+             "res2net_chain_train", "res2net_chain_train_backward", "bn_stats", "bn_running_update")
+CPP_OPS = ("conv_bias_act", "res2net_chain_folded", "bn_act") + TRAIN_OPS
 
 
 def missing_ops() -> list[str]:
@@ -34,30 +44,18 @@ def input_reasons(op: str, args) -> list[str]:
     """Why the `cpu` backend cannot run `op` on these prepared arguments (empty when it can)."""
     if op not in KERNELS:
         return []  # the static reason says it all
-    reasons = []
     x = args.x
     if x.device.type != "cpu":
         return [f"the input is on {x.device.type}; the cpu backend takes CPU tensors"]
+    if T.training_path(op, args):
+        dtype = T.compute_dtype(x)
+        if dtype not in CPU_TRAIN_DTYPES:
+            return [f"dtype {dtype} in training (or with gradients) is not supported by the cpu backend "
+                    "(float32, float64)"]
+        return T.precision_reasons(op, args, dtype)
     if x.dtype not in CPU_DTYPES:
-        reasons.append(f"dtype {x.dtype} is not supported by the cpu backend (float32, float64, bfloat16)")
-    bns = args.bns if op == "res2net_chain" else (args.bn,)
-    if op == "conv_bn_relu" and args.shortcut is not None:
-        bns += (args.shortcut.bn,)
-    if any(needs_batch_stats(bn, args.training) for bn in bns):
-        reasons.append("BatchNorm with batch statistics (training) is not implemented in the cpu backend yet")
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in _tensors(op, args)):
-        reasons.append(f"the inputs require grad and the cpu backend's {op} has no backward yet")
-    return reasons
-
-
-def _tensors(op, args):
-    if op == "res2net_chain":
-        return [args.x, *args.weights, *args.biases, *[t for bn in args.bns for t in (bn.weight, bn.bias)]]
-    tensors = [args.x, args.weight, args.bias, args.residual, args.bn.weight, args.bn.bias]
-    if op == "conv_bn_relu" and args.shortcut is not None:
-        s = args.shortcut
-        tensors += [s.x, s.weight, s.bias, s.bn.weight, s.bn.bias]
-    return tensors
+        return [f"dtype {x.dtype} is not supported by the cpu backend (float32, float64, bfloat16)"]
+    return []
 
 
 _MKLDNN = torch.backends.mkldnn.is_available()
@@ -101,6 +99,8 @@ def _conv(args, x, w, b, relu, residual=None):
 
 
 def conv_bn_relu(args):
+    if T.training_path("conv_bn_relu", args):
+        return T.conv_bn_relu_train(torch.ops.resfast, args)
     residual = args.residual
     s = args.shortcut
     if s is not None:  # the projection shortcut first: its output is the main conv's residual post-op
@@ -112,6 +112,8 @@ def conv_bn_relu(args):
 
 
 def bn_relu_conv(args):
+    if T.training_path("bn_relu_conv", args):
+        return T.bn_relu_conv_train(torch.ops.resfast, args)
     x = args.x
     scale, shift = fold_scale_shift(args.bn, None, x.dtype)
     a = torch.ops.resfast.bn_act(x, scale.to(x.dtype), shift.to(x.dtype), None, True)
@@ -122,6 +124,8 @@ def bn_relu_conv(args):
 
 def res2net_chain(args):
     x = args.x
+    if T.training_path("res2net_chain", args):
+        return T.res2net_chain_train(torch.ops.resfast, args)
     if not args.weights:  # paper order with scale 1: the input passes through, nothing to fuse
         from .reference import EAGER_IMPLS
 
@@ -160,6 +164,93 @@ def _register_fakes() -> None:
     def _(x, weights, biases, width, stride, dilation, groups, block_type, conv_splits, passthrough):
         oh, ow = (x.shape[2] - 1) // stride + 1, (x.shape[3] - 1) // stride + 1
         return x.new_empty((x.shape[0], x.shape[1], oh, ow)).contiguous(memory_format=_layout(x))
+
+    _register_training()
+
+
+def _acc(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _like(t, shape, layout_of=None):
+    """A new tensor of t's dtype and device with `shape`, in the layout the C++ op gives (that of `layout_of`)."""
+    out = t.new_empty(shape)
+    return out if layout_of is None else out.contiguous(memory_format=_layout(layout_of))
+
+
+def _register_training() -> None:
+    """Fakes of the C++ training ops (their output strides are the real kernels': x's layout) and their autograd."""
+
+    @torch.library.register_fake("resfast::bn_stats")
+    def _(x, eps):
+        return tuple(x.new_empty(x.shape[1], dtype=_acc(x.dtype)) for _ in range(3))
+
+    @torch.library.register_fake("resfast::bn_running_update")
+    def _(running_mean, running_var, mean, var, factor):
+        return None
+
+    @torch.library.register_fake("resfast::conv_bn_train")
+    def _(x, weight, bias, gamma, beta, residual, mean_in, invstd_in, stride, padding, dilation, groups, relu, eps):
+        oh, ow = _out_hw(x.shape[2], x.shape[3], weight.shape[2:], stride, padding, dilation)
+        shape = (x.shape[0], weight.shape[0], oh, ow)
+        stats = tuple(x.new_empty(weight.shape[0], dtype=_acc(x.dtype)) for _ in range(3))
+        return (_like(x, shape, x), _like(x, shape, x)) + stats
+
+    def _param_grads(gamma, mean, need_g, need_b, C):
+        gdt = gamma.dtype if gamma is not None else mean.dtype
+        return (mean.new_empty(C, dtype=gdt) if need_g else mean.new_empty(0),
+                mean.new_empty(C, dtype=gdt) if need_b else mean.new_empty(0))
+
+    @torch.library.register_fake("resfast::conv_bn_train_backward")
+    def _(dy, x, weight, z, y, gamma, mean, invstd, stride, padding, dilation, groups, batch_stats, has_bias, need):
+        C = weight.shape[0]
+        return (_like(x, x.shape, x) if need[0] else x.new_empty(0),
+                _like(weight, weight.shape, weight) if need[1] else weight.new_empty(0),
+                weight.new_empty(C) if need[2] and has_bias else weight.new_empty(0),
+                *_param_grads(gamma, mean, need[3], need[4], C),
+                _like(z, z.shape, z) if need[5] else z.new_empty(0))
+
+    @torch.library.register_fake("resfast::bn_relu_conv_train")
+    def _(x, gamma, beta, mean_in, invstd_in, weight, bias, residual, stride, padding, dilation, groups, eps):
+        oh, ow = _out_hw(x.shape[2], x.shape[3], weight.shape[2:], stride, padding, dilation)
+        stats = tuple(x.new_empty(x.shape[1], dtype=_acc(x.dtype)) for _ in range(3))
+        return (_like(x, (x.shape[0], weight.shape[0], oh, ow), x),) + stats
+
+    @torch.library.register_fake("resfast::bn_relu_conv_train_backward")
+    def _(dy, x, gamma, beta, mean, invstd, weight, stride, padding, dilation, groups, batch_stats, has_bias, need):
+        return (_like(x, x.shape, x) if need[0] else x.new_empty(0),
+                *_param_grads(gamma, mean, need[1], need[2], x.shape[1]),
+                _like(weight, weight.shape, weight) if need[3] else weight.new_empty(0),
+                weight.new_empty(weight.shape[0]) if need[4] and has_bias else weight.new_empty(0))
+
+    def _chain_shapes(x, scale, order, stride):
+        from ._args import chain_layout
+
+        conv_splits, passthrough = chain_layout(scale, order)
+        wd = x.shape[1] // scale if passthrough is not None else x.shape[1]
+        return len(conv_splits), wd, (x.shape[2] - 1) // stride + 1, (x.shape[3] - 1) // stride + 1
+
+    @torch.library.register_fake("resfast::res2net_chain_train")
+    def _(x, weights, biases, gammas, betas, mean_in, invstd_in, scale, stride, dilation, groups, order, block_type,
+          eps):
+        S, wd, oh, ow = _chain_shapes(x, scale, order, stride)
+        N = x.shape[0]
+        stats = tuple(x.new_empty((S, wd), dtype=_acc(x.dtype)) for _ in range(3))
+        return (_like(x, (N, x.shape[1], oh, ow), x), [_like(x, (N, wd, oh, ow), x) for _ in range(S)]) + stats
+
+    @torch.library.register_fake("resfast::res2net_chain_train_backward")
+    def _(dout, x, out, zs, weights, gammas, mean, invstd, scale, stride, dilation, groups, order, block_type,
+          batch_stats, has_bias, need_dx, need_dw, need_db, need_dgamma, need_dbeta):
+        S, wd, _, _ = _chain_shapes(x, scale, order, stride)
+        pg = [_param_grads(gammas[k] if gammas else None, mean, need_dgamma, need_dbeta, wd) for k in range(S)]
+        return (_like(x, x.shape, x) if need_dx else x.new_empty(0),
+                [_like(w, w.shape, w) if need_dw else x.new_empty(0) for w in weights],
+                [x.new_empty(wd) if need_db and has_bias else x.new_empty(0) for _ in range(S)],
+                [g for g, _ in pg], [b for _, b in pg])
+
+    for name, make in T.AUTOGRAD.items():
+        setup, backward = make("resfast")
+        torch.library.register_autograd(f"resfast::{name}", backward, setup_context=setup)
 
 
 _register_fakes()

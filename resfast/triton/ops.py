@@ -23,47 +23,11 @@ import os
 
 import torch
 
-from ..ops.batchnorm import resolve_bn
-from ..ops.checks import needs_batch_stats
+from ..ops import training as T
+from ..ops.training import compute_dtype, precision_reasons, training_path, wants_grad  # noqa: F401
 
 CUDA_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 INTERPRETER_DTYPES = (torch.float32, torch.float64)
-
-
-def compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype the convolutions run in: the autocast dtype where autocast is on for x's device, else x's."""
-    if torch.is_autocast_enabled(x.device.type) and x.is_floating_point() and x.dtype != torch.float64:
-        return torch.get_autocast_dtype(x.device.type)  # autocast leaves float64 alone
-    return x.dtype
-
-
-def _grad_tensors(op: str, args) -> list:
-    if op == "res2net_chain":
-        ts = [args.x, *args.weights, *args.biases, *[t for bn in args.bns for t in (bn.weight, bn.bias)]]
-    elif op == "scale_add_relu":
-        ts = [args.x, args.gate, args.residual]
-    else:
-        ts = [args.x, args.weight, args.bias, args.residual, args.bn.weight, args.bn.bias]
-        sc = args.shortcut if op == "conv_bn_relu" else None
-        if sc is not None:
-            ts += [sc.x, sc.weight, sc.bias, sc.bn.weight, sc.bn.bias]
-    return [t for t in ts if t is not None]
-
-
-def wants_grad(op: str, args) -> bool:
-    return torch.is_grad_enabled() and any(t.requires_grad for t in _grad_tensors(op, args))
-
-
-def training_path(op: str, args) -> bool:
-    """Whether the call needs the training ops: batch statistics somewhere, or gradients."""
-    if op == "res2net_chain":
-        bns = args.bns
-    elif op == "scale_add_relu":
-        bns = ()
-    else:
-        sc = args.shortcut if op == "conv_bn_relu" else None
-        bns = (args.bn,) if sc is None else (args.bn, sc.bn)
-    return any(needs_batch_stats(bn, args.training) for bn in bns) or wants_grad(op, args)
 
 
 def input_reasons(op: str, args) -> list[str]:
@@ -78,19 +42,7 @@ def input_reasons(op: str, args) -> list[str]:
     elif x.device.type == "cpu" and interpret:
         if dtype not in INTERPRETER_DTYPES:
             reasons.append(f"dtype {dtype} is not supported under the Triton interpreter (float32/float64)")
-    # under autocast: eager normalises bn_relu_conv's input in its own dtype, the chain's pass-through split keeps
-    # it (the cat promotes), and a residual add promotes to the residual's dtype; casting them first would round
-    residual = getattr(args, "residual", None)
-    kept = [(name, t.dtype) for name, t in (("input", x if op in ("bn_relu_conv", "res2net_chain") else None),
-                                            ("residual", residual)) if t is not None and t.dtype != dtype]
-    for name, dt in kept:
-        reasons.append(f"under autocast the {name} is {dt}, not the autocast dtype {dtype}: eager keeps its "
-                       "precision where the Triton kernels would round it")
-    if op == "res2net_chain" and training_path(op, args):
-        if len({needs_batch_stats(bn, args.training) for bn in args.bns}) > 1:
-            reasons.append("the chain's BatchNorms mix batch and running statistics (the Triton chain takes one kind)")
-        if len({bn.weight is None for bn in args.bns}) > 1 or len({bn.bias is None for bn in args.bns}) > 1:
-            reasons.append("the chain's BatchNorms mix affine and non-affine (the Triton chain takes one kind)")
+    reasons += precision_reasons(op, args, dtype)
     return reasons
 
 
@@ -153,84 +105,22 @@ def _packed_with_projection(args, dtype):
 # training (and eval with gradients): the ops of training.py
 
 
-def _stat_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _cast(t, dtype):
-    return None if t is None else t.to(dtype)
-
-
-def _bn_inputs(bn, training, dtype):
-    """(resolved BatchNorm, mean_in, invstd_in): the statistics handed to a training op, None for batch statistics.
-    resolve_bn increments num_batches_tracked, once per BatchNorm per forward, as nn.BatchNorm2d does."""
-    r = resolve_bn(bn, training)
-    if r.use_batch_stats:
-        return r, None, None
-    stat = _stat_dtype(dtype)
-    return r, r.running_mean.detach().to(stat), (r.running_var.detach().to(stat) + r.eps).rsqrt()
-
-
-def _update_running(r, mean, var, empty=False):
-    """The running buffers' update; none for an empty batch (F.batch_norm leaves them alone then)."""
-    if r.update_running and not empty:
-        torch.ops.resfast_triton.bn_running_update(r.running_mean, r.running_var, mean, var, r.factor)
-
-
-def _conv_bn_train(x, weight, bias, bn, training, stride, padding, dilation, groups, relu, residual, dtype):
-    r, mean_in, invstd_in = _bn_inputs(bn, training, dtype)
-    y, _, mean, _, var = torch.ops.resfast_triton.conv_bn_train(
-        x.to(dtype), weight.to(dtype), _cast(bias, dtype), r.weight, r.bias, _cast(residual, dtype), mean_in,
-        invstd_in, list(stride), list(padding), list(dilation), groups, relu, r.eps)
-    _update_running(r, mean, var, x.numel() == 0)
-    return y
-
-
 def conv_bn_relu_train(args):
     from . import training  # noqa: F401  (registers the training ops)
 
-    dtype = compute_dtype(args.x)
-    residual = args.residual
-    sc = args.shortcut
-    if sc is not None:
-        residual = _conv_bn_train(sc.x, sc.weight, sc.bias, sc.bn, args.training, sc.stride, (0, 0), (1, 1), 1,
-                                  False, None, dtype)
-    return _conv_bn_train(args.x, args.weight, args.bias, args.bn, args.training, args.stride, args.padding,
-                          args.dilation, args.groups, args.relu, residual, dtype)
+    return T.conv_bn_relu_train(torch.ops.resfast_triton, args)
 
 
 def bn_relu_conv_train(args):
     from . import training  # noqa: F401
 
-    dtype = compute_dtype(args.x)
-    r, mean_in, invstd_in = _bn_inputs(args.bn, args.training, dtype)
-    y, mean, _, var = torch.ops.resfast_triton.bn_relu_conv_train(
-        args.x.to(dtype), r.weight, r.bias, mean_in, invstd_in, args.weight.to(dtype), _cast(args.bias, dtype),
-        _cast(args.residual, dtype), list(args.stride), list(args.padding), list(args.dilation), args.groups, r.eps)
-    _update_running(r, mean, var, args.x.numel() == 0)
-    return y
+    return T.bn_relu_conv_train(torch.ops.resfast_triton, args)
 
 
 def res2net_chain_train(args):
     from . import training  # noqa: F401
 
-    dtype = compute_dtype(args.x)
-    resolved = [_bn_inputs(bn, args.training, dtype) for bn in args.bns]
-    rs = [r for r, _, _ in resolved]
-    given = bool(resolved) and resolved[0][1] is not None  # no conv at all: paper order with scale 1
-    biases = []
-    if any(b is not None for b in args.biases):  # a conv without bias among convs with one: a zero bias
-        biases = [b.to(dtype) if b is not None else args.x.new_zeros(args.width, dtype=dtype) for b in args.biases]
-    out, _, mean, _, var = torch.ops.resfast_triton.res2net_chain_train(
-        args.x.to(dtype), [w.to(dtype) for w in args.weights], biases,
-        [r.weight for r in rs] if rs and rs[0].weight is not None else [],
-        [r.bias for r in rs] if rs and rs[0].bias is not None else [],
-        torch.stack([m for _, m, _ in resolved]) if given else None,
-        torch.stack([v for _, _, v in resolved]) if given else None,
-        args.scale, args.stride, args.dilation, args.groups, args.order, args.block_type, [r.eps for r in rs])
-    for k, r in enumerate(rs):
-        _update_running(r, mean[k], var[k], args.x.numel() == 0)
-    return out
+    return T.res2net_chain_train(torch.ops.resfast_triton, args)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -18,6 +18,8 @@ autograd with ``register_autograd``.
   Returns ``(out, Z, mean, invstd, var)``, statistics stacked (convs, width).
 * ``bn_running_update``: running buffers updated in place (mutates its arguments; no autograd).
 
+Autograd (what is saved, which backward op runs) is resfast/ops/training.py's, shared with the C++ ops.
+
 Backward ops: BatchNorm (+ ReLU, + residual) backward in two Triton passes (batchnorm.backward: per-channel sums of
 ``g`` and ``g * xhat`` in fp32, then ``dz`` and the residual's gradient), and the convolutions' data and weight
 gradients through ATen's ``convolution_backward`` (cuDNN on a GPU; whether a Triton implicit-GEMM backward would be
@@ -35,6 +37,7 @@ from torch import Tensor
 from torch.library import triton_op
 
 from ..ops._args import chain_layout
+from ..ops.training import AUTOGRAD
 from . import batchnorm as B
 from .common import _is_fake, interpreting
 from .conv import PassThrough, conv_bn_act_fwd, pack_weight, passthrough_fwd
@@ -116,25 +119,6 @@ def _conv_bn_train_backward(dy: Tensor, x: Tensor, weight: Tensor, z: Tensor, y:
             dres if dres is not None else _empty(z))
 
 
-def _conv_bn_setup(ctx, inputs, output):
-    x, weight, bias, gamma, beta, residual, mean_in, invstd_in, stride, padding, dilation, groups, relu, eps = inputs
-    y, z, mean, invstd, _ = output
-    ctx.save_for_backward(x, weight, z, y if relu else None, gamma, mean, invstd)
-    ctx.hyper = (stride, padding, dilation, groups, mean_in is None, bias is not None)
-
-
-def _conv_bn_backward(ctx, dy, dz_, dmean, dinvstd, dvar):
-    x, weight, z, y, gamma, mean, invstd = ctx.saved_tensors
-    stride, padding, dilation, groups, batch_stats, has_bias = ctx.hyper
-    n = ctx.needs_input_grad
-    need = [n[0], n[1], has_bias and n[2], gamma is not None and n[3], n[4], n[5]]
-    if not any(need):
-        return (None,) * 14
-    g = torch.ops.resfast_triton.conv_bn_train_backward(dy, x, weight, z, y, gamma, mean, invstd, stride, padding,
-                                                        dilation, groups, batch_stats, has_bias, need)
-    return tuple(t if want else None for t, want in zip(g, need)) + (None,) * 8
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # BatchNorm -> ReLU -> conv (-> + residual)
 
@@ -180,27 +164,6 @@ def _bn_relu_conv_train_backward(dy: Tensor, x: Tensor, gamma: Optional[Tensor],
     return (dx if need_dx else _empty(x), dgamma.to(gdt) if need_dgamma else _empty(mean),
             dbeta.to(gdt) if need_dbeta else _empty(mean), dw if need_dw else _empty(weight),
             db if db is not None else _empty(weight))
-
-
-def _bn_relu_conv_setup(ctx, inputs, output):
-    x, gamma, beta, mean_in, invstd_in, weight, bias, residual, stride, padding, dilation, groups, eps = inputs
-    _, mean, invstd, _ = output
-    ctx.save_for_backward(x, gamma, beta, mean, invstd, weight)
-    ctx.hyper = (stride, padding, dilation, groups, mean_in is None, bias is not None)
-
-
-def _bn_relu_conv_backward(ctx, dy, dmean, dinvstd, dvar):
-    x, gamma, beta, mean, invstd, weight = ctx.saved_tensors
-    stride, padding, dilation, groups, batch_stats, has_bias = ctx.hyper
-    n = ctx.needs_input_grad
-    need = [n[0], gamma is not None and n[1], beta is not None and n[2], n[5], has_bias and n[6]]
-    g = [None] * 5
-    if any(need):
-        g = torch.ops.resfast_triton.bn_relu_conv_train_backward(dy, x, gamma, beta, mean, invstd, weight, stride,
-                                                                 padding, dilation, groups, batch_stats, has_bias,
-                                                                 need)
-    dx, dgamma, dbeta, dw, db = (t if want else None for t, want in zip(g, need))
-    return dx, dgamma, dbeta, None, None, dw, db, (dy if n[7] else None), None, None, None, None, None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -313,42 +276,6 @@ def _res2net_chain_train_backward(dout: Tensor, x: Tensor, out: Tensor, Z: Tenso
     return dx, dws, dbs, dgammas, dbetas
 
 
-def _wants(ts) -> list[bool]:
-    return [t.requires_grad for t in ts]
-
-
-def _chain_setup(ctx, inputs, output):
-    (x, weights, biases, gammas, betas, mean_in, invstd_in, scale, stride, dilation, groups, order, block_type,
-     eps) = inputs
-    out, Z, mean, invstd, _ = output
-    ctx.save_for_backward(x, out, Z, mean, invstd, *weights, *gammas)
-    ctx.hyper = (len(weights), len(gammas), scale, stride, dilation, groups, order, block_type, mean_in is None,
-                 bool(biases))
-    # which inputs want gradients (needs_input_grad flattens the lists in a way not worth relying on)
-    ctx.wants = (x.requires_grad, _wants(weights), _wants(biases), _wants(gammas), _wants(betas))
-
-
-def _chain_backward(ctx, dout, dZ, dmean, dinvstd, dvar):
-    S, n_gamma, scale, stride, dilation, groups, order, block_type, batch_stats, has_bias = ctx.hyper
-    x, out, Z, mean, invstd, *rest = ctx.saved_tensors
-    weights, gammas = rest[:S], rest[S:]
-    nx, nw, nb, ng, nbeta = ctx.wants
-    need = (nx, any(nw), any(nb), any(ng), any(nbeta))
-    # mean_in, invstd_in, scale, stride, dilation, groups, order, block_type, eps (an empty list of floats is a list
-    # node of the inputs' structure, a non-empty one a leaf: the returned structure must match it)
-    none_after = (None,) * 8 + ([] if S == 0 else None,)
-    if not any(need):
-        return (None, [None] * len(nw), [None] * len(nb), [None] * len(ng), [None] * len(nbeta)) + none_after
-    dx, dws, dbs, dgs, dbetas = torch.ops.resfast_triton.res2net_chain_train_backward(
-        dout, x, out, Z, list(weights), list(gammas), mean, invstd, scale, stride, dilation, groups, order,
-        block_type, batch_stats, has_bias, *need)
-
-    def pick(grads, wanted):
-        return [g if w else None for g, w in zip(grads, wanted)]
-
-    return (dx if nx else None, pick(dws, nw), pick(dbs, nb), pick(dgs, ng), pick(dbetas, nbeta)) + none_after
-
-
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -358,9 +285,9 @@ def _bn_running_update(running_mean: Tensor, running_var: Tensor, mean: Tensor, 
 
 
 FORWARD = {
-    "conv_bn_train": (_conv_bn_train, _conv_bn_setup, _conv_bn_backward),
-    "bn_relu_conv_train": (_bn_relu_conv_train, _bn_relu_conv_setup, _bn_relu_conv_backward),
-    "res2net_chain_train": (_res2net_chain_train, _chain_setup, _chain_backward),
+    "conv_bn_train": _conv_bn_train,
+    "bn_relu_conv_train": _bn_relu_conv_train,
+    "res2net_chain_train": _res2net_chain_train,
 }
 BACKWARD = {
     "conv_bn_train_backward": _conv_bn_train_backward,
@@ -368,8 +295,9 @@ BACKWARD = {
     "res2net_chain_train_backward": _res2net_chain_train_backward,
 }
 OPS = {}
-for _name, (_fn, _setup, _bwd) in FORWARD.items():
+for _name, _fn in FORWARD.items():
     OPS[_name] = triton_op(f"resfast_triton::{_name}", _fn, mutates_args=())
+    _setup, _bwd = AUTOGRAD[_name]("resfast_triton")
     OPS[_name].register_autograd(_bwd, setup_context=_setup)
 for _name, _fn in BACKWARD.items():
     OPS[_name] = triton_op(f"resfast_triton::{_name}", _fn, mutates_args=())

@@ -1,0 +1,255 @@
+"""Training (and eval with gradients) through fused forward/backward op pairs: the glue every fused backend shares.
+
+Two backends implement the same family of training ops: Triton (``torch.ops.resfast_triton``, resfast/triton/
+training.py) and the C++/CUDA extension (``torch.ops.resfast``, csrc/training.cpp, for CPU and CUDA tensors):
+
+* ``conv_bn_train(x, w, b, gamma, beta, residual, mean_in, invstd_in, ...) -> (y, z, mean, invstd, var)``
+* ``bn_relu_conv_train(x, gamma, beta, mean_in, invstd_in, w, b, residual, ...) -> (y, mean, invstd, var)``
+* ``res2net_chain_train(x, ws, bs, gammas, betas, mean_in, invstd_in, ...) -> (out, Z, mean, invstd, var)``, where
+  ``Z`` is one tensor of every raw conv output (Triton writes each conv's output into its slice) or a list of them
+  (a cuDNN / oneDNN convolution allocates its own output);
+* each with a ``*_backward`` op, and ``bn_running_update`` (in place).
+
+This module holds what does not depend on the backend: nn.BatchNorm2d's rules at the op boundary (statistics in,
+running buffers updated after the op, exactly once per BatchNorm per forward), the autocast dtype, what is saved
+for backward (raw conv outputs and per-channel statistics; normalised activations are recomputed), and the
+autograd wiring (``register_autograd`` of each forward op, calling its backward op in the same namespace).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .batchnorm import resolve_bn
+from .checks import needs_batch_stats
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the convolutions run in: the autocast dtype where autocast is on for x's device, else x's."""
+    if torch.is_autocast_enabled(x.device.type) and x.is_floating_point() and x.dtype != torch.float64:
+        return torch.get_autocast_dtype(x.device.type)  # autocast leaves float64 alone
+    return x.dtype
+
+
+def _grad_tensors(op: str, args) -> list:
+    if op == "res2net_chain":
+        ts = [args.x, *args.weights, *args.biases, *[t for bn in args.bns for t in (bn.weight, bn.bias)]]
+    elif op == "scale_add_relu":
+        ts = [args.x, args.gate, args.residual]
+    else:
+        ts = [args.x, args.weight, args.bias, args.residual, args.bn.weight, args.bn.bias]
+        sc = args.shortcut if op == "conv_bn_relu" else None
+        if sc is not None:
+            ts += [sc.x, sc.weight, sc.bias, sc.bn.weight, sc.bn.bias]
+    return [t for t in ts if t is not None]
+
+
+def wants_grad(op: str, args) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in _grad_tensors(op, args))
+
+
+def training_path(op: str, args) -> bool:
+    """Whether the call needs the training ops: batch statistics somewhere, or gradients."""
+    if op == "res2net_chain":
+        bns = args.bns
+    elif op == "scale_add_relu":
+        bns = ()
+    else:
+        sc = args.shortcut if op == "conv_bn_relu" else None
+        bns = (args.bn,) if sc is None else (args.bn, sc.bn)
+    return any(needs_batch_stats(bn, args.training) for bn in bns) or wants_grad(op, args)
+
+
+def precision_reasons(op: str, args, dtype: torch.dtype) -> list[str]:
+    """Why the fused ops, which run in one dtype, cannot reproduce eager here (empty when they can)."""
+    reasons = []
+    # under autocast: eager normalises bn_relu_conv's input in its own dtype, the chain's pass-through split keeps
+    # it (the cat promotes), and a residual add promotes to the residual's dtype; casting them first would round
+    residual = getattr(args, "residual", None)
+    x = args.x
+    kept = [(name, t.dtype) for name, t in (("input", x if op in ("bn_relu_conv", "res2net_chain") else None),
+                                            ("residual", residual)) if t is not None and t.dtype != dtype]
+    for name, dt in kept:
+        reasons.append(f"under autocast the {name} is {dt}, not the autocast dtype {dtype}: eager keeps its "
+                       "precision where the fused kernels would round it")
+    if op == "res2net_chain" and training_path(op, args):
+        if len({needs_batch_stats(bn, args.training) for bn in args.bns}) > 1:
+            reasons.append("the chain's BatchNorms mix batch and running statistics (the fused chain takes one kind)")
+        if len({bn.weight is None for bn in args.bns}) > 1 or len({bn.bias is None for bn in args.bns}) > 1:
+            reasons.append("the chain's BatchNorms mix affine and non-affine (the fused chain takes one kind)")
+    return reasons
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# forward glue: prepared op arguments -> one training op call (+ the running buffers' update)
+
+
+def _stat_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _cast(t, dtype):
+    return None if t is None else t.to(dtype)
+
+
+def _bn_inputs(bn, training, dtype):
+    """(resolved BatchNorm, mean_in, invstd_in): the statistics handed to a training op, None for batch statistics.
+    resolve_bn increments num_batches_tracked, once per BatchNorm per forward, as nn.BatchNorm2d does."""
+    r = resolve_bn(bn, training)
+    if r.use_batch_stats:
+        return r, None, None
+    stat = _stat_dtype(dtype)
+    return r, r.running_mean.detach().to(stat), (r.running_var.detach().to(stat) + r.eps).rsqrt()
+
+
+def _update_running(ns, r, mean, var, empty=False):
+    """The running buffers' update; none for an empty batch (F.batch_norm leaves them alone then)."""
+    if r.update_running and not empty:
+        ns.bn_running_update(r.running_mean, r.running_var, mean, var, r.factor)
+
+
+def _conv_bn_train(ns, x, weight, bias, bn, training, stride, padding, dilation, groups, relu, residual, dtype):
+    r, mean_in, invstd_in = _bn_inputs(bn, training, dtype)
+    y, _, mean, _, var = ns.conv_bn_train(
+        x.to(dtype), weight.to(dtype), _cast(bias, dtype), r.weight, r.bias, _cast(residual, dtype), mean_in,
+        invstd_in, list(stride), list(padding), list(dilation), groups, relu, r.eps)
+    _update_running(ns, r, mean, var, x.numel() == 0)
+    return y
+
+
+def conv_bn_relu_train(ns, args):
+    """conv_bn_relu through ``ns.conv_bn_train`` (the projection shortcut is its own op, whose output is the
+    main op's residual)."""
+    dtype = compute_dtype(args.x)
+    residual = args.residual
+    sc = args.shortcut
+    if sc is not None:
+        residual = _conv_bn_train(ns, sc.x, sc.weight, sc.bias, sc.bn, args.training, sc.stride, (0, 0), (1, 1), 1,
+                                  False, None, dtype)
+    return _conv_bn_train(ns, args.x, args.weight, args.bias, args.bn, args.training, args.stride, args.padding,
+                          args.dilation, args.groups, args.relu, residual, dtype)
+
+
+def bn_relu_conv_train(ns, args):
+    dtype = compute_dtype(args.x)
+    r, mean_in, invstd_in = _bn_inputs(args.bn, args.training, dtype)
+    y, mean, _, var = ns.bn_relu_conv_train(
+        args.x.to(dtype), r.weight, r.bias, mean_in, invstd_in, args.weight.to(dtype), _cast(args.bias, dtype),
+        _cast(args.residual, dtype), list(args.stride), list(args.padding), list(args.dilation), args.groups, r.eps)
+    _update_running(ns, r, mean, var, args.x.numel() == 0)
+    return y
+
+
+def res2net_chain_train(ns, args):
+    dtype = compute_dtype(args.x)
+    resolved = [_bn_inputs(bn, args.training, dtype) for bn in args.bns]
+    rs = [r for r, _, _ in resolved]
+    given = bool(resolved) and resolved[0][1] is not None  # no conv at all: paper order with scale 1
+    biases = []
+    if any(b is not None for b in args.biases):  # a conv without bias among convs with one: a zero bias
+        biases = [b.to(dtype) if b is not None else args.x.new_zeros(args.width, dtype=dtype) for b in args.biases]
+    out, _, mean, _, var = ns.res2net_chain_train(
+        args.x.to(dtype), [w.to(dtype) for w in args.weights], biases,
+        [r.weight for r in rs] if rs and rs[0].weight is not None else [],
+        [r.bias for r in rs] if rs and rs[0].bias is not None else [],
+        torch.stack([m for _, m, _ in resolved]) if given else None,
+        torch.stack([v for _, _, v in resolved]) if given else None,
+        args.scale, args.stride, args.dilation, args.groups, args.order, args.block_type, [r.eps for r in rs])
+    for k, r in enumerate(rs):
+        _update_running(ns, r, mean[k], var[k], args.x.numel() == 0)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# autograd: setup_context / backward pairs for register_autograd, calling the backward ops of namespace `ns`
+# (a name such as "resfast" or "resfast_triton", looked up when the backward runs)
+
+
+def _ops(ns: str):
+    return getattr(torch.ops, ns)
+
+
+def conv_bn_autograd(ns: str):
+    def setup(ctx, inputs, output):
+        x, weight, bias, gamma, beta, residual, mean_in, invstd_in, stride, padding, dilation, groups, relu, _ = inputs
+        y, z, mean, invstd, _ = output
+        ctx.save_for_backward(x, weight, z, y if relu else None, gamma, mean, invstd)
+        ctx.hyper = (stride, padding, dilation, groups, mean_in is None, bias is not None)
+
+    def backward(ctx, dy, dz_, dmean, dinvstd, dvar):
+        x, weight, z, y, gamma, mean, invstd = ctx.saved_tensors
+        stride, padding, dilation, groups, batch_stats, has_bias = ctx.hyper
+        n = ctx.needs_input_grad
+        need = [n[0], n[1], has_bias and n[2], gamma is not None and n[3], n[4], n[5]]
+        if not any(need):
+            return (None,) * 14
+        g = _ops(ns).conv_bn_train_backward(dy, x, weight, z, y, gamma, mean, invstd, stride, padding, dilation,
+                                            groups, batch_stats, has_bias, need)
+        return tuple(t if want else None for t, want in zip(g, need)) + (None,) * 8
+
+    return setup, backward
+
+
+def bn_relu_conv_autograd(ns: str):
+    def setup(ctx, inputs, output):
+        x, gamma, beta, mean_in, invstd_in, weight, bias, residual, stride, padding, dilation, groups, eps = inputs
+        _, mean, invstd, _ = output
+        ctx.save_for_backward(x, gamma, beta, mean, invstd, weight)
+        ctx.hyper = (stride, padding, dilation, groups, mean_in is None, bias is not None)
+
+    def backward(ctx, dy, dmean, dinvstd, dvar):
+        x, gamma, beta, mean, invstd, weight = ctx.saved_tensors
+        stride, padding, dilation, groups, batch_stats, has_bias = ctx.hyper
+        n = ctx.needs_input_grad
+        need = [n[0], gamma is not None and n[1], beta is not None and n[2], n[5], has_bias and n[6]]
+        g = [None] * 5
+        if any(need):
+            g = _ops(ns).bn_relu_conv_train_backward(dy, x, gamma, beta, mean, invstd, weight, stride, padding,
+                                                     dilation, groups, batch_stats, has_bias, need)
+        dx, dgamma, dbeta, dw, db = (t if want else None for t, want in zip(g, need))
+        return dx, dgamma, dbeta, None, None, dw, db, (dy if n[7] else None), None, None, None, None, None
+
+    return setup, backward
+
+
+def _wants(ts) -> list[bool]:
+    return [t.requires_grad for t in ts]
+
+
+def chain_autograd(ns: str):
+    def setup(ctx, inputs, output):
+        (x, weights, biases, gammas, betas, mean_in, invstd_in, scale, stride, dilation, groups, order, block_type,
+         eps) = inputs
+        out, Z, mean, invstd, _ = output
+        zs = list(Z) if isinstance(Z, (list, tuple)) else [Z]
+        ctx.save_for_backward(x, out, mean, invstd, *zs, *weights, *gammas)
+        ctx.hyper = (len(zs), isinstance(Z, (list, tuple)), len(weights), scale, stride, dilation, groups, order,
+                     block_type, mean_in is None, bool(biases))
+        # which inputs want gradients (needs_input_grad flattens the lists in a way not worth relying on)
+        ctx.wants = (x.requires_grad, _wants(weights), _wants(biases), _wants(gammas), _wants(betas))
+
+    def backward(ctx, dout, dZ, dmean, dinvstd, dvar):
+        n_z, z_list, S, scale, stride, dilation, groups, order, block_type, batch_stats, has_bias = ctx.hyper
+        x, out, mean, invstd, *rest = ctx.saved_tensors
+        zs, weights, gammas = rest[:n_z], rest[n_z:n_z + S], rest[n_z + S:]
+        nx, nw, nb, ng, nbeta = ctx.wants
+        need = (nx, any(nw), any(nb), any(ng), any(nbeta))
+        # mean_in, invstd_in, scale, stride, dilation, groups, order, block_type, eps (an empty list of floats is a
+        # list node of the inputs' structure, a non-empty one a leaf: the returned structure must match it)
+        none_after = (None,) * 8 + ([] if S == 0 else None,)
+        if not any(need):
+            return (None, [None] * len(nw), [None] * len(nb), [None] * len(ng), [None] * len(nbeta)) + none_after
+        dx, dws, dbs, dgs, dbetas = _ops(ns).res2net_chain_train_backward(
+            dout, x, out, list(zs) if z_list else zs[0], list(weights), list(gammas), mean, invstd, scale, stride,
+            dilation, groups, order, block_type, batch_stats, has_bias, *need)
+
+        def pick(grads, wanted):
+            return [g if w else None for g, w in zip(grads, wanted)]
+
+        return (dx if nx else None, pick(dws, nw), pick(dbs, nb), pick(dgs, ng), pick(dbetas, nbeta)) + none_after
+
+    return setup, backward
+
+
+AUTOGRAD = {"conv_bn_train": conv_bn_autograd, "bn_relu_conv_train": bn_relu_conv_autograd,
+            "res2net_chain_train": chain_autograd}
