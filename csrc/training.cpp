@@ -139,12 +139,13 @@ Stats get_stats(const at::Tensor& z, const at::Tensor& mean_in, const at::Tensor
   return s;
 }
 
+// Per-channel tensors reach the kernels contiguous, in the accumulation dtype.
 at::Tensor scale_of(const at::Tensor& invstd, const at::Tensor& gamma) {
-  return gamma.defined() ? invstd * gamma.to(invstd.scalar_type()) : invstd;
+  return gamma.defined() ? invstd * gamma.to(invstd.scalar_type()) : invstd.contiguous();
 }
 
 at::Tensor acc_or_none(const at::Tensor& t, at::ScalarType acc) {
-  return t.defined() ? t.to(acc) : t;
+  return t.defined() ? t.to(acc).contiguous() : t;
 }
 
 struct BnGrads {
@@ -515,6 +516,83 @@ void bn_running_update(const at::Tensor& running_mean, const at::Tensor& running
       .running_update(running_mean, running_var, mean.contiguous(), var.contiguous(), factor);
 }
 
+
+// --- eval with BatchNorm folded into the weights, on devices without a dedicated kernel (CUDA): the schemas of
+// cpu/conv_eval.cpp, computed as a cuDNN convolution and one fused pass (bias, residual, ReLU; in the chain also
+// the next split's input) into the output or its slice
+
+at::Tensor conv_bias_act_generic(const at::Tensor& x_, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                                 at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                                 int64_t groups, const std::optional<at::Tensor>& residual, bool relu) {
+  const char* op = "conv_bias_act";
+  check_input(op, x_);
+  check_conv(op, x_, weight, opt(bias), stride, padding, dilation, groups);
+  const c10::OptionalDeviceGuard guard(x_.device());
+  const auto fmt = layout_of(x_);
+  at::Tensor z = conv(x_.contiguous(fmt), weight, none(), stride, padding, dilation, groups, fmt);
+  at::Tensor res;
+  if (residual.has_value()) {
+    check_activation(op, "residual", *residual, x_);
+    RESFAST_CHECK(residual->sizes() == z.sizes(), op, "residual must have the output's shape ", z.sizes(), ", got ",
+                  residual->sizes());
+    res = residual->contiguous(fmt);
+  }
+  // in place: each element is read before it is written
+  bn_kernels(z.device()).apply(z, none(), none(), acc_or_none(opt(bias), acc_of(z)), res, relu, z, none(), none());
+  return z;
+}
+
+at::Tensor res2net_chain_folded_generic(const at::Tensor& x_, at::TensorList weights, at::TensorList biases,
+                                        int64_t width, int64_t stride, int64_t dilation, int64_t groups,
+                                        c10::string_view block_type, at::IntArrayRef conv_splits,
+                                        int64_t passthrough) {
+  const char* op = "res2net_chain_folded";
+  check_input(op, x_);
+  RESFAST_CHECK(block_type == "normal" || block_type == "stage", op, "block_type must be 'normal' or 'stage'");
+  RESFAST_CHECK(weights.size() == conv_splits.size() && biases.size() == conv_splits.size(), op,
+                "weights, biases and conv_splits must have one entry per conv");
+  RESFAST_CHECK(width > 0 && x_.size(1) % width == 0, op, "width (", width, ") must divide the channels (",
+                x_.size(1), ")");
+  const int64_t n_splits = x_.size(1) / width;
+  // every split of the output is written exactly once: by its conv or as the pass-through
+  std::vector<int> covered(n_splits, 0);
+  for (const int64_t i : conv_splits) {
+    RESFAST_CHECK(i >= 0 && i < n_splits, op, "conv split ", i, " out of range");
+    ++covered[i];
+  }
+  RESFAST_CHECK(passthrough >= -1 && passthrough < n_splits, op, "passthrough ", passthrough, " out of range");
+  if (passthrough >= 0) ++covered[passthrough];
+  for (int64_t i = 0; i < n_splits; ++i)
+    RESFAST_CHECK(covered[i] == 1, op, "split ", i, " must be written once (by a conv or as the pass-through)");
+  const bool normal = block_type == "normal";
+  RESFAST_CHECK(!normal || stride == 1, op, "a 'normal' block has stride 1, got ", stride);
+  const std::vector<int64_t> st{stride, stride}, dl{dilation, dilation};
+  const c10::OptionalDeviceGuard guard(x_.device());
+  const auto fmt = layout_of(x_);
+  const at::Tensor x = x_.contiguous(fmt);
+  auto split = [&](const at::Tensor& t, int64_t i) { return t.narrow(1, i * width, width); };
+  for (size_t k = 0; k < weights.size(); ++k)
+    check_conv(op, split(x, conv_splits[k]), weights[k], biases[k], st, dl, dl, groups);
+  const int64_t H_out = (x.size(2) - 1) / stride + 1, W_out = (x.size(3) - 1) / stride + 1;
+  at::Tensor out = at::empty({x.size(0), x.size(1), H_out, W_out}, x.options().memory_format(fmt));
+  const auto& kern = bn_kernels(x.device());
+  at::Tensor next_in;
+  for (size_t k = 0; k < weights.size(); ++k) {
+    const int64_t i = conv_splits[k];
+    const at::Tensor inp = (normal && k > 0) ? next_in : split(x, i);
+    const at::Tensor z = conv(inp, weights[k], none(), st, dl, dl, groups, fmt);
+    const bool chained = normal && k + 1 < weights.size();
+    const at::Tensor addend = chained ? split(x, conv_splits[k + 1]) : at::Tensor();
+    next_in = chained ? at::empty_like(addend, addend.options().memory_format(fmt)) : at::Tensor();
+    kern.apply(z, none(), none(), acc_or_none(biases[k], acc_of(x)), none(), true, split(out, i), addend, next_in);
+  }
+  if (passthrough >= 0) {
+    const at::Tensor p = split(x, passthrough);
+    split(out, passthrough).copy_(normal ? p : at::avg_pool2d(p, {3, 3}, {stride, stride}, {1, 1}, false, true));
+  }
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(resfast, CPU, m) {
@@ -538,6 +616,8 @@ TORCH_LIBRARY_IMPL(resfast, CUDA, m) {
   m.impl("bn_relu_conv_train_backward", &bn_relu_conv_train_backward);
   m.impl("res2net_chain_train", &res2net_chain_train);
   m.impl("res2net_chain_train_backward", &res2net_chain_train_backward);
+  m.impl("conv_bias_act", &conv_bias_act_generic);
+  m.impl("res2net_chain_folded", &res2net_chain_folded_generic);
 }
 #endif
 

@@ -17,16 +17,20 @@ MAX_JOBS=${MAX_JOBS:-16} $PY setup.py -q build_ext --inplace > "$OUT/build.log" 
 $PY -m resfast.info > "$OUT/info.txt" 2>&1
 $PY -m pytest tests -q -p no:cacheprovider > "$OUT/pytest.log" 2>&1
 tail -3 "$OUT/pytest.log" | tee -a "$OUT/summary.txt"
-# memory errors in the Triton kernels: one block of each kind under compute-sanitizer (when installed)
+# memory errors and shared-memory races in the Triton and CUDA kernels: one block of each kind, eval and a training
+# step, under compute-sanitizer (when installed)
 if command -v compute-sanitizer > /dev/null; then
-  compute-sanitizer --tool memcheck --error-exitcode 1 $PY scripts/sanitize_blocks.py > "$OUT/memcheck.log" 2>&1
-  echo "memcheck rc=$?" | tee -a "$OUT/summary.txt"
+  for tool in memcheck racecheck; do
+    compute-sanitizer --tool $tool --error-exitcode 1 $PY scripts/sanitize_blocks.py > "$OUT/$tool.log" 2>&1
+    echo "$tool rc=$?" | tee -a "$OUT/summary.txt"
+  done
 fi
-$PY -m resfast.bench --out-dir "$OUT/results" --providers eager resfast resfast-triton compile \
+$PY -m resfast.bench --out-dir "$OUT/results" --providers eager resfast resfast-triton resfast-cuda compile \
   > "$OUT/bench.txt" 2>&1; echo "bench rc=$?" | tee -a "$OUT/summary.txt"
-# training step (AMP bf16, channels_last, batch 128): images/s and peak memory, Triton backend vs eager and compile
+# training step (AMP bf16, channels_last, batch 128): images/s and peak memory, Triton and CUDA backends vs eager
+# and compile
 $PY -m resfast.bench --mode train --batch 128 --models res2net50_26w_4s resnext50_32x4d resnetv2_50 \
-  --providers eager resfast-triton compile --out-dir "$OUT/results" > "$OUT/bench_train.txt" 2>&1
+  --providers eager resfast-triton resfast-cuda compile --out-dir "$OUT/results" > "$OUT/bench_train.txt" 2>&1
 echo "bench train rc=$?" | tee -a "$OUT/summary.txt"; tail -12 "$OUT/bench_train.txt"
 $PY benchmarks/bench_ops.py --quick --out-dir "$OUT/results" > "$OUT/bench_ops.txt" 2>&1; echo "bench_ops rc=$?" | tee -a "$OUT/summary.txt"
 # mask or pad for Res2Net's 26-channel splits (the issue asks for the measurement)

@@ -6,7 +6,7 @@ several steps, and torch.compile of a training step.
 Every test runs once per fused backend that can run here (the `be` fixture): `triton` (CPU under TRITON_INTERPRET=1
 in CI, float32/float64, small shapes; compiled kernels on a GPU), `cpu` (the C++ training ops of resfast._C on CPU
 tensors) and, on a GPU, `cuda` (the same C++ ops with the CUDA kernels). GPU runs use float32 with TF32 off; the
-fp16/bf16 2x-rule checks are in tests/triton/test_triton_gpu.py and tests/ops/test_cuda_gpu.py."""
+fp16/bf16 2x-rule checks are in tests/test_gpu.py."""
 
 import copy
 import functools

@@ -602,7 +602,7 @@ struct BackwardApplyOp {
   const acc_t* scale;
   const acc_t* sum_g;
   const acc_t* sum_gxhat;
-  acc_t count;  // M in acc_t: the same division sum / M as the CPU kernels (not a multiply by 1 / M)
+  acc_t count;  // M in acc_t: sum / M per element (the CPU kernels multiply by 1 / M: the last bit may differ)
   bool batch_stats;
 
   template <bool kChannelsInner, int V>

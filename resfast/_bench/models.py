@@ -25,9 +25,10 @@ MODELS = {
     "resnext50_32x4d": ("torchvision", "resnext50_32x4d"),
     "resnetv2_50": ("timm", "resnetv2_50"),
 }
-# resfast-triton: resfast with the Triton backend selected explicitly (auto does not pick it until it has been verified
-# on a GPU), so a GPU run measures it either way
-PROVIDERS = ("eager", "resfast", "resfast-triton", "compile", "compile-max-autotune")
+# resfast-triton / resfast-cuda: resfast with the Triton / C++-CUDA backend selected explicitly (auto does not pick
+# them until they have been verified on a GPU), so a GPU run measures them either way
+PROVIDERS = ("eager", "resfast", "resfast-triton", "resfast-cuda", "compile", "compile-max-autotune")
+EXPLICIT = {"resfast-triton": "triton", "resfast-cuda": "cuda"}
 MODES = ("infer", "train")
 RESFAST_BLOCKS = ("BasicBlock", "Bottleneck", "Bottle2neck", "Res2NetBottleneck", "Res2Block", "ResBlock",
                   "PreActBasicBlock", "PreActBottleneck", "TimmPreActBottleneck", "TimmPreActBasic")
@@ -174,12 +175,12 @@ def run(models, modes, providers, batch, size, dtype, device, channels_last, war
             for p in providers:
                 if p == "eager":
                     m = base
-                elif p in ("resfast", "resfast-triton"):
+                elif p == "resfast" or p in EXPLICIT:
                     m = resfast.convert(base)  # a converted copy
                 else:
                     kw = {"mode": "max-autotune"} if p == "compile-max-autotune" else {}
                     m = torch.compile(copy.deepcopy(base), **kw)
-                steps[(name, p)] = _make_step(m, x, mode, amp, "triton" if p == "resfast-triton" else None)
+                steps[(name, p)] = _make_step(m, x, mode, amp, EXPLICIT.get(p))
                 ours, total = count_blocks(m) if p.startswith("resfast") else (0, count_blocks(base)[1])
                 extra[(name, p)] = {"resfast_blocks": f"{ours}/{total}"}
             if mode == "infer":  # correctness first: every provider against eager
@@ -197,7 +198,7 @@ def run(models, modes, providers, batch, size, dtype, device, channels_last, war
             rows.append({
                 "kind": "models", "model": name, "provider": p, "mode": mode, "batch": batch, "size": size,
                 "dtype": str(dtype).replace("torch.", ""),
-                "backend": {"resfast": backend, "resfast-triton": "triton"}.get(p, "pytorch"),
+                "backend": {"resfast": backend, **EXPLICIT}.get(p, "pytorch"),
                 "median_ms": med * 1e3, "p20_ms": quantile(t, 0.2) * 1e3, "p80_ms": quantile(t, 0.8) * 1e3,
                 "images_per_s": batch / med, **extra[(name, p)],
             })

@@ -28,6 +28,7 @@ from .fold import FoldCache, fold_conv_bn, fold_scale_shift
 
 CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 CPU_TRAIN_DTYPES = (torch.float32, torch.float64)
+CUDA_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 TRAIN_OPS = ("conv_bn_train", "conv_bn_train_backward", "bn_relu_conv_train", "bn_relu_conv_train_backward",
              "res2net_chain_train", "res2net_chain_train_backward", "bn_stats", "bn_running_update")
 CPP_OPS = ("conv_bias_act", "res2net_chain_folded", "bn_act") + TRAIN_OPS
@@ -47,32 +48,46 @@ def input_reasons(op: str, args) -> list[str]:
     x = args.x
     if x.device.type != "cpu":
         return [f"the input is on {x.device.type}; the cpu backend takes CPU tensors"]
-    if T.training_path(op, args):
+    if _train_path(op, args):
         dtype = T.compute_dtype(x)
         if dtype not in CPU_TRAIN_DTYPES:
-            return [f"dtype {dtype} in training (or with gradients) is not supported by the cpu backend "
-                    "(float32, float64)"]
+            return [f"dtype {dtype} in training, with gradients or under autocast is not supported by the cpu "
+                    "backend (float32, float64)"]
         return T.precision_reasons(op, args, dtype)
     if x.dtype not in CPU_DTYPES:
         return [f"dtype {x.dtype} is not supported by the cpu backend (float32, float64, bfloat16)"]
     return []
 
 
+def cuda_input_reasons(op: str, args) -> list[str]:
+    """Why the `cuda` backend cannot run `op` on these prepared arguments (CUDA tensors; empty when it can)."""
+    dtype = T.compute_dtype(args.x)
+    if dtype not in CUDA_DTYPES:
+        return [f"dtype {dtype} is not supported by the cuda backend (float16, bfloat16, float32, float64)"]
+    return T.precision_reasons(op, args, dtype) if _train_path(op, args) else []
+
+
+def _train_path(op, args) -> bool:
+    """The training ops run batch statistics, gradients, and autocast (they cast to the autocast dtype as F.conv2d
+    would; the folded eval ops run in x's dtype)."""
+    return T.training_path(op, args) or T.compute_dtype(args.x) != args.x.dtype
+
+
 _MKLDNN = torch.backends.mkldnn.is_available()
 
 
-def _packs(dtype: torch.dtype) -> bool:
-    """Whether oneDNN runs the convs of this dtype, so the folded weights are worth prepacking. Not while
-    torch.compile traces: the folding is then part of the graph, and packed oneDNN tensors have no fake."""
-    if torch.compiler.is_compiling():
+def _packs(x: torch.Tensor) -> bool:
+    """Whether oneDNN runs the convs of this input, so the folded weights are worth prepacking (CPU tensors). Not
+    while torch.compile traces: the folding is then part of the graph, and packed oneDNN tensors have no fake."""
+    if torch.compiler.is_compiling() or x.device.type != "cpu":
         return False
-    return dtype in (torch.float32, torch.bfloat16) and _MKLDNN and torch.backends.mkldnn.enabled
+    return x.dtype in (torch.float32, torch.bfloat16) and _MKLDNN and torch.backends.mkldnn.enabled
 
 
 def _folded_conv(cache: FoldCache | None, x, weight, conv_bias, bn, stride, padding, dilation, groups):
     """(weight, bias) of the conv with `bn` folded in (`bn` None: the conv as it is), in x's dtype, prepacked for
     oneDNN where oneDNN runs it; cached in the block's `cache` when there is one."""
-    pack = _packs(x.dtype)
+    pack = _packs(x)
 
     def build():
         if bn is None:
@@ -99,7 +114,7 @@ def _conv(args, x, w, b, relu, residual=None):
 
 
 def conv_bn_relu(args):
-    if T.training_path("conv_bn_relu", args):
+    if _train_path("conv_bn_relu", args):
         return T.conv_bn_relu_train(torch.ops.resfast, args)
     residual = args.residual
     s = args.shortcut
@@ -112,7 +127,7 @@ def conv_bn_relu(args):
 
 
 def bn_relu_conv(args):
-    if T.training_path("bn_relu_conv", args):
+    if _train_path("bn_relu_conv", args):
         return T.bn_relu_conv_train(torch.ops.resfast, args)
     x = args.x
     scale, shift = fold_scale_shift(args.bn, None, x.dtype)
@@ -124,7 +139,7 @@ def bn_relu_conv(args):
 
 def res2net_chain(args):
     x = args.x
-    if T.training_path("res2net_chain", args):
+    if _train_path("res2net_chain", args):
         return T.res2net_chain_train(torch.ops.resfast, args)
     if not args.weights:  # paper order with scale 1: the input passes through, nothing to fuse
         from .reference import EAGER_IMPLS

@@ -126,8 +126,14 @@ class TritonBackend(Backend):
 
 
 class CudaBackend(Backend):
+    """resfast._C's ops on CUDA tensors (glue in resfast/ops/cpp.py): cuDNN convolutions through ATen and the CUDA
+    kernels of csrc/cuda/ between them; training through the C++ training ops, eval through the folded ops."""
+
     name = "cuda"
-    kernels: dict[str, Callable] = {}
+    implemented = ("conv_bn_relu", "bn_relu_conv", "res2net_chain")
+    # Compiled in CI, never run there: `auto` does not pick the cuda backend until its kernels have been verified on
+    # a GPU (tests/ops/test_cuda_gpu.py); an explicit `resfast.backend("cuda")` does.
+    verified_on_gpu = False
 
     def _static_reasons(self, op):
         reasons = []
@@ -136,18 +142,34 @@ class CudaBackend(Backend):
         elif not _ext.build_info().get("with_cuda", False):
             why = _ext.build_info().get("cuda_skip_reason", "")
             reasons.append(f"resfast._C was built without CUDA sources ({why})")
+        else:
+            from .cpp import missing_ops
+
+            if missing_ops():
+                reasons.append(f"resfast._C lacks the ops {missing_ops()} (an older build: rebuild with `make setup`)")
         if torch.version.cuda is None:
             reasons.append("this torch is a CPU-only build")
         elif not torch.cuda.is_available():
             reasons.append("no CUDA device is visible (torch.cuda.is_available() is False)")
-        if op not in self.kernels:
-            reasons.append(f"no fused CUDA kernel is implemented for {op} yet")
+        if op not in self.implemented:
+            reasons.append(f"no fused CUDA kernel is implemented for {op} (ATen's elementwise ops are as good)")
         return reasons
+
+    def auto_reasons(self, op):
+        return [] if self.verified_on_gpu else [
+            "the CUDA kernels are not verified on a GPU yet: auto does not use them; select backend 'cuda'"]
 
     def _input_reasons(self, op, args):
         if args.x.device.type != "cuda":
             return [f"the input is on {args.x.device.type}; the cuda backend needs CUDA tensors"]
-        return []
+        from .cpp import cuda_input_reasons
+
+        return cuda_input_reasons(op, args)
+
+    def run(self, op, args):
+        from .cpp import KERNELS
+
+        return KERNELS[op](args)
 
 
 class CpuBackend(Backend):

@@ -161,7 +161,7 @@ def test_matches_torchvision_resnext_block_in_eval():
 
 
 def test_training_and_gradients_run_on_triton():
-    """Training BatchNorm and inputs that require grad go to the training ops (tests/triton/test_triton_training.py
+    """Training BatchNorm and inputs that require grad go to the training ops (tests/test_training.py
     checks them in depth); an explicit backend request no longer refuses them."""
     x, w = torch.randn(2, 4, 3, 3, device=DEVICE), torch.randn(4, 4, 1, 1, device=DEVICE)
     bn, bn_ref = nn.BatchNorm2d(4).to(DEVICE), nn.BatchNorm2d(4).to(DEVICE)

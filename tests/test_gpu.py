@@ -1,6 +1,7 @@
-"""GPU-only checks of the Triton backend (skipped without CUDA; `bash scripts/gpu_check.sh` runs them on a lent
-GPU): fp16/bf16 at real ResNet-50-family shapes under the accuracy rule
-err(triton) <= 2 x err(eager same dtype) + floor, both against float64; whole converted models, logits."""
+"""GPU-only checks of the fused GPU backends, `triton` and `cuda` (the `backend` fixture; skipped without CUDA;
+`bash scripts/gpu_check.sh` runs them on a lent GPU): fp16/bf16 at real ResNet-50-family shapes under the accuracy
+rule err(fused) <= 2 x err(eager same dtype) + floor, both against float64, in eval and in training (every
+gradient); whole converted models' logits; a 200-step AMP training run whose loss curve follows eager's."""
 
 import copy
 
@@ -14,6 +15,19 @@ from resfast import models, ops
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 DTYPES = [torch.float16, torch.bfloat16]
+
+
+def _gpu_backends():
+    from resfast.ops import dispatch
+
+    return [b for b in ("triton", "cuda") if not dispatch.get(b).static_reasons("conv_bn_relu")]
+
+
+@pytest.fixture(params=_gpu_backends() or ["none"])
+def backend(request):
+    if request.param == "none":
+        pytest.skip("no fused GPU backend is available")
+    return request.param
 
 
 def _bn(c):
@@ -35,7 +49,7 @@ CONV_SHAPES = [(256, 104, 56, 1, 1, 1), (104, 256, 56, 1, 1, 1), (128, 128, 56, 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", CONV_SHAPES, ids=str)
-def test_conv_bn_relu_real_shapes(shape, dtype):
+def test_conv_bn_relu_real_shapes(shape, dtype, backend):
     cin, cout, h, k, s, g = shape
     x = _x((16, cin, h, h))
     w = torch.randn(cout, cin // g, k, k, device="cuda", dtype=torch.float64) / (cin // g * k * k) ** 0.5
@@ -44,7 +58,7 @@ def test_conv_bn_relu_real_shapes(shape, dtype):
     ref = ops.conv_bn_relu_ref(x, w, bn, **kw)
     bn_low = copy.deepcopy(bn).to(dtype)
     eager = ops.conv_bn_relu_ref(x.to(dtype), w.to(dtype), bn_low, **kw)
-    with resfast.backend("triton"), torch.no_grad():
+    with resfast.backend(backend), torch.no_grad():
         out = ops.conv_bn_relu(x.to(dtype), w.to(dtype), bn_low, **kw)
     assert_fused_close(out, eager, ref, floor=1e-3)
 
@@ -53,7 +67,7 @@ def test_conv_bn_relu_real_shapes(shape, dtype):
 @pytest.mark.parametrize("width,h,block_type,stride", [(26, 56, "normal", 1), (26, 56, "stage", 1),
                                                        (52, 56, "stage", 2), (104, 14, "normal", 1),
                                                        (208, 7, "normal", 1), (14, 56, "normal", 1)])
-def test_res2net_chain_real_shapes(width, h, block_type, stride, dtype):
+def test_res2net_chain_real_shapes(width, h, block_type, stride, dtype, backend):
     scale = 4
     x = _x((16, width * scale, h, h))
     ws = [torch.randn(width, width, 3, 3, device="cuda", dtype=torch.float64) / (9 * width) ** 0.5
@@ -63,27 +77,27 @@ def test_res2net_chain_real_shapes(width, h, block_type, stride, dtype):
     ref = ops.res2net_chain_ref(x, ws, bns, **kw)
     low = [copy.deepcopy(b).to(dtype) for b in bns]
     eager = ops.res2net_chain_ref(x.to(dtype), [w.to(dtype) for w in ws], low, **kw)
-    with resfast.backend("triton"), torch.no_grad():
+    with resfast.backend(backend), torch.no_grad():
         out = ops.res2net_chain(x.to(dtype), [w.to(dtype) for w in ws], low, **kw)
     assert_fused_close(out, eager, ref, floor=1e-3)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_bn_relu_conv_real_shape(dtype):
+def test_bn_relu_conv_real_shape(dtype, backend):
     x = _x((16, 256, 56, 56))
     w = torch.randn(64, 256, 1, 1, device="cuda", dtype=torch.float64) / 16
     bn = _bn(256).double()
     ref = ops.bn_relu_conv_ref(x, bn, w)
     low = copy.deepcopy(bn).to(dtype)
     eager = ops.bn_relu_conv_ref(x.to(dtype), low, w.to(dtype))
-    with resfast.backend("triton"), torch.no_grad():
+    with resfast.backend(backend), torch.no_grad():
         out = ops.bn_relu_conv(x.to(dtype), low, w.to(dtype))
     assert_fused_close(out, eager, ref, floor=1e-3)
 
 
 @pytest.mark.parametrize("name", ["res2net50_26w_4s", "res2net50_14w_8s", "res2next50", "resnext50_32x4d",
                                   "resnet50", "resnet50_v2", "timm:resnetv2_50"])
-def test_whole_model_logits_bf16(name):
+def test_whole_model_logits_bf16(name, backend):
     if name.startswith("timm:"):  # timm's own pre-activation model, converted
         timm = pytest.importorskip("timm")
         model = randomize_bn(resfast.convert(timm.create_model(name[5:]))).eval().cuda()
@@ -95,7 +109,7 @@ def test_whole_model_logits_bf16(name):
         low = copy.deepcopy(model).to(torch.bfloat16).to(memory_format=torch.channels_last)
         with resfast.backend("eager"):
             eager = low(x.bfloat16())
-        with resfast.backend("triton"):
+        with resfast.backend(backend):
             out = low(x.bfloat16())
     assert_fused_close(out, eager, ref, floor=1e-2)
 
@@ -110,27 +124,27 @@ def _train_bn(c):
     return bn
 
 
-def _grads_close(fn, leaves64, dtype, floor):
-    """fn(leaves, backend) -> output, in training mode: the output and the gradient of every leaf under the 2x rule
-    (Triton in ``dtype`` vs eager in ``dtype``, both against float64 eager). Leaves are float64 (input, weights;
-    BatchNorm parameters stay float64 -> fp32 as under AMP)."""
+def _grads_close(fn, leaves64, dtype, floor, backend):
+    """fn(leaves, dtype) -> output, in training mode: the output and the gradient of every leaf under the 2x rule
+    (`backend` in ``dtype`` vs eager in ``dtype``, both against float64 eager). Leaves are float64 (input,
+    weights; BatchNorm parameters stay float64 -> fp32 as under AMP)."""
     results = {}
-    for tag, dt, backend in (("ref", torch.float64, "eager"), ("eager", dtype, "eager"), ("triton", dtype, "triton")):
+    for tag, dt, name in (("ref", torch.float64, "eager"), ("eager", dtype, "eager"), ("fused", dtype, backend)):
         leaves = [t.detach().to(dt).requires_grad_() for t in leaves64]
-        with resfast.backend(backend):
+        with resfast.backend(name):
             out = fn(leaves, dt)
         g = torch.randn(out.shape, device="cuda", generator=torch.Generator("cuda").manual_seed(1),
                         dtype=torch.float64).to(dt)
         grads = torch.autograd.grad(out, leaves, g)
         results[tag] = (out, *grads)
-    for out, eager, ref in zip(results["triton"], results["eager"], results["ref"]):
+    for out, eager, ref in zip(results["fused"], results["eager"], results["ref"]):
         assert_fused_close(out, eager, ref, floor=floor)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", [(256, 104, 56, 1, 1, 1), (128, 128, 56, 3, 1, 32), (256, 256, 28, 3, 2, 32)],
                          ids=str)
-def test_conv_bn_relu_training_real_shapes(shape, dtype):
+def test_conv_bn_relu_training_real_shapes(shape, dtype, backend):
     cin, cout, h, k, s, g = shape
     x = _x((16, cin, h, h))
     w = torch.randn(cout, cin // g, k, k, device="cuda", dtype=torch.float64) / (cin // g * k * k) ** 0.5
@@ -140,13 +154,13 @@ def test_conv_bn_relu_training_real_shapes(shape, dtype):
         b = copy.deepcopy(bn).float() if dt != torch.float64 else copy.deepcopy(bn)
         return ops.conv_bn_relu(leaves[0], leaves[1], b, stride=s, padding=k // 2, groups=g, training=True)
 
-    _grads_close(fn, [x, w], dtype, floor=1e-3)
+    _grads_close(fn, [x, w], dtype, floor=1e-3, backend=backend)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("width,h,block_type,stride", [(26, 56, "normal", 1), (52, 56, "stage", 2),
                                                        (104, 14, "normal", 1)])
-def test_res2net_chain_training_real_shapes(width, h, block_type, stride, dtype):
+def test_res2net_chain_training_real_shapes(width, h, block_type, stride, dtype, backend):
     scale = 4
     x = _x((16, width * scale, h, h))
     ws = [torch.randn(width, width, 3, 3, device="cuda", dtype=torch.float64) / (9 * width) ** 0.5
@@ -158,11 +172,11 @@ def test_res2net_chain_training_real_shapes(width, h, block_type, stride, dtype)
         return ops.res2net_chain(leaves[0], leaves[1:], b, scale=scale, stride=stride, block_type=block_type,
                                  training=True)
 
-    _grads_close(fn, [x, *ws], dtype, floor=1e-3)
+    _grads_close(fn, [x, *ws], dtype, floor=1e-3, backend=backend)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_bn_relu_conv_training_real_shape(dtype):
+def test_bn_relu_conv_training_real_shape(dtype, backend):
     x = _x((16, 256, 56, 56))
     w = torch.randn(64, 256, 1, 1, device="cuda", dtype=torch.float64) / 16
     bn = _train_bn(256)
@@ -171,14 +185,14 @@ def test_bn_relu_conv_training_real_shape(dtype):
         b = copy.deepcopy(bn).float() if dt != torch.float64 else copy.deepcopy(bn)
         return ops.bn_relu_conv(leaves[0], b, leaves[1], training=True)
 
-    _grads_close(fn, [x, w], dtype, floor=1e-3)
+    _grads_close(fn, [x, w], dtype, floor=1e-3, backend=backend)
 
 
-def test_training_run_loss_curve_matches_eager():
+def test_training_run_loss_curve_matches_eager(backend):
     """200 steps of a small Res2Net (res2net50_26w_4s layers 1-2 width, 10 classes, random data, AMP bf16,
-    channels_last, SGD, same initial weights and data): the Triton backend's loss curve (smoothed over 20 steps)
+    channels_last, SGD, same initial weights and data): the fused backend's loss curve (smoothed over 20 steps)
     stays within 10% of eager's on average, and the model learns."""
-    def run(backend, seed=0):
+    def run(name, seed=0):
         torch.manual_seed(seed)
         model = nn.Sequential(
             nn.Conv2d(3, 64, 3, 2, 1, bias=False), nn.BatchNorm2d(64), nn.ReLU(),
@@ -191,7 +205,7 @@ def test_training_run_loss_curve_matches_eager():
         data = torch.randn(16, 32, 3, 32, 32, device="cuda", generator=g)
         labels = torch.randint(0, 10, (16, 32), device="cuda", generator=g)
         losses = []
-        with resfast.backend(backend):
+        with resfast.backend(name):
             for step in range(200):
                 x = data[step % 16].contiguous(memory_format=torch.channels_last)
                 with torch.autocast("cuda", torch.bfloat16):
@@ -205,7 +219,7 @@ def test_training_run_loss_curve_matches_eager():
     def smooth(t):
         return t.unfold(0, 20, 1).mean(1)
 
-    eager, triton_ = run("eager"), run("triton")
-    assert triton_[-20:].mean() < triton_[:20].mean() * 0.7  # it learns
-    diff = (smooth(triton_) - smooth(eager)).abs().mean()
-    assert diff < 0.1 * smooth(eager).mean(), (diff, smooth(eager)[-1], smooth(triton_)[-1])
+    eager, fused = run("eager"), run(backend)
+    assert fused[-20:].mean() < fused[:20].mean() * 0.7  # it learns
+    diff = (smooth(fused) - smooth(eager)).abs().mean()
+    assert diff < 0.1 * smooth(eager).mean(), (diff, smooth(eager)[-1], smooth(fused)[-1])
