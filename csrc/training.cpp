@@ -90,6 +90,17 @@ void check_channel_vector(const char* op, const char* name, const at::Tensor& t,
   RESFAST_CHECK(at::isFloatingType(t.scalar_type()), op, name, " must be floating point, got ", t.scalar_type());
 }
 
+// A BatchNorm over C channels: its affine parameters and given statistics, each optional.
+void check_bn(const char* op, const std::optional<at::Tensor>& gamma, const std::optional<at::Tensor>& beta,
+              const std::optional<at::Tensor>& mean_in, const std::optional<at::Tensor>& invstd_in, int64_t C,
+              const at::Tensor& x) {
+  check_channel_vector(op, "gamma", opt(gamma), C, x);
+  check_channel_vector(op, "beta", opt(beta), C, x);
+  check_channel_vector(op, "mean_in", opt(mean_in), C, x);
+  check_channel_vector(op, "invstd_in", opt(invstd_in), C, x);
+  RESFAST_CHECK(mean_in.has_value() == invstd_in.has_value(), op, "mean_in and invstd_in come together");
+}
+
 void check_conv(const char* op, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
                 at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
   RESFAST_CHECK(weight.dim() == 4, op, "weight must be 4-D (C_out, C_in / groups, kH, kW), got ", weight.dim(), "-D");
@@ -185,12 +196,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_t
   const char* op = "conv_bn_train";
   check_input(op, x_);
   check_conv(op, x_, weight, opt(bias), stride, padding, dilation, groups);
-  const int64_t C = weight.size(0);
-  check_channel_vector(op, "gamma", opt(gamma), C, x_);
-  check_channel_vector(op, "beta", opt(beta), C, x_);
-  check_channel_vector(op, "mean_in", opt(mean_in), C, x_);
-  check_channel_vector(op, "invstd_in", opt(invstd_in), C, x_);
-  RESFAST_CHECK(mean_in.has_value() == invstd_in.has_value(), op, "mean_in and invstd_in come together");
+  check_bn(op, gamma, beta, mean_in, invstd_in, weight.size(0), x_);
   const c10::OptionalDeviceGuard guard(x_.device());
   const auto fmt = layout_of(x_);
   const at::Tensor z = conv(x_.contiguous(fmt), weight, opt(bias), stride, padding, dilation, groups, fmt);
@@ -249,12 +255,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_conv_train(
   const char* op = "bn_relu_conv_train";
   check_input(op, x_);
   check_conv(op, x_, weight, opt(bias), stride, padding, dilation, groups);
-  const int64_t C = x_.size(1);
-  check_channel_vector(op, "gamma", opt(gamma), C, x_);
-  check_channel_vector(op, "beta", opt(beta), C, x_);
-  check_channel_vector(op, "mean_in", opt(mean_in), C, x_);
-  check_channel_vector(op, "invstd_in", opt(invstd_in), C, x_);
-  RESFAST_CHECK(mean_in.has_value() == invstd_in.has_value(), op, "mean_in and invstd_in come together");
+  check_bn(op, gamma, beta, mean_in, invstd_in, x_.size(1), x_);
   const c10::OptionalDeviceGuard guard(x_.device());
   const auto fmt = layout_of(x_);
   const at::Tensor x = x_.contiguous(fmt);

@@ -52,15 +52,6 @@ def be(request):
     return request.param
 
 
-@pytest.fixture(autouse=True)
-def _exact_fp32():
-    """TF32 off, so fp32 results of the fused kernels and of cuDNN's reference are both exact enough for 1e-4."""
-    prev = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cudnn.allow_tf32 = prev
-
-
 def _needs_dtype(be, dtype=F64):
     if dtype not in be.dtypes:
         pytest.skip(f"{be.name} on {be.device} does not run {dtype} in these tests")
