@@ -115,6 +115,25 @@ void stats_cpu(const at::Tensor& z, double eps, const at::Tensor& mean, const at
 // ------------------------------------------------------------------------------------------------------------
 // fused forward: out = relu?((z - mean) * scale + shift + residual); next = out + addend
 
+// Calls f with std::true_type / std::false_type: hot loops get their flags as compile-time constants, so they have
+// no per-element branches (a data-dependent ReLU branch alone made the forward pass 8x slower) and vectorize.
+template <typename F>
+void with_flag(bool flag, F&& f) {
+  if (flag) {
+    f(std::true_type{});
+  } else {
+    f(std::false_type{});
+  }
+}
+
+// Per-channel values, or a constant when the tensor is absent, as a dense array of C values.
+template <typename acc_t>
+std::vector<acc_t> channel_values(const at::Tensor& t, int64_t C, acc_t absent) {
+  std::vector<acc_t> v(C, absent);
+  if (t.defined()) std::copy(t.const_data_ptr<acc_t>(), t.const_data_ptr<acc_t>() + C, v.begin());
+  return v;
+}
+
 template <typename scalar_t>
 void apply_impl(const at::Tensor& z, const at::Tensor& mean, const at::Tensor& scale, const at::Tensor& shift,
                 const at::Tensor& residual, bool relu, const at::Tensor& out, const at::Tensor& addend,
@@ -132,27 +151,40 @@ void apply_impl(const at::Tensor& z, const at::Tensor& mean, const at::Tensor& s
   const scalar_t* ap = ptr_or_null<scalar_t>(addend);
   scalar_t* op = out.mutable_data_ptr<scalar_t>();
   scalar_t* np = next.defined() ? next.mutable_data_ptr<scalar_t>() : nullptr;
-  const acc_t* mp = ptr_or_null<acc_t>(mean);
-  const acc_t* sp = ptr_or_null<acc_t>(scale);
-  const acc_t* bp = ptr_or_null<acc_t>(shift);
-  at::parallel_for(0, runs, std::max<int64_t>(1, 4096 / std::max<int64_t>(len, 1)), [&](int64_t b, int64_t e) {
-    for (int64_t r = b; r < e; ++r) {
-      const scalar_t* zr = zp + run_offset(vz, ci, r, runs_per_n);
-      scalar_t* orow = op + run_offset(vo, ci, r, runs_per_n);
-      const scalar_t* rr = rp ? rp + run_offset(vr, ci, r, runs_per_n) : nullptr;
-      const scalar_t* ar = ap ? ap + run_offset(va, ci, r, runs_per_n) : nullptr;
-      scalar_t* nr = np ? np + run_offset(vn, ci, r, runs_per_n) : nullptr;
-      const int64_t c_run = r % runs_per_n;  // the channel of a pixels-inner run
-      for (int64_t j = 0; j < len; ++j) {
-        const int64_t c = ci ? j : c_run;
-        const acc_t v = bn_forward_value<acc_t>(static_cast<acc_t>(zr[j]), mp ? mp[c] : acc_t(0),
-                                                sp ? sp[c] : acc_t(1), bp ? bp[c] : acc_t(0),
-                                                rr ? static_cast<acc_t>(rr[j]) : acc_t(0), relu);
-        const scalar_t o = static_cast<scalar_t>(v);
-        orow[j] = o;
-        if (nr) nr[j] = static_cast<scalar_t>(static_cast<acc_t>(o) + static_cast<acc_t>(ar[j]));
-      }
-    }
+  const auto mv = channel_values<acc_t>(mean, C, acc_t(0));
+  const auto sv = channel_values<acc_t>(scale, C, acc_t(1));
+  const auto bv = channel_values<acc_t>(shift, C, acc_t(0));
+  with_flag(relu, [&](auto kRelu) {
+    with_flag(rp != nullptr, [&](auto kRes) {
+      with_flag(np != nullptr, [&](auto kNext) {
+       with_flag(ci, [&](auto kCi) {
+        constexpr int64_t cs = decltype(kCi)::value ? 1 : 0;
+        at::parallel_for(0, runs, std::max<int64_t>(1, 4096 / std::max<int64_t>(len, 1)), [&](int64_t b, int64_t e) {
+          for (int64_t r = b; r < e; ++r) {
+            const scalar_t* __restrict__ zr = zp + run_offset(vz, ci, r, runs_per_n);
+            scalar_t* __restrict__ orow = op + run_offset(vo, ci, r, runs_per_n);
+            const scalar_t* __restrict__ rr = kRes ? rp + run_offset(vr, ci, r, runs_per_n) : nullptr;
+            const scalar_t* __restrict__ ar = kNext ? ap + run_offset(va, ci, r, runs_per_n) : nullptr;
+            scalar_t* __restrict__ nr = kNext ? np + run_offset(vn, ci, r, runs_per_n) : nullptr;
+            const int64_t c_run = r % runs_per_n;  // the channel of a pixels-inner run
+            // channels inner: the channel is j; pixels inner: one channel per run (stride 0 into the arrays)
+            const acc_t* __restrict__ m = mv.data() + (ci ? 0 : c_run);
+            const acc_t* __restrict__ sc = sv.data() + (ci ? 0 : c_run);
+            const acc_t* __restrict__ sh = bv.data() + (ci ? 0 : c_run);
+            for (int64_t j = 0; j < len; ++j) {
+              const acc_t v = bn_forward_value<acc_t>(static_cast<acc_t>(zr[j]), m[j * cs], sc[j * cs], sh[j * cs],
+                                                      kRes ? static_cast<acc_t>(rr[j]) : acc_t(0), kRelu);
+              const scalar_t o = static_cast<scalar_t>(v);
+              orow[j] = o;
+              if constexpr (decltype(kNext)::value) {
+                nr[j] = static_cast<scalar_t>(static_cast<acc_t>(o) + static_cast<acc_t>(ar[j]));
+              }
+            }
+          }
+        });
+       });
+      });
+    });
   });
 }
 

@@ -59,6 +59,14 @@ def input_reasons(op: str, args) -> list[str]:
     return []
 
 
+def auto_input_reasons(op: str, args) -> list[str]:
+    """Why `auto` leaves these inputs to eager although the cpu backend can run them."""
+    if _train_path(op, args):
+        return ["training on the cpu backend measured 0.4-0.5x eager's step time (benchmarks/README.md): auto keeps "
+                "eager for training on CPU; select backend 'cpu' to use the C++ training ops"]
+    return []
+
+
 def cuda_input_reasons(op: str, args) -> list[str]:
     """Why the `cuda` backend cannot run `op` on these prepared arguments (CUDA tensors; empty when it can)."""
     dtype = T.compute_dtype(args.x)

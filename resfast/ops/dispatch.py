@@ -58,6 +58,10 @@ class Backend:
         """Extra reasons `auto` does not pick this backend (an explicit request still may)."""
         return []
 
+    def auto_input_reasons(self, op: str, args) -> list[str]:
+        """Extra reasons `auto` does not pick this backend for these inputs (an explicit request still may)."""
+        return []
+
     def environment_reasons(self) -> list[str]:
         """Reasons from this machine that rule out the usual inputs (for reports; the inputs decide per call)."""
         return []
@@ -196,6 +200,11 @@ class CpuBackend(Backend):
 
         return input_reasons(op, args)
 
+    def auto_input_reasons(self, op, args):
+        from .cpp import auto_input_reasons
+
+        return auto_input_reasons(op, args)
+
     def run(self, op, args):
         from .cpp import KERNELS
 
@@ -269,7 +278,8 @@ def select(op: str, args) -> Backend:
     if name == "auto":
         for b in _BACKENDS.values():
             # cheap first: backends ruled out whatever the inputs are never look at the inputs
-            if not b.static_reasons(op) and not b.auto_reasons(op) and not b.input_reasons(op, args):
+            if (not b.static_reasons(op) and not b.auto_reasons(op) and not b.input_reasons(op, args)
+                    and not b.auto_input_reasons(op, args)):
                 return b
         raise AssertionError("unreachable: the eager backend supports every op")
     b = _BACKENDS[name]
