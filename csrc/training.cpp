@@ -351,7 +351,8 @@ Chain chain_of(const char* op, const at::Tensor& x, int64_t scale, int64_t strid
   return c;
 }
 
-at::Tensor pick(const std::vector<at::Tensor>& ts, size_t k) { return ts.empty() ? at::Tensor() : ts[k]; }
+// The k-th tensor of an optional per-conv list (empty: none), without copying the list.
+at::Tensor pick(at::TensorList ts, size_t k) { return ts.empty() ? at::Tensor() : ts[k]; }
 
 std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tensor> res2net_chain_train(
     const at::Tensor& x_, at::TensorList weights, at::TensorList biases, at::TensorList gammas, at::TensorList betas,
@@ -404,12 +405,12 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tens
   for (size_t k = 0; k < S; ++k) {
     const int64_t i = ch.conv_splits[k];
     const at::Tensor inp = (ch.normal && k > 0) ? next_in : ch.split(x, i);
-    at::Tensor z = conv(inp, weights[k], pick(biases.vec(), k), st, dl, dl, groups, fmt);
+    at::Tensor z = conv(inp, weights[k], pick(biases, k), st, dl, dl, groups, fmt);
     if (!mean_in.has_value() && z.numel() > 0) kern.stats(z, eps[k], mean[k], invstd[k], var[k]);
     const bool chained = ch.normal && k + 1 < S;
     at::Tensor addend = chained ? ch.split(x, ch.conv_splits[k + 1]) : at::Tensor();
     next_in = chained ? at::empty_like(addend, addend.options().memory_format(fmt)) : at::Tensor();
-    kern.apply(z, mean[k], scale_of(invstd[k], pick(gammas.vec(), k)), acc_or_none(pick(betas.vec(), k), acc),
+    kern.apply(z, mean[k], scale_of(invstd[k], pick(gammas, k)), acc_or_none(pick(betas, k), acc),
                none(), true, ch.split(out, i), addend, next_in);
     zs.push_back(std::move(z));
   }
@@ -453,7 +454,7 @@ res2net_chain_train_backward(const at::Tensor& dout, const at::Tensor& x_, const
   at::Tensor dnext;
   for (size_t kk = S; kk-- > 0;) {
     const int64_t i = ch.conv_splits[kk];
-    const at::Tensor gamma = pick(gammas.vec(), kk);
+    const at::Tensor gamma = pick(gammas, kk);
     const BnGrads g = bn_backward(ch.split(dy, i), dnext, ch.split(out, i), zs[kk], mean[kk], invstd[kk], gamma,
                                   batch_stats, need_dgamma || need_dbeta, false, fmt);
     const auto gdt = gamma.defined() ? gamma.scalar_type() : mean.scalar_type();
@@ -596,7 +597,8 @@ at::Tensor res2net_chain_folded_generic(const at::Tensor& x_, at::TensorList wei
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(resfast, CPU, m) {
+// The training ops run the same code on every device (the kernels are picked by bn_kernels(device)).
+void impl_training_ops(torch::Library& m) {
   m.impl("bn_stats", &bn_stats);
   m.impl("bn_running_update", &bn_running_update);
   m.impl("conv_bn_train", &conv_bn_train);
@@ -607,16 +609,12 @@ TORCH_LIBRARY_IMPL(resfast, CPU, m) {
   m.impl("res2net_chain_train_backward", &res2net_chain_train_backward);
 }
 
+TORCH_LIBRARY_IMPL(resfast, CPU, m) { impl_training_ops(m); }
+
 #ifdef RESFAST_WITH_CUDA
 TORCH_LIBRARY_IMPL(resfast, CUDA, m) {
-  m.impl("bn_stats", &bn_stats);
-  m.impl("bn_running_update", &bn_running_update);
-  m.impl("conv_bn_train", &conv_bn_train);
-  m.impl("conv_bn_train_backward", &conv_bn_train_backward);
-  m.impl("bn_relu_conv_train", &bn_relu_conv_train);
-  m.impl("bn_relu_conv_train_backward", &bn_relu_conv_train_backward);
-  m.impl("res2net_chain_train", &res2net_chain_train);
-  m.impl("res2net_chain_train_backward", &res2net_chain_train_backward);
+  impl_training_ops(m);
+  // the eval ops' CUDA kernels (the CPU ones are cpu/conv_eval.cpp's oneDNN path)
   m.impl("conv_bias_act", &conv_bias_act_generic);
   m.impl("res2net_chain_folded", &res2net_chain_folded_generic);
 }
