@@ -67,6 +67,9 @@ struct BnKernels {
 };
 
 const BnKernels& cpu_bn_kernels();
+// The instruction set of the CPU kernels cpu_bn_kernels() returns now: "avx2" (AVX2 + FMA, where the CPU has them)
+// or "baseline"; RESFAST_CPU_ISA=baseline in the environment forces the baseline copy.
+const char* cpu_kernel_isa();
 #ifdef RESFAST_WITH_CUDA
 const BnKernels& cuda_bn_kernels();
 #endif

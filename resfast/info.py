@@ -49,6 +49,8 @@ def report() -> str:
         info = _ext.build_info()
         lines.append(f"resfast._C   loaded from {_ext.C.__file__}")
         lines.append(f"  build      {json.dumps(info, sort_keys=True)}")
+        lines.append(f"  cpu ISA    {_ext.C.cpu_kernel_isa()} (the CPU training kernels' copy in use; "
+                     "RESFAST_CPU_ISA=baseline forces the baseline one)")
         ops = sorted(n for n in dir(torch.ops.resfast) if not n.startswith("_") and n not in ("name", "ops"))
         for op in ops:
             keys = [k for k in ("CPU", "CUDA", "Meta", "Autograd")

@@ -25,10 +25,11 @@ MODELS = {
     "resnext50_32x4d": ("torchvision", "resnext50_32x4d"),
     "resnetv2_50": ("timm", "resnetv2_50"),
 }
-# resfast-triton / resfast-cuda: resfast with the Triton / C++-CUDA backend selected explicitly (auto does not pick
-# them until they have been verified on a GPU), so a GPU run measures them either way
-PROVIDERS = ("eager", "resfast", "resfast-triton", "resfast-cuda", "compile", "compile-max-autotune")
-EXPLICIT = {"resfast-triton": "triton", "resfast-cuda": "cuda"}
+# resfast-triton / resfast-cuda / resfast-cpu: resfast with the Triton / C++-CUDA / C++-CPU backend selected
+# explicitly, whatever auto would pick (auto does not pick the GPU backends until they have been verified on a GPU,
+# nor the CPU one where it was measured slower than eager), so a run measures them either way
+PROVIDERS = ("eager", "resfast", "resfast-triton", "resfast-cuda", "resfast-cpu", "compile", "compile-max-autotune")
+EXPLICIT = {"resfast-triton": "triton", "resfast-cuda": "cuda", "resfast-cpu": "cpu"}
 MODES = ("infer", "train")
 RESFAST_BLOCKS = ("BasicBlock", "Bottleneck", "Bottle2neck", "Res2NetBottleneck", "Res2Block", "ResBlock",
                   "PreActBasicBlock", "PreActBottleneck", "TimmPreActBottleneck", "TimmPreActBasic")

@@ -169,15 +169,32 @@ def _ops(ns: str):
     return getattr(torch.ops, ns)
 
 
+def _no_zero_grads(ctx):
+    """Outputs that only serve backward (raw conv outputs, statistics) never receive a gradient: without this,
+    autograd would materialise a zero tensor of each one's size (a whole activation) for every backward call."""
+    ctx.set_materialize_grads(False)
+
+
+def _grad_or_zeros(g, like):
+    """The differentiable output's gradient; None only when autograd had none for it either. `like`: the output,
+    or its (shape, dtype, device)."""
+    if g is not None:
+        return g
+    shape, dtype, device = (like.shape, like.dtype, like.device) if isinstance(like, torch.Tensor) else like
+    return torch.zeros(shape, dtype=dtype, device=device)
+
+
 def conv_bn_autograd(ns: str):
     def setup(ctx, inputs, output):
         x, weight, bias, gamma, beta, residual, mean_in, invstd_in, stride, padding, dilation, groups, relu, _ = inputs
         y, z, mean, invstd, _ = output
+        _no_zero_grads(ctx)
         ctx.save_for_backward(x, weight, z, y if relu else None, gamma, mean, invstd)
         ctx.hyper = (stride, padding, dilation, groups, mean_in is None, bias is not None)
 
     def backward(ctx, dy, dz_, dmean, dinvstd, dvar):
         x, weight, z, y, gamma, mean, invstd = ctx.saved_tensors
+        dy = _grad_or_zeros(dy, z)  # y has z's shape and dtype
         stride, padding, dilation, groups, batch_stats, has_bias = ctx.hyper
         n = ctx.needs_input_grad
         need = [n[0], n[1], has_bias and n[2], gamma is not None and n[3], n[4], n[5]]
@@ -193,12 +210,15 @@ def conv_bn_autograd(ns: str):
 def bn_relu_conv_autograd(ns: str):
     def setup(ctx, inputs, output):
         x, gamma, beta, mean_in, invstd_in, weight, bias, residual, stride, padding, dilation, groups, eps = inputs
-        _, mean, invstd, _ = output
+        y, mean, invstd, _ = output
+        _no_zero_grads(ctx)
+        ctx.y_meta = (y.shape, y.dtype, y.device)  # for a missing grad (the output itself is not saved)
         ctx.save_for_backward(x, gamma, beta, mean, invstd, weight)
         ctx.hyper = (stride, padding, dilation, groups, mean_in is None, bias is not None)
 
     def backward(ctx, dy, dmean, dinvstd, dvar):
         x, gamma, beta, mean, invstd, weight = ctx.saved_tensors
+        dy = _grad_or_zeros(dy, ctx.y_meta)
         stride, padding, dilation, groups, batch_stats, has_bias = ctx.hyper
         n = ctx.needs_input_grad
         need = [n[0], gamma is not None and n[1], beta is not None and n[2], n[5], has_bias and n[6]]
@@ -221,6 +241,7 @@ def chain_autograd(ns: str):
         (x, weights, biases, gammas, betas, mean_in, invstd_in, scale, stride, dilation, groups, order, block_type,
          eps) = inputs
         out, Z, mean, invstd, _ = output
+        _no_zero_grads(ctx)
         zs = list(Z) if isinstance(Z, (list, tuple)) else [Z]
         ctx.save_for_backward(x, out, mean, invstd, *zs, *weights, *gammas)
         ctx.hyper = (len(zs), isinstance(Z, (list, tuple)), len(weights), scale, stride, dilation, groups, order,
@@ -231,6 +252,7 @@ def chain_autograd(ns: str):
     def backward(ctx, dout, dZ, dmean, dinvstd, dvar):
         n_z, z_list, S, scale, stride, dilation, groups, order, block_type, batch_stats, has_bias = ctx.hyper
         x, out, mean, invstd, *rest = ctx.saved_tensors
+        dout = _grad_or_zeros(dout, out)
         zs, weights, gammas = rest[:n_z], rest[n_z:n_z + S], rest[n_z + S:]
         nx, nw, nb, ng, nbeta = ctx.wants
         need = (nx, any(nw), any(nb), any(ng), any(nbeta))

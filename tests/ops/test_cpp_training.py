@@ -1,8 +1,11 @@
 """The C++ training ops of resfast._C one by one (csrc/training.cpp over csrc/cpu/bn_train.cpp here; the same ops
 run the CUDA kernels on a GPU): every op registered for CPU and, when the build had CUDA, for CUDA; opcheck of the
 backward ops, bn_stats and bn_running_update; the statistics kernel over odd channel counts, both layouts, channel
-slices, |x| ~ 1e30 and bfloat16; the running update's formula; bad inputs rejected by name. The ops against eager
+slices, |x| ~ 1e30 and bfloat16; the running update's formula; both copies of the CPU kernels (AVX2 and baseline) at
+real channel widths against eager and against each other; bad inputs rejected by name. The ops against eager
 through whole blocks, gradcheck and the BatchNorm rules: tests/test_training.py (backend `cpu`)."""
+
+import contextlib
 
 import pytest
 import torch
@@ -109,6 +112,83 @@ def test_opcheck_backward_and_statistics_ops():
                                False, True, True, False, True, True))
     torch.library.opcheck(R.bn_stats, (x, 1e-5))
     torch.library.opcheck(R.bn_running_update, (torch.zeros(6), torch.ones(6), torch.randn(6), torch.rand(6), 0.1))
+
+
+@pytest.fixture(params=["avx2", "baseline"])
+def cpu_isa(request, monkeypatch):
+    """Each copy of the CPU kernels (csrc/cpu/bn_train_kernels.h, compiled for AVX2 + FMA and for the baseline
+    ISA), switched through RESFAST_CPU_ISA, which the extension reads per call."""
+    if request.param == "baseline":
+        monkeypatch.setenv("RESFAST_CPU_ISA", "baseline")
+    else:
+        monkeypatch.delenv("RESFAST_CPU_ISA", raising=False)
+        if _ext.C.cpu_kernel_isa() != "avx2":
+            pytest.skip("no AVX2 copy on this CPU or compiler")
+    assert _ext.C.cpu_kernel_isa() == request.param
+    return request.param
+
+
+def _train_step(kind, C, layout, dtype):
+    """A training forward and backward of one op at a real channel width (both vector bodies and scalar tails of
+    the kernels run: C = 26 is 3 AVX2 float vectors + 2, 67 is 8 + 3; planes of 81 and 63 pixels are 10 or 7
+    lanes of 8 + a tail), through the cpu backend and eagerly: outputs, gradients, running statistics."""
+    from resfast import backend, ops
+    from resfast.ops.reference import conv_bn_relu_ref, res2net_chain_ref
+
+    torch.manual_seed(0)
+    cl = layout == "channels_last"
+    H, W = (9, 9) if kind == "conv" else (9, 7)
+    x = _x(2, C, H, W, dtype=dtype, cl=cl, grad=True)
+    results = []
+    for run in ("fused", "eager"):
+        torch.manual_seed(1)
+        if kind == "conv":
+            w = (torch.randn(C, C, 3, 3, dtype=dtype) * 0.1).requires_grad_()
+            res = _x(2, C, H, W, dtype=dtype, cl=cl, grad=True)
+            bns = [torch.nn.BatchNorm2d(C, dtype=dtype)]
+            leaves = [x, w, res]
+            f, args, kw = (conv_bn_relu_ref if run == "eager" else ops.conv_bn_relu), (x, w, bns[0]), \
+                dict(padding=1, residual=res, training=True)
+        else:
+            ws = [(torch.randn(C // 4, C // 4, 3, 3, dtype=dtype) * 0.2).requires_grad_() for _ in range(3)]
+            bns = [torch.nn.BatchNorm2d(C // 4, dtype=dtype) for _ in range(3)]
+            leaves = [x, *ws]
+            f, args, kw = (res2net_chain_ref if run == "eager" else ops.res2net_chain), (x, ws, bns), \
+                dict(scale=4, training=True)
+        for bn in bns:
+            with torch.no_grad():
+                bn.weight.uniform_(-1.5, 1.5)
+                bn.bias.uniform_(-0.5, 0.5)
+        leaves += [p for bn in bns for p in (bn.weight, bn.bias)]
+        with backend("cpu") if run == "fused" else contextlib.nullcontext():
+            out = f(*args, **kw)
+        torch.manual_seed(2)
+        grads = torch.autograd.grad(out, leaves, torch.randn_like(out))
+        results.append([out, *grads, *(b for bn in bns for b in (bn.running_mean, bn.running_var))])
+    return results
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64], ids=str)
+@pytest.mark.parametrize("layout", ["channels_last", "nchw"])
+@pytest.mark.parametrize("kind,C", [("conv", 26), ("conv", 67), ("chain", 104)])
+def test_cpu_kernels_at_real_widths_match_eager(cpu_isa, kind, C, layout, dtype):
+    fused, eager = _train_step(kind, C, layout, dtype)
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-10)
+    for i, (a, b) in enumerate(zip(fused, eager)):
+        torch.testing.assert_close(a, b, **tol, msg=lambda m, i=i: f"{cpu_isa} tensor {i}: {m}")
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "nchw"])
+def test_cpu_kernel_copies_agree(monkeypatch, layout):
+    """The AVX2 and baseline copies compute the same sums in the same order (lanes, not reassociation): float64
+    results agree to rounding (FMA contraction is the only difference)."""
+    if _ext.C.cpu_kernel_isa() != "avx2":
+        pytest.skip("no AVX2 copy on this CPU or compiler")
+    avx2 = _train_step("chain", 104, layout, F64)[0]
+    monkeypatch.setenv("RESFAST_CPU_ISA", "baseline")
+    base = _train_step("chain", 104, layout, F64)[0]
+    for i, (a, b) in enumerate(zip(avx2, base)):
+        torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-13, msg=lambda m, i=i: f"tensor {i}: {m}")
 
 
 def _conv_args(x, w, **kw):
