@@ -39,6 +39,25 @@ inline void for_rows(int64_t r0, int64_t r1, int64_t P, F&& f) {
 inline int64_t at_np(const ActView& v, int64_t n, int64_t p) { return n * v.sN + p * v.sP; }
 inline int64_t at_nc(const ActView& v, int64_t n, int64_t c) { return n * v.sN + c * v.sC; }
 
+// Every run of an elementwise pass, split over threads: f(n, j, c0, cs). Channels inner: run (n, pixel j), its
+// elements are channels c0 + k * cs = k; pixels inner: run (n, channel j), every element is channel c0 = j (cs = 0).
+// A run starts at run_at(view, ci, n, j) in each view.
+template <typename F>
+void for_each_run(bool ci, int64_t N, int64_t C, int64_t P, F&& f) {
+  const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(ci ? C : P, 1));
+  if (ci) {
+    at::parallel_for(0, N * P, grain, [&](int64_t b, int64_t e) {
+      for_rows(b, e, P, [&](int64_t n, int64_t p) { f(n, p, int64_t(0), int64_t(1)); });
+    });
+  } else {
+    at::parallel_for(0, N * C, grain, [&](int64_t b, int64_t e) {
+      for (int64_t r = b; r < e; ++r) f(r / C, r % C, r % C, int64_t(0));
+    });
+  }
+}
+
+inline int64_t run_at(const ActView& v, bool ci, int64_t n, int64_t j) { return n * v.sN + j * (ci ? v.sP : v.sC); }
+
 // sum of x[p] and sum of (x[p] - m)^2, p < P, in double, kLanes partial sums each
 template <typename scalar_t>
 inline void plane_moments(const scalar_t* __restrict__ x, int64_t P, double* mean, double* var) {
@@ -158,7 +177,7 @@ void apply_impl(const at::Tensor& z, const at::Tensor& mean, const at::Tensor& s
   const ActView vn = next.defined() ? act_view(next) : vz;
   const bool ci = common_inner({vz, vo, vr, va, vn}) == Inner::Channels;
   const int64_t C = vz.C, P = vz.P;
-  const int64_t runs = vz.N * (ci ? P : C), len = ci ? C : P;
+  const int64_t len = ci ? C : P;
   const scalar_t* zp = z.const_data_ptr<scalar_t>();
   const scalar_t* rp = ptr_or_null<scalar_t>(residual);
   const scalar_t* ap = ptr_or_null<scalar_t>(addend);
@@ -167,7 +186,6 @@ void apply_impl(const at::Tensor& z, const at::Tensor& mean, const at::Tensor& s
   const auto mv = channel_values<acc_t>(mean, C, acc_t(0));
   const auto sv = channel_values<acc_t>(scale, C, acc_t(1));
   const auto bv = channel_values<acc_t>(shift, C, acc_t(0));
-  const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(len, 1));
   with_flag(relu, [&](auto kRelu) {
     with_flag(rp != nullptr, [&](auto kRes) {
       with_flag(np != nullptr, [&](auto kNext) {
@@ -190,22 +208,10 @@ void apply_impl(const at::Tensor& z, const at::Tensor& mean, const at::Tensor& s
             }
           }
         };
-        if (ci) {
-          at::parallel_for(0, runs, grain, [&](int64_t b, int64_t e) {
-            for_rows(b, e, P, [&](int64_t n, int64_t p) {
-              run(at_np(vz, n, p), at_np(vo, n, p), at_np(vr, n, p), at_np(va, n, p), at_np(vn, n, p), mv.data(),
-                  sv.data(), bv.data(), 1);
-            });
-          });
-        } else {
-          at::parallel_for(0, runs, grain, [&](int64_t b, int64_t e) {
-            for (int64_t r = b; r < e; ++r) {
-              const int64_t n = r / C, c = r % C;
-              run(at_nc(vz, n, c), at_nc(vo, n, c), at_nc(vr, n, c), at_nc(va, n, c), at_nc(vn, n, c),
-                  mv.data() + c, sv.data() + c, bv.data() + c, 0);
-            }
-          });
-        }
+        for_each_run(ci, vz.N, C, P, [&](int64_t n, int64_t j, int64_t c0, int64_t cs) {
+          run(run_at(vz, ci, n, j), run_at(vo, ci, n, j), run_at(vr, ci, n, j), run_at(va, ci, n, j),
+              run_at(vn, ci, n, j), mv.data() + c0, sv.data() + c0, bv.data() + c0, cs);
+        });
       });
     });
   });
@@ -363,8 +369,7 @@ void backward_apply_impl(const at::Tensor& dy, const at::Tensor& dy2, const at::
   const auto iv = channel_values<acc_t>(batch_stats ? invstd : at::Tensor(), C, acc_t(0));
   scalar_t* dzp = dz.mutable_data_ptr<scalar_t>();
   scalar_t* drp = dres.defined() ? dres.mutable_data_ptr<scalar_t>() : nullptr;
-  const int64_t len = in.ci ? C : P, runs = in.vz.N * (in.ci ? P : C);
-  const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(len, 1));
+  const int64_t len = in.ci ? C : P;
   with_flag(in.dy2 != nullptr, [&](auto kDy2) {
     with_flag(in.y != nullptr, [&](auto kMask) {
       with_flag(batch_stats, [&](auto kBatch) {
@@ -392,22 +397,10 @@ void backward_apply_impl(const at::Tensor& dy, const at::Tensor& dy2, const at::
               if constexpr (decltype(kRes)::value) drr[j] = static_cast<scalar_t>(g);
             }
           };
-          if (in.ci) {
-            at::parallel_for(0, runs, grain, [&](int64_t b, int64_t e) {
-              for_rows(b, e, P, [&](int64_t n, int64_t p) {
-                run(at_np(in.vdy, n, p), at_np(in.vdy2, n, p), at_np(in.vy, n, p), at_np(in.vz, n, p),
-                    at_np(vdz, n, p), at_np(vdr, n, p), 0, 1);
-              });
-            });
-          } else {
-            at::parallel_for(0, runs, grain, [&](int64_t b, int64_t e) {
-              for (int64_t r = b; r < e; ++r) {
-                const int64_t n = r / C, c = r % C;
-                run(at_nc(in.vdy, n, c), at_nc(in.vdy2, n, c), at_nc(in.vy, n, c), at_nc(in.vz, n, c),
-                    at_nc(vdz, n, c), at_nc(vdr, n, c), c, 0);
-              }
-            });
-          }
+          for_each_run(in.ci, in.vz.N, C, P, [&](int64_t n, int64_t j, int64_t c0, int64_t cs) {
+            run(run_at(in.vdy, in.ci, n, j), run_at(in.vdy2, in.ci, n, j), run_at(in.vy, in.ci, n, j),
+                run_at(in.vz, in.ci, n, j), run_at(vdz, in.ci, n, j), run_at(vdr, in.ci, n, j), c0, cs);
+          });
         });
       });
     });
