@@ -148,6 +148,11 @@ def _plain_step(model, x, mode: str, amp_dtype):
 
 
 def _peak_mem_mb(step, device):
+    """Peak bytes allocated during one step above what was allocated before it, in MiB: CUDA's caching-allocator
+    statistics, or on the CPU the running total that c10's CPU allocator reports to the profiler (every allocation,
+    those inside C++ ops included). None on other devices."""
+    if device.type == "cpu":
+        return _cpu_peak_mem_mb(step)
     if device.type != "cuda":
         return None
     torch.cuda.synchronize(device)
@@ -156,6 +161,25 @@ def _peak_mem_mb(step, device):
     step()
     torch.cuda.synchronize(device)
     return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+
+
+def _cpu_peak_mem_mb(step):
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    allocs, todo = [], list(prof.profiler.kineto_results.experimental_event_tree())
+    while todo:
+        node = todo.pop()
+        todo += node.children
+        f = node.extra_fields
+        if type(f).__name__ == "_ExtraFields_Allocation" and f.device.type == "cpu":
+            allocs.append((node.start_time_ns, f.alloc_size, f.total_allocated))
+    if not allocs:
+        return 0.0
+    allocs.sort()
+    base = allocs[0][2] - allocs[0][1]  # what was allocated before the step's first allocation
+    return (max(total for _, _, total in allocs) - base) / 2**20
 
 
 def run(models, modes, providers, batch, size, dtype, device, channels_last, warmup, iters) -> tuple[list, dict]:
@@ -241,5 +265,5 @@ def format_table(result: dict) -> str:
                      "PyTorch ops plus about 10 us of Python checks per op call. A ratio away from 1.0x for resfast "
                      "is that overhead or machine noise (p20/p80 are in the result file), not fusion.")
     if any(r["peak_mem_mb"] is None for r in result["rows"]):
-        lines.append("peak memory is measured on CUDA devices only (torch.cuda.max_memory_allocated).")
+        lines.append("peak memory is measured on CUDA (torch.cuda.max_memory_allocated) and CPU devices only.")
     return "\n".join(lines)

@@ -16,7 +16,17 @@ from torch import Tensor, nn
 
 from .. import ops
 from ..ops.batchnorm import is_supported_bn
-from ._common import block_cache, conv_bn, conv_bn_shortcut, fusable, fusable_conv, fusable_relu, se_gate, shortcut
+from ._common import (
+    block_cache,
+    conv_bn,
+    conv_bn_shortcut,
+    fusable,
+    fusable_conv,
+    fusable_relu,
+    rebuild_scope,
+    se_gate,
+    shortcut,
+)
 
 
 def _chain_fusable(convs, bns) -> bool:
@@ -130,25 +140,26 @@ class Bottle2neck(nn.Module):
         if not self._fusable():
             return self._forward_modules(x)
         c = self.convs[0]
-        cache = block_cache(self)
-        out = conv_bn(x, self.conv1, self.bn1, cache=cache)
-        out = _chain(
-            out, self.convs, self.bns, self.scale, c.stride[0], c.dilation[0], c.groups, "timm",
-            "stage" if self.is_first else "normal", cache,
-        )
-        out = self.drop_block(out)
-        if self.se is None and self.drop_path is None:
-            return conv_bn_shortcut(out, self.conv3, self.bn3, x, self.downsample, cache)
-        identity = shortcut(x, self.downsample, cache)
-        out = conv_bn(out, self.conv3, self.bn3, relu=False, cache=cache)
-        gate = se_gate(self.se, out) if self.drop_path is None else None
-        if gate is not None:  # the excitation, the residual add and the ReLU in one pass
-            return ops.scale_add_relu(out, gate, identity)
-        if self.se is not None:
-            out = self.se(out)
-        if self.drop_path is not None:
-            out = self.drop_path(out)
-        return F.relu(out + identity)
+        with rebuild_scope():  # normalised activations rebuilt in backward, not saved
+            cache = block_cache(self)
+            out = conv_bn(x, self.conv1, self.bn1, cache=cache)
+            out = _chain(
+                out, self.convs, self.bns, self.scale, c.stride[0], c.dilation[0], c.groups, "timm",
+                "stage" if self.is_first else "normal", cache,
+            )
+            out = self.drop_block(out)
+            if self.se is None and self.drop_path is None:
+                return conv_bn_shortcut(out, self.conv3, self.bn3, x, self.downsample, cache)
+            identity = shortcut(x, self.downsample, cache)
+            out = conv_bn(out, self.conv3, self.bn3, relu=False, cache=cache)
+            gate = se_gate(self.se, out) if self.drop_path is None else None
+            if gate is not None:  # the excitation, the residual add and the ReLU in one pass
+                return ops.scale_add_relu(out, gate, identity)
+            if self.se is not None:
+                out = self.se(out)
+            if self.drop_path is not None:
+                out = self.drop_path(out)
+            return F.relu(out + identity)
 
     def _forward_modules(self, x: Tensor) -> Tensor:
         shortcut = x
@@ -237,18 +248,19 @@ class Res2NetBottleneck(nn.Module):
         if not self._fusable():
             return self._forward_modules(x)
         groups = self.conv2[0].groups if len(self.conv2) else 1
-        cache = block_cache(self)
-        out = conv_bn(x, self.conv1, self.bn1, cache=cache)
-        out = _chain(out, self.conv2, self.bn2, self.scales, 1, 1, groups, "paper", "normal", cache)
-        downsample = self.downsample if self.downsample else None  # the seed passes an empty Sequential for none
-        if self.se is None:
-            return conv_bn_shortcut(out, self.conv3, self.bn3, x, downsample, cache)
-        identity = shortcut(x, downsample, cache)
-        out = conv_bn(out, self.conv3, self.bn3, relu=False, cache=cache)
-        gate = se_gate(self.se, out)
-        if gate is not None:  # the excitation, the residual add and the ReLU in one pass
-            return ops.scale_add_relu(out, gate, identity)
-        return F.relu(self.se(out) + identity)
+        with rebuild_scope():  # normalised activations rebuilt in backward, not saved
+            cache = block_cache(self)
+            out = conv_bn(x, self.conv1, self.bn1, cache=cache)
+            out = _chain(out, self.conv2, self.bn2, self.scales, 1, 1, groups, "paper", "normal", cache)
+            downsample = self.downsample if self.downsample else None  # the seed passes an empty Sequential for none
+            if self.se is None:
+                return conv_bn_shortcut(out, self.conv3, self.bn3, x, downsample, cache)
+            identity = shortcut(x, downsample, cache)
+            out = conv_bn(out, self.conv3, self.bn3, relu=False, cache=cache)
+            gate = se_gate(self.se, out)
+            if gate is not None:  # the excitation, the residual add and the ReLU in one pass
+                return ops.scale_add_relu(out, gate, identity)
+            return F.relu(self.se(out) + identity)
 
     def _forward_modules(self, x: Tensor) -> Tensor:
         identity = x
@@ -306,7 +318,8 @@ class Res2Block(nn.Module):
         if not self._fusable():
             return F.relu(self.residual_function(x) + self.shortcut(x))
         rf = self.residual_function
-        cache = block_cache(self)
-        out = conv_bn(x, rf[0], rf[1], cache=cache)
-        out = conv_bn(out, rf[3], rf[4], cache=cache)
-        return conv_bn_shortcut(out, rf[6], rf[7], x, self.shortcut if len(self.shortcut) else None, cache)
+        with rebuild_scope():  # normalised activations rebuilt in backward, not saved
+            cache = block_cache(self)
+            out = conv_bn(x, rf[0], rf[1], cache=cache)
+            out = conv_bn(out, rf[3], rf[4], cache=cache)
+            return conv_bn_shortcut(out, rf[6], rf[7], x, self.shortcut if len(self.shortcut) else None, cache)

@@ -22,6 +22,7 @@ from ._common import (
     fusable,
     fusable_relu,
     projection,
+    rebuild_scope,
 )
 
 
@@ -59,9 +60,10 @@ class BasicBlock(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if not (fusable((self.conv1, self.bn1), (self.conv2, self.bn2)) and fusable_relu(self.relu)):
             return self._forward_modules(x)
-        cache = block_cache(self)
-        out = conv_bn(x, self.conv1, self.bn1, cache=cache)
-        return conv_bn_shortcut(out, self.conv2, self.bn2, x, self.downsample, cache)
+        with rebuild_scope():  # normalised activations rebuilt in backward, not saved
+            cache = block_cache(self)
+            out = conv_bn(x, self.conv1, self.bn1, cache=cache)
+            return conv_bn_shortcut(out, self.conv2, self.bn2, x, self.downsample, cache)
 
     def _forward_modules(self, x: Tensor) -> Tensor:
         identity = x
@@ -107,10 +109,11 @@ class Bottleneck(nn.Module):
         pairs = ((self.conv1, self.bn1), (self.conv2, self.bn2), (self.conv3, self.bn3))
         if not (fusable(*pairs) and fusable_relu(self.relu)):
             return self._forward_modules(x)
-        cache = block_cache(self)
-        out = conv_bn(x, self.conv1, self.bn1, cache=cache)
-        out = conv_bn(out, self.conv2, self.bn2, cache=cache)
-        return conv_bn_shortcut(out, self.conv3, self.bn3, x, self.downsample, cache)
+        with rebuild_scope():  # normalised activations rebuilt in backward, not saved
+            cache = block_cache(self)
+            out = conv_bn(x, self.conv1, self.bn1, cache=cache)
+            out = conv_bn(out, self.conv2, self.bn2, cache=cache)
+            return conv_bn_shortcut(out, self.conv3, self.bn3, x, self.downsample, cache)
 
     def _forward_modules(self, x: Tensor) -> Tensor:
         identity = x
@@ -150,17 +153,18 @@ class ResBlock(nn.Module):
             pairs.append((self.shortcut, self.bn3))
         if not fusable(*pairs):
             return self._forward_modules(inputs)
-        cache = block_cache(self)
-        y = conv_bn(inputs, self.conv1, self.bn1, cache=cache)
-        if not self.use_residual:
-            return conv_bn(y, self.conv2, self.bn2, cache=cache)
-        if self.use_1x1conv:  # the seed's shortcut conv and bn3 are separate attributes, not a Sequential
-            proj = projection(inputs, self.shortcut, self.bn3, self.bn2)
-            if proj is None:
-                return conv_bn(y, self.conv2, self.bn2, cache=cache,
-                               residual=conv_bn(inputs, self.shortcut, self.bn3, relu=False, cache=cache))
-            return conv_bn_projection(y, self.conv2, self.bn2, proj, cache)
-        return conv_bn(y, self.conv2, self.bn2, residual=inputs, cache=cache)
+        with rebuild_scope():  # normalised activations rebuilt in backward, not saved
+            cache = block_cache(self)
+            y = conv_bn(inputs, self.conv1, self.bn1, cache=cache)
+            if not self.use_residual:
+                return conv_bn(y, self.conv2, self.bn2, cache=cache)
+            if self.use_1x1conv:  # the seed's shortcut conv and bn3 are separate attributes, not a Sequential
+                proj = projection(inputs, self.shortcut, self.bn3, self.bn2)
+                if proj is None:
+                    return conv_bn(y, self.conv2, self.bn2, cache=cache,
+                                   residual=conv_bn(inputs, self.shortcut, self.bn3, relu=False, cache=cache))
+                return conv_bn_projection(y, self.conv2, self.bn2, proj, cache)
+            return conv_bn(y, self.conv2, self.bn2, residual=inputs, cache=cache)
 
     def _forward_modules(self, inputs: Tensor) -> Tensor:
         y = F.relu(self.bn1(self.conv1(inputs)))

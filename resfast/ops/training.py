@@ -18,8 +18,15 @@ autograd wiring (``register_autograd`` of each forward op, calling its backward 
 
 from __future__ import annotations
 
-import torch
+import contextlib
+import threading
+import weakref
+from typing import Iterator, NamedTuple, Optional, Union
 
+import torch
+import torch.nn.functional as F
+
+from ._args import chain_layout
 from .batchnorm import resolve_bn
 from .checks import needs_batch_stats
 
@@ -184,16 +191,208 @@ def _grad_or_zeros(g, like):
     return torch.zeros(shape, dtype=dtype, device=device)
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# recompute scope: activations rebuilt in backward instead of saved
+#
+# Inside ``recompute_scope()`` (the drop-in blocks enter one around their fused training forward) an op does not
+# save the normalised activations it produces: conv_bn_train's ``relu(bn(z))`` (no residual) and the chain's
+# output are registered with a recipe instead, and every op of this module that would save one of them (the
+# producer for its ReLU mask, the next op as its conv input) saves the recipe's ingredients: raw conv outputs,
+# per-channel statistics, gamma and beta, tensors that are saved anyway. Backward rebuilds the activation once, at
+# its first use, keeps it until its last use in that backward pass, and drops it. What a Res2Net bottleneck keeps
+# for backward then is the block input, z1, the chain's raw outputs, z3 and the block output, as the training
+# issue asks ("recompute normalised activations in backward").
+
+
+class _Rebuild:
+    """An activation rebuilt in backward by ``fn(*children values, *own parts)``. Holds no tensor but the rebuilt
+    value between its first and last use; the ingredients are saved by each op that uses it (save_for_backward),
+    so no context holds its own outputs and no reference cycle forms."""
+
+    def __init__(self, fn, n_own: int, children=()):
+        self.fn, self.n_own, self.children = fn, n_own, tuple(children)  # children: ((node or None, n_parts), ...)
+        self.size = n_own + sum(n for _, n in self.children)
+        self.users = self.left = 0
+        self.value = None
+
+    def add_user(self):
+        self.users += 1
+        self.left += 1
+        for node, _ in self.children:
+            if node is not None:
+                node.add_user()
+
+    def get(self, parts):
+        """The activation from the saved `parts` (children's parts first, then this node's own)."""
+        if self.value is None:
+            values, k = [], 0
+            for node, n in self.children:
+                values.append(_value(node, parts[k:k + n]))
+                k += n
+            self.value = self.fn(*values, *parts[k:])
+        else:
+            for node, _ in self.children:
+                if node is not None:
+                    node.release()
+        value = self.value
+        self._used()
+        return value
+
+    def release(self):
+        for node, _ in self.children:
+            if node is not None:
+                node.release()
+        self._used()
+
+    def _used(self):
+        self.left -= 1
+        if self.left <= 0:  # the last use in this backward pass: drop it (a retained graph rebuilds it again)
+            self.value, self.left = None, self.users
+
+
+class _Source(NamedTuple):
+    """What an op saves for one tensor it needs in backward: the tensor itself (node None, parts (t,)), or the
+    ingredients of a rebuild."""
+
+    node: Optional[_Rebuild]
+    parts: tuple
+
+
+def _value(node, parts):
+    return parts[0] if node is None else node.get(parts)
+
+
+_tls = threading.local()
+
+
+@contextlib.contextmanager
+def recompute_scope() -> Iterator[None]:
+    """Ops of this module called inside rebuild the normalised activations they produce in backward instead of
+    saving them (see above). A no-op while torch.compile traces (its partitioner decides what is saved)."""
+    if torch.compiler.is_compiling():
+        yield
+        return
+    stack = _tls.__dict__.setdefault("scopes", [])
+    stack.append({})
+    try:
+        yield
+    finally:
+        stack.pop()
+
+
+def _scope() -> Optional[dict]:
+    stack = getattr(_tls, "scopes", None)
+    return stack[-1] if stack else None
+
+
+def _register(t: torch.Tensor, src: _Source) -> _Source:
+    scope = _scope()
+    if scope is not None:  # keyed by identity; the version catches an in-place change made after the op
+        scope[id(t)] = (weakref.ref(t), t._version, src)
+    return src
+
+
+def _source(t: Optional[torch.Tensor]) -> _Source:
+    """How an op saves `t`: a registered rebuild when `t` is an activation of the current scope, unchanged since."""
+    scope = _scope()
+    if t is not None and scope is not None:
+        entry = scope.get(id(t))
+        if entry is not None and entry[0]() is t and entry[1] == t._version:
+            return entry[2]
+    return _Source(None, (t,))
+
+
+def _save(ctx, *items) -> None:
+    """save_for_backward of tensors and _Sources; :func:`_load` gives back one value per item."""
+    tensors, layout = [], []
+    for item in items:
+        src = item if isinstance(item, _Source) else _Source(None, (item,))
+        if src.node is not None:
+            src.node.add_user()
+        tensors += src.parts
+        layout.append((src.node, len(src.parts)))
+    ctx.save_for_backward(*tensors)
+    ctx.rebuild_layout = layout
+
+
+def _load(ctx) -> list:
+    saved, values, k = ctx.saved_tensors, [], 0
+    for node, n in ctx.rebuild_layout:
+        values.append(_value(node, saved[k:k + n]))
+        k += n
+    return values
+
+
+def _channel(v: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+    return v.to(acc).view(1, -1, 1, 1)
+
+
+def _bn_relu(z, mean, invstd, gamma, beta, out=None):
+    """``relu((z - mean) * gamma * invstd + beta)`` in the statistics' dtype, rounded to z's dtype: the formula of
+    the forward kernels (bn_math.h's bn_forward_value, Triton's apply)."""
+    acc = mean.dtype
+    scale = invstd if gamma is None else invstd * gamma.to(acc)
+    t = z.to(acc, copy=True)
+    t.sub_(_channel(mean, acc)).mul_(_channel(scale, acc))
+    if beta is not None:
+        t.add_(_channel(beta, acc))
+    t.clamp_(min=0)
+    if out is None:
+        return t.to(z.dtype)
+    out.copy_(t)
+    return out
+
+
+def _bn_relu_source(y, z, mean, invstd, gamma, beta) -> Union[torch.Tensor, _Source]:
+    """conv_bn_train's ReLU output without a residual: itself, or inside a scope a registered rebuild from z."""
+    if _scope() is None:
+        return y
+    return _register(y, _Source(_Rebuild(_bn_relu, 5), (z, mean, invstd, gamma, beta)))
+
+
+def _chain_out_source(out, x_src: _Source, Z, mean, invstd, gammas, betas, scale, stride, order, block_type):
+    """The chain's output: itself, or inside a scope a registered rebuild from its input and raw outputs."""
+    if _scope() is None:
+        return out
+    zs = list(Z) if isinstance(Z, (list, tuple)) else [Z]
+    n_z, cl = len(zs), out.is_contiguous(memory_format=torch.channels_last)
+    shape = tuple(out.shape)
+    conv_splits, passthrough = chain_layout(scale, order)
+    n_g, n_b = len(gammas), len(betas)
+
+    def build(x, mean, invstd, *rest):
+        zs, gs, bs = rest[:n_z], rest[n_z:n_z + n_g], rest[n_z + n_g:]
+        o = torch.empty(shape, device=x.device, dtype=x.dtype,
+                        memory_format=torch.channels_last if cl else torch.contiguous_format)
+        wd = shape[1] // scale if passthrough is not None else shape[1]
+        for k, i in enumerate(conv_splits):
+            z = zs[k] if n_z > 1 else zs[0].narrow(1, k * wd, wd)
+            _bn_relu(z, mean[k], invstd[k], gs[k] if gs else None, bs[k] if bs else None,
+                     out=o.narrow(1, i * wd, wd))
+        if passthrough is not None:
+            p = x.narrow(1, passthrough * wd, wd)
+            if block_type == "stage":  # timm pools the pass-through split of a stage block (count_include_pad)
+                p = F.avg_pool2d(p, 3, stride, 1, ceil_mode=False, count_include_pad=True)
+            o.narrow(1, passthrough * wd, wd).copy_(p)
+        return o
+
+    node = _Rebuild(build, 2 + n_z + n_g + n_b, ((x_src.node, len(x_src.parts)),))
+    return _register(out, _Source(node, (*x_src.parts, mean, invstd, *zs, *gammas, *betas)))
+
+
 def conv_bn_autograd(ns: str):
     def setup(ctx, inputs, output):
         x, weight, bias, gamma, beta, residual, mean_in, invstd_in, stride, padding, dilation, groups, relu, _ = inputs
         y, z, mean, invstd, _ = output
         _no_zero_grads(ctx)
-        ctx.save_for_backward(x, weight, z, y if relu else None, gamma, mean, invstd)
+        y_src = None
+        if relu:  # the ReLU mask's source: y itself, or (no residual, in a recompute scope) a rebuild of it from z
+            y_src = _bn_relu_source(y, z, mean, invstd, gamma, beta) if residual is None else y
+        _save(ctx, _source(x), weight, z, y_src, gamma, mean, invstd)
         ctx.hyper = (stride, padding, dilation, groups, mean_in is None, bias is not None)
 
     def backward(ctx, dy, dz_, dmean, dinvstd, dvar):
-        x, weight, z, y, gamma, mean, invstd = ctx.saved_tensors
+        x, weight, z, y, gamma, mean, invstd = _load(ctx)
         dy = _grad_or_zeros(dy, z)  # y has z's shape and dtype
         stride, padding, dilation, groups, batch_stats, has_bias = ctx.hyper
         n = ctx.needs_input_grad
@@ -213,11 +412,11 @@ def bn_relu_conv_autograd(ns: str):
         y, mean, invstd, _ = output
         _no_zero_grads(ctx)
         ctx.y_meta = (y.shape, y.dtype, y.device)  # for a missing grad (the output itself is not saved)
-        ctx.save_for_backward(x, gamma, beta, mean, invstd, weight)
+        _save(ctx, _source(x), gamma, beta, mean, invstd, weight)
         ctx.hyper = (stride, padding, dilation, groups, mean_in is None, bias is not None)
 
     def backward(ctx, dy, dmean, dinvstd, dvar):
-        x, gamma, beta, mean, invstd, weight = ctx.saved_tensors
+        x, gamma, beta, mean, invstd, weight = _load(ctx)
         dy = _grad_or_zeros(dy, ctx.y_meta)
         stride, padding, dilation, groups, batch_stats, has_bias = ctx.hyper
         n = ctx.needs_input_grad
@@ -243,7 +442,9 @@ def chain_autograd(ns: str):
         out, Z, mean, invstd, _ = output
         _no_zero_grads(ctx)
         zs = list(Z) if isinstance(Z, (list, tuple)) else [Z]
-        ctx.save_for_backward(x, out, mean, invstd, *zs, *weights, *gammas)
+        x_src = _source(x)
+        out_src = _chain_out_source(out, x_src, Z, mean, invstd, gammas, betas, scale, stride, order, block_type)
+        _save(ctx, x_src, out_src, mean, invstd, *zs, *weights, *gammas)
         ctx.hyper = (len(zs), isinstance(Z, (list, tuple)), len(weights), scale, stride, dilation, groups, order,
                      block_type, mean_in is None, bool(biases))
         # which inputs want gradients (needs_input_grad flattens the lists in a way not worth relying on)
@@ -251,7 +452,7 @@ def chain_autograd(ns: str):
 
     def backward(ctx, dout, dZ, dmean, dinvstd, dvar):
         n_z, z_list, S, scale, stride, dilation, groups, order, block_type, batch_stats, has_bias = ctx.hyper
-        x, out, mean, invstd, *rest = ctx.saved_tensors
+        x, out, mean, invstd, *rest = _load(ctx)
         dout = _grad_or_zeros(dout, out)
         zs, weights, gammas = rest[:n_z], rest[n_z:n_z + S], rest[n_z + S:]
         nx, nw, nb, ng, nbeta = ctx.wants

@@ -40,7 +40,27 @@ def test_resfast_bench_quick(tmp_path):
             assert row["max_abs_diff_vs_eager"] < 1e-4
         if row["provider"] == "resfast":
             assert row["resfast_blocks"] == "16/16"
+        assert row["peak_mem_mb"] > 0  # measured on the CPU too
     assert (tmp_path / "r.png").stat().st_size > 1000 or not _has_matplotlib()
+
+
+def test_cpu_peak_memory_counts_every_live_allocation():
+    """The CPU peak: what the allocator held at most during the step above what it held before, frees included."""
+    import torch
+
+    from resfast._bench.models import _peak_mem_mb
+
+    kept = torch.ones(2 << 20, dtype=torch.uint8)  # allocated before the step: not counted
+
+    def step():
+        a = torch.ones(8 << 20, dtype=torch.uint8)
+        b = torch.ones(4 << 20, dtype=torch.uint8)  # a and b live together: 12 MiB
+        del a, b
+        c = torch.ones(6 << 20, dtype=torch.uint8)  # after the frees: 6 MiB, below the peak
+        return c[0].item()
+
+    assert 12 <= _peak_mem_mb(step, torch.device("cpu")) < 12.5
+    assert kept.numel()
 
 
 def test_bench_models_script(tmp_path):
