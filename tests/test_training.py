@@ -686,3 +686,25 @@ def test_activation_changed_in_place_is_saved_not_rebuilt(be):
     ref = run("eager", copy.deepcopy(bn1), copy.deepcopy(bns), in_place=False)
     for a, b in zip(run(be.name, bn1, bns, in_place=True), ref):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
+def test_gradient_checkpointing_of_a_block(be):
+    """torch.utils.checkpoint (non-reentrant, what timm's set_grad_checkpointing uses) over a fused block: the
+    recomputed forward saves what the original saved (rebuild recipes included), the gradients are the same as
+    without checkpointing. The backend choice must hold for the backward too, where the recomputation runs."""
+    _needs_dtype(be)
+    from torch.utils.checkpoint import checkpoint
+
+    block = _res2net_block(False, be.device).double()
+    other = copy.deepcopy(block)
+    x = _x(2, 64, 6, 5, dtype=F64, device=be.device)
+    x2 = x.detach().clone().requires_grad_()
+    with resfast.backend(be.name):
+        y = block(x)
+        y2 = checkpoint(other, x2, use_reentrant=False)
+        g = torch.randn_like(y)
+        y.backward(g)
+        y2.backward(g)
+    torch.testing.assert_close(x2.grad, x.grad, rtol=1e-12, atol=1e-12)
+    for a, b in zip(block.parameters(), other.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-12, atol=1e-12)

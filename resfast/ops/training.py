@@ -12,7 +12,8 @@ training.py) and the C++/CUDA extension (``torch.ops.resfast``, csrc/training.cp
 
 This module holds what does not depend on the backend: nn.BatchNorm2d's rules at the op boundary (statistics in,
 running buffers updated after the op, exactly once per BatchNorm per forward), the autocast dtype, what is saved
-for backward (raw conv outputs and per-channel statistics; normalised activations are recomputed), and the
+for backward (raw conv outputs and per-channel statistics; normalised activations are recomputed, and inside a
+block's ``recompute_scope`` the activations one op passes to the next are rebuilt in backward too), and the
 autograd wiring (``register_autograd`` of each forward op, calling its backward op in the same namespace).
 """
 
