@@ -708,3 +708,32 @@ def test_gradient_checkpointing_of_a_block(be):
     torch.testing.assert_close(x2.grad, x.grad, rtol=1e-12, atol=1e-12)
     for a, b in zip(block.parameters(), other.parameters()):
         torch.testing.assert_close(b.grad, a.grad, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64], ids=str)
+def test_rebuilt_activations_equal_the_forward_ones(be, dtype):
+    """What backward rebuilds is what the forward passed on: relu(bn1(z1)) and the chain's output (stage block: the
+    pooled pass-through split too). Bit for bit on Triton (the forward's own apply kernel); within rounding (an FMA
+    or not) on the C++ backends, whose rebuild runs the same formula with ATen ops."""
+    _needs_dtype(be, dtype)
+    from resfast.ops import training as tops
+
+    torch.manual_seed(0)
+    x = _x(2, 8, 7, 6, dtype=dtype, device=be.device)
+    w1 = torch.randn(12, 8, 1, 1, dtype=dtype, device=be.device, requires_grad=True)
+    ws = [torch.randn(4, 4, 3, 3, dtype=dtype, device=be.device, requires_grad=True) for _ in range(2)]
+    for block_type, stride in (("normal", 1), ("stage", 2)):
+        with resfast.backend(be.name), tops.recompute_scope():
+            y1 = ops.conv_bn_relu(x, w1, _bn(12, dtype, be.device), training=True)
+            out = ops.res2net_chain(y1, ws, [_bn(4, dtype, be.device) for _ in range(2)], scale=3, stride=stride,
+                                    block_type=block_type, training=True)
+            sources = [tops._source(y1), tops._source(out)]
+        for t, src in zip((y1, out), sources):
+            assert src.node is not None, block_type
+            src.node.add_user()
+            rebuilt = src.node.get(src.parts)
+            assert rebuilt is not t and rebuilt.shape == t.shape and rebuilt.dtype == t.dtype
+            if be.name == "triton":
+                assert torch.equal(rebuilt, t), block_type
+            else:
+                torch.testing.assert_close(rebuilt, t, rtol=4 * torch.finfo(dtype).eps, atol=4 * torch.finfo(dtype).eps)

@@ -328,11 +328,16 @@ def _channel(v: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
     return v.to(acc).view(1, -1, 1, 1)
 
 
-def _bn_relu(z, mean, invstd, gamma, beta, out=None):
-    """``relu((z - mean) * gamma * invstd + beta)`` in the statistics' dtype, rounded to z's dtype: the formula of
-    the forward kernels (bn_math.h's bn_forward_value, Triton's apply)."""
+def _bn_relu(z, mean, invstd, gamma, beta, out=None, ns: str = ""):
+    """``relu((z - mean) * gamma * invstd + beta)``, rounded to z's dtype, into ``out`` when given: the forward's
+    own apply pass on the Triton backend (bit for bit what the forward wrote); elsewhere the forward kernels'
+    formula (bn_math.h's bn_forward_value) in the statistics' dtype with ATen ops."""
     acc = mean.dtype
     scale = invstd if gamma is None else invstd * gamma.to(acc)
+    if ns == "resfast_triton":
+        from ..triton import batchnorm
+
+        return batchnorm.apply(z, mean, scale, beta, None, True, out=out)
     t = z.to(acc, copy=True)
     t.sub_(_channel(mean, acc)).mul_(_channel(scale, acc))
     if beta is not None:
@@ -344,14 +349,18 @@ def _bn_relu(z, mean, invstd, gamma, beta, out=None):
     return out
 
 
-def _bn_relu_source(y, z, mean, invstd, gamma, beta) -> Union[torch.Tensor, _Source]:
+def _bn_relu_source(ns, y, z, mean, invstd, gamma, beta) -> Union[torch.Tensor, _Source]:
     """conv_bn_train's ReLU output without a residual: itself, or inside a scope a registered rebuild from z."""
     if _scope() is None:
         return y
-    return _register(y, _Source(_Rebuild(_bn_relu, 5), (z, mean, invstd, gamma, beta)))
+
+    def build(z, mean, invstd, gamma, beta):
+        return _bn_relu(z, mean, invstd, gamma, beta, ns=ns)
+
+    return _register(y, _Source(_Rebuild(build, 5), (z, mean, invstd, gamma, beta)))
 
 
-def _chain_out_source(out, x_src: _Source, Z, mean, invstd, gammas, betas, scale, stride, order, block_type):
+def _chain_out_source(ns, out, x_src: _Source, Z, mean, invstd, gammas, betas, scale, stride, order, block_type):
     """The chain's output: itself, or inside a scope a registered rebuild from its input and raw outputs."""
     if _scope() is None:
         return out
@@ -369,7 +378,7 @@ def _chain_out_source(out, x_src: _Source, Z, mean, invstd, gammas, betas, scale
         for k, i in enumerate(conv_splits):
             z = zs[k] if n_z > 1 else zs[0].narrow(1, k * wd, wd)
             _bn_relu(z, mean[k], invstd[k], gs[k] if gs else None, bs[k] if bs else None,
-                     out=o.narrow(1, i * wd, wd))
+                     out=o.narrow(1, i * wd, wd), ns=ns)
         if passthrough is not None:
             p = x.narrow(1, passthrough * wd, wd)
             if block_type == "stage":  # timm pools the pass-through split of a stage block (count_include_pad)
@@ -388,7 +397,7 @@ def conv_bn_autograd(ns: str):
         _no_zero_grads(ctx)
         y_src = None
         if relu:  # the ReLU mask's source: y itself, or (no residual, in a recompute scope) a rebuild of it from z
-            y_src = _bn_relu_source(y, z, mean, invstd, gamma, beta) if residual is None else y
+            y_src = _bn_relu_source(ns, y, z, mean, invstd, gamma, beta) if residual is None else y
         _save(ctx, _source(x), weight, z, y_src, gamma, mean, invstd)
         ctx.hyper = (stride, padding, dilation, groups, mean_in is None, bias is not None)
 
@@ -444,7 +453,7 @@ def chain_autograd(ns: str):
         _no_zero_grads(ctx)
         zs = list(Z) if isinstance(Z, (list, tuple)) else [Z]
         x_src = _source(x)
-        out_src = _chain_out_source(out, x_src, Z, mean, invstd, gammas, betas, scale, stride, order, block_type)
+        out_src = _chain_out_source(ns, out, x_src, Z, mean, invstd, gammas, betas, scale, stride, order, block_type)
         _save(ctx, x_src, out_src, mean, invstd, *zs, *weights, *gammas)
         ctx.hyper = (len(zs), isinstance(Z, (list, tuple)), len(weights), scale, stride, dilation, groups, order,
                      block_type, mean_in is None, bool(biases))
