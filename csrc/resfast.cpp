@@ -27,6 +27,9 @@ TORCH_LIBRARY(resfast, m) {
   m.def("bn_stats(Tensor x, float eps) -> (Tensor, Tensor, Tensor)");
   // running = (1 - factor) * running + factor * batch, in place (nn.BatchNorm2d's update).
   m.def("bn_running_update(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor mean, Tensor var, float factor) -> ()");
+  // out = relu((z - mean) * gamma * invstd + beta), in place (out: z's shape and dtype, may be a channel slice):
+  // the training forward's apply pass again, so backward rebuilds an activation bit for bit instead of saving it.
+  m.def("bn_relu_apply_(Tensor(a!) out, Tensor z, Tensor mean, Tensor invstd, Tensor? gamma, Tensor? beta) -> ()");
   // y = relu?(bn(conv2d(x, weight, bias)) + residual) -> (y, z = the raw conv output, mean, invstd, unbiased var)
   m.def(
       "conv_bn_train(Tensor x, Tensor weight, Tensor? bias, Tensor? gamma, Tensor? beta, Tensor? residual, "

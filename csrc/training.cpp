@@ -595,12 +595,32 @@ at::Tensor res2net_chain_folded_generic(const at::Tensor& x_, at::TensorList wei
   return out;
 }
 
+void bn_relu_apply_(const at::Tensor& out, const at::Tensor& z, const at::Tensor& mean, const at::Tensor& invstd,
+                    const std::optional<at::Tensor>& gamma, const std::optional<at::Tensor>& beta) {
+  const char* op = "bn_relu_apply_";
+  check_input(op, z);
+  check_activation(op, "out", out, z);
+  RESFAST_CHECK(out.sizes() == z.sizes(), op, "out must have z's shape ", z.sizes(), ", got ", out.sizes());
+  const int64_t C = z.size(1);
+  check_channel_vector(op, "mean", mean, C, z);
+  check_channel_vector(op, "invstd", invstd, C, z);
+  check_channel_vector(op, "gamma", opt(gamma), C, z);
+  check_channel_vector(op, "beta", opt(beta), C, z);
+  RESFAST_CHECK(mean.scalar_type() == acc_of(z) && invstd.scalar_type() == acc_of(z), op,
+                "mean and invstd must be ", acc_of(z), " (the statistics' dtype for ", z.scalar_type(), ")");
+  const c10::OptionalDeviceGuard guard(z.device());
+  bn_kernels(z.device())
+      .apply(z.contiguous(layout_of(z)), mean.contiguous(), scale_of(invstd, opt(gamma)),
+             acc_or_none(opt(beta), acc_of(z)), none(), true, out, none(), none());
+}
+
 }  // namespace
 
 // The training ops run the same code on every device (the kernels are picked by bn_kernels(device)).
 void impl_training_ops(torch::Library& m) {
   m.impl("bn_stats", &bn_stats);
   m.impl("bn_running_update", &bn_running_update);
+  m.impl("bn_relu_apply_", &bn_relu_apply_);
   m.impl("conv_bn_train", &conv_bn_train);
   m.impl("conv_bn_train_backward", &conv_bn_train_backward);
   m.impl("bn_relu_conv_train", &bn_relu_conv_train);

@@ -30,7 +30,7 @@ CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 CPU_TRAIN_DTYPES = (torch.float32, torch.float64)
 CUDA_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 TRAIN_OPS = ("conv_bn_train", "conv_bn_train_backward", "bn_relu_conv_train", "bn_relu_conv_train_backward",
-             "res2net_chain_train", "res2net_chain_train_backward", "bn_stats", "bn_running_update")
+             "res2net_chain_train", "res2net_chain_train_backward", "bn_stats", "bn_running_update", "bn_relu_apply_")
 CPP_OPS = ("conv_bias_act", "res2net_chain_folded", "bn_act") + TRAIN_OPS
 
 
@@ -210,6 +210,10 @@ def _register_training() -> None:
 
     @torch.library.register_fake("resfast::bn_running_update")
     def _(running_mean, running_var, mean, var, factor):
+        return None
+
+    @torch.library.register_fake("resfast::bn_relu_apply_")
+    def _(out, z, mean, invstd, gamma, beta):
         return None
 
     @torch.library.register_fake("resfast::conv_bn_train")

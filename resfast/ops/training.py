@@ -330,14 +330,18 @@ def _channel(v: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
 
 def _bn_relu(z, mean, invstd, gamma, beta, out=None, ns: str = ""):
     """``relu((z - mean) * gamma * invstd + beta)``, rounded to z's dtype, into ``out`` when given: the forward's
-    own apply pass on the Triton backend (bit for bit what the forward wrote); elsewhere the forward kernels'
-    formula (bn_math.h's bn_forward_value) in the statistics' dtype with ATen ops."""
+    own apply pass of backend `ns` (Triton's apply kernel, the C++ ops' ``bn_relu_apply_``), so bit for bit what
+    the forward wrote; with ATen ops (the same formula in the statistics' dtype) for any other caller."""
     acc = mean.dtype
     scale = invstd if gamma is None else invstd * gamma.to(acc)
     if ns == "resfast_triton":
         from ..triton import batchnorm
 
         return batchnorm.apply(z, mean, scale, beta, None, True, out=out)
+    if ns == "resfast":
+        out = torch.empty_like(z) if out is None else out
+        torch.ops.resfast.bn_relu_apply_(out, z, mean, invstd, gamma, beta)
+        return out
     t = z.to(acc, copy=True)
     t.sub_(_channel(mean, acc)).mul_(_channel(scale, acc))
     if beta is not None:

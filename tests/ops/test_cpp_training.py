@@ -112,6 +112,23 @@ def test_opcheck_backward_and_statistics_ops():
                                False, True, True, False, True, True))
     torch.library.opcheck(R.bn_stats, (x, 1e-5))
     torch.library.opcheck(R.bn_running_update, (torch.zeros(6), torch.ones(6), torch.randn(6), torch.rand(6), 0.1))
+    torch.library.opcheck(R.bn_relu_apply_, (torch.empty_like(z), z, mean, invstd, g, b))
+
+
+def test_bn_relu_apply_rebuilds_the_forward_output_into_a_slice():
+    """bn_relu_apply_ (backward's rebuild of an activation) writes exactly conv_bn_train's ReLU output, also into a
+    channel slice of a larger tensor, affine or not, in both layouts."""
+    for cl in (True, False):
+        x = _x(2, 6, 5, 4, cl=cl)
+        w = torch.randn(4, 6, 3, 3, dtype=F64)
+        for g, b in ((torch.rand(4, dtype=F64) + 0.5, torch.randn(4, dtype=F64)), (None, None)):
+            y, z, mean, invstd, _ = R.conv_bn_train(x, w, None, g, b, None, None, None, [1, 1], [1, 1], [1, 1], 1,
+                                                    True, 1e-5)
+            big = torch.full((2, 9, 5, 4), 7.0, dtype=F64)
+            big = big.contiguous(memory_format=torch.channels_last) if cl else big
+            R.bn_relu_apply_(big.narrow(1, 3, 4), z, mean, invstd, g, b)
+            assert torch.equal(big.narrow(1, 3, 4), y)
+            assert (big.narrow(1, 0, 3) == 7).all() and (big.narrow(1, 7, 2) == 7).all()
 
 
 @pytest.fixture(params=["avx2", "baseline"])
@@ -244,3 +261,12 @@ def test_chain_and_other_ops_reject_bad_inputs_by_name():
                             torch.ones(6, dtype=torch.half), 0.1)
     with pytest.raises(RuntimeError, match="resfast::bn_stats: x must be 4-D"):
         R.bn_stats(x[0], 1e-5)
+    z, m4 = _x(2, 4, 5, 4), torch.zeros(4, dtype=F64)
+    with pytest.raises(RuntimeError, match=r"resfast::bn_relu_apply_: out must have z's shape"):
+        R.bn_relu_apply_(torch.empty(2, 3, 5, 4, dtype=F64), z, m4, m4 + 1, None, None)
+    with pytest.raises(RuntimeError, match="bn_relu_apply_: out must have x's dtype"):
+        R.bn_relu_apply_(torch.empty(2, 4, 5, 4), z, m4, m4 + 1, None, None)
+    with pytest.raises(RuntimeError, match=r"bn_relu_apply_: mean must have shape \(4\)"):
+        R.bn_relu_apply_(torch.empty_like(z), z, m4[:3], m4 + 1, None, None)
+    with pytest.raises(RuntimeError, match="bn_relu_apply_: mean and invstd must be Double"):
+        R.bn_relu_apply_(torch.empty_like(z), z, m4.float(), m4.float() + 1, None, None)
