@@ -632,7 +632,8 @@ def test_block_saves_raw_conv_outputs_not_activations(be, stage, monkeypatch):
 
 def test_activations_rebuilt_once_per_backward(be, monkeypatch):
     """Backward rebuilds relu(bn1(z1)) once (used by conv1's mask, the chain's input and conv3's input) and each
-    chain split's output once; a retained graph rebuilds them again for the second backward, same gradients."""
+    chain split's output once; a retained graph rebuilds them again for the second backward, same gradients, also
+    after a partial backward that left some users unrun."""
     _needs_dtype(be)
     from resfast.ops import training as tops
 
@@ -645,6 +646,14 @@ def test_activations_rebuilt_once_per_backward(be, monkeypatch):
         return real(z, *a, **kw)
 
     monkeypatch.setattr(tops, "_bn_relu", counting)
+    nodes = []
+    init = tops._Rebuild.__init__
+
+    def recording(self, *a):
+        init(self, *a)
+        nodes.append(self)
+
+    monkeypatch.setattr(tops._Rebuild, "__init__", recording)
     x = _x(2, 64, 6, 5, dtype=F64, device=be.device)
     with resfast.backend(be.name):
         y = block(x)
@@ -652,10 +661,16 @@ def test_activations_rebuilt_once_per_backward(be, monkeypatch):
     g = torch.randn_like(y)
     first = torch.autograd.grad(y, [x, *block.parameters()], g, retain_graph=True)
     assert sorted(calls) == [6, 6, 6, 24], calls  # bn1 over 24 channels, three chain splits of 6
-    second = torch.autograd.grad(y, [x, *block.parameters()], g)
+    second = torch.autograd.grad(y, [x, *block.parameters()], g, retain_graph=True)
     assert len(calls) == 8
     for a, b in zip(first, second):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert len(nodes) == 2 and all(n.value is None for n in nodes)  # nothing kept after a backward pass
+    # a partial backward (conv1's backward never runs, one user of relu(bn1(z1)) unused) keeps nothing either
+    torch.autograd.grad(y, list(block.convs.parameters()), g, retain_graph=True)
+    assert len(calls) == 12 and all(n.value is None and n.left == n.users for n in nodes)
+    torch.autograd.grad(y, [x], g, retain_graph=True)
+    assert len(calls) == 16 and all(n.value is None for n in nodes), calls
     ref = copy.deepcopy(block)
     xr = x.detach().clone().requires_grad_()
     yr = ref._forward_modules(xr)

@@ -202,7 +202,9 @@ def _grad_or_zeros(g, like):
 # per-channel statistics, gamma and beta, tensors that are saved anyway. Backward rebuilds the activation once, at
 # its first use, keeps it until its last use in that backward pass, and drops it. What a Res2Net bottleneck keeps
 # for backward then is the block input, z1, the chain's raw outputs, z3 and the block output, as the training
-# issue asks ("recompute normalised activations in backward").
+# issue asks ("recompute normalised activations in backward"). One difference from eager: the recipe saves the
+# BatchNorm's beta, so changing a bias in place between forward and backward raises autograd's in-place error (as
+# changing gamma already does in eager) instead of rebuilding a different activation.
 
 
 class _Rebuild:
@@ -215,6 +217,7 @@ class _Rebuild:
         self.size = n_own + sum(n for _, n in self.children)
         self.users = self.left = 0
         self.value = None
+        self.armed = False  # a reset is queued for the end of the current backward pass
 
     def add_user(self):
         self.users += 1
@@ -246,9 +249,25 @@ class _Rebuild:
         self._used()
 
     def _used(self):
+        if not self.armed:  # the first use in this backward pass: start over when it ends, whatever ran
+            self.armed = _at_end_of_backward(self._reset)
         self.left -= 1
         if self.left <= 0:  # the last use in this backward pass: drop it (a retained graph rebuilds it again)
-            self.value, self.left = None, self.users
+            self._reset()
+
+    def _reset(self):
+        """Forget this pass: a partial backward (autograd.grad of some inputs, backward(inputs=...)) uses only some
+        of the users, so the value would otherwise stay cached and the count off for the next pass."""
+        self.value, self.left, self.armed = None, self.users, False
+
+
+def _at_end_of_backward(fn) -> bool:
+    """Run fn when the current backward pass ends; False outside one (nothing queued)."""
+    try:
+        torch.autograd.Variable._execution_engine.queue_callback(fn)
+    except RuntimeError:  # not inside a backward pass (a direct call)
+        return False
+    return True
 
 
 class _Source(NamedTuple):
