@@ -2,24 +2,14 @@
 
 from __future__ import annotations
 
-import contextlib
 from typing import Optional
 
-import torch
 from torch import Tensor, nn
 
 from .. import ops
 from ..ops.batchnorm import is_supported_bn
 from ..ops.fold import FoldCache, block_cache  # noqa: F401  (block_cache: re-exported for the blocks)
-from ..ops.training import recompute_scope
-
-
-def rebuild_scope():
-    """The context a block's fused forward runs in: its training ops rebuild the normalised activations they produce
-    in backward instead of saving them (:func:`resfast.ops.training.recompute_scope`), so what the block keeps for
-    backward is its input, the raw conv outputs, per-channel statistics and its output. A null context while
-    torch.compile traces (the compiled graph's partitioner decides what is saved)."""
-    return contextlib.nullcontext() if torch.compiler.is_compiling() else recompute_scope()
+from ..ops.training import recompute_scope  # noqa: F401  (re-exported for the blocks)
 
 
 def fusable_conv(conv: Optional[nn.Module]) -> bool:

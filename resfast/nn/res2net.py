@@ -23,7 +23,7 @@ from ._common import (
     fusable,
     fusable_conv,
     fusable_relu,
-    rebuild_scope,
+    recompute_scope,
     se_gate,
     shortcut,
 )
@@ -140,7 +140,7 @@ class Bottle2neck(nn.Module):
         if not self._fusable():
             return self._forward_modules(x)
         c = self.convs[0]
-        with rebuild_scope():  # normalised activations rebuilt in backward, not saved
+        with recompute_scope():  # normalised activations rebuilt in backward, not saved
             cache = block_cache(self)
             out = conv_bn(x, self.conv1, self.bn1, cache=cache)
             out = _chain(
@@ -248,7 +248,7 @@ class Res2NetBottleneck(nn.Module):
         if not self._fusable():
             return self._forward_modules(x)
         groups = self.conv2[0].groups if len(self.conv2) else 1
-        with rebuild_scope():  # normalised activations rebuilt in backward, not saved
+        with recompute_scope():  # normalised activations rebuilt in backward, not saved
             cache = block_cache(self)
             out = conv_bn(x, self.conv1, self.bn1, cache=cache)
             out = _chain(out, self.conv2, self.bn2, self.scales, 1, 1, groups, "paper", "normal", cache)
@@ -318,7 +318,7 @@ class Res2Block(nn.Module):
         if not self._fusable():
             return F.relu(self.residual_function(x) + self.shortcut(x))
         rf = self.residual_function
-        with rebuild_scope():  # normalised activations rebuilt in backward, not saved
+        with recompute_scope():  # normalised activations rebuilt in backward, not saved
             cache = block_cache(self)
             out = conv_bn(x, rf[0], rf[1], cache=cache)
             out = conv_bn(out, rf[3], rf[4], cache=cache)

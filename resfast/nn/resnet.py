@@ -22,7 +22,7 @@ from ._common import (
     fusable,
     fusable_relu,
     projection,
-    rebuild_scope,
+    recompute_scope,
 )
 
 
@@ -60,7 +60,7 @@ class BasicBlock(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if not (fusable((self.conv1, self.bn1), (self.conv2, self.bn2)) and fusable_relu(self.relu)):
             return self._forward_modules(x)
-        with rebuild_scope():  # normalised activations rebuilt in backward, not saved
+        with recompute_scope():  # normalised activations rebuilt in backward, not saved
             cache = block_cache(self)
             out = conv_bn(x, self.conv1, self.bn1, cache=cache)
             return conv_bn_shortcut(out, self.conv2, self.bn2, x, self.downsample, cache)
@@ -109,7 +109,7 @@ class Bottleneck(nn.Module):
         pairs = ((self.conv1, self.bn1), (self.conv2, self.bn2), (self.conv3, self.bn3))
         if not (fusable(*pairs) and fusable_relu(self.relu)):
             return self._forward_modules(x)
-        with rebuild_scope():  # normalised activations rebuilt in backward, not saved
+        with recompute_scope():  # normalised activations rebuilt in backward, not saved
             cache = block_cache(self)
             out = conv_bn(x, self.conv1, self.bn1, cache=cache)
             out = conv_bn(out, self.conv2, self.bn2, cache=cache)
@@ -153,7 +153,7 @@ class ResBlock(nn.Module):
             pairs.append((self.shortcut, self.bn3))
         if not fusable(*pairs):
             return self._forward_modules(inputs)
-        with rebuild_scope():  # normalised activations rebuilt in backward, not saved
+        with recompute_scope():  # normalised activations rebuilt in backward, not saved
             cache = block_cache(self)
             y = conv_bn(inputs, self.conv1, self.bn1, cache=cache)
             if not self.use_residual:

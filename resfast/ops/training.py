@@ -212,9 +212,8 @@ class _Rebuild:
     value between its first and last use; the ingredients are saved by each op that uses it (save_for_backward),
     so no context holds its own outputs and no reference cycle forms."""
 
-    def __init__(self, fn, n_own: int, children=()):
-        self.fn, self.n_own, self.children = fn, n_own, tuple(children)  # children: ((node or None, n_parts), ...)
-        self.size = n_own + sum(n for _, n in self.children)
+    def __init__(self, fn, children=()):
+        self.fn, self.children = fn, tuple(children)  # children: ((node or None, n_parts), ...)
         self.users = self.left = 0
         self.value = None
         self.armed = False  # a reset is queued for the end of the current backward pass
@@ -285,13 +284,15 @@ def _value(node, parts):
 _tls = threading.local()
 
 
+def recompute_scope():
+    """The context a block's fused training forward runs in: ops of this module called inside rebuild the normalised
+    activations they produce in backward instead of saving them (see above). A null context while torch.compile
+    traces (the compiled graph's partitioner decides what is saved; dynamo sees no generator)."""
+    return contextlib.nullcontext() if torch.compiler.is_compiling() else _scope_context()
+
+
 @contextlib.contextmanager
-def recompute_scope() -> Iterator[None]:
-    """Ops of this module called inside rebuild the normalised activations they produce in backward instead of
-    saving them (see above). A no-op while torch.compile traces (its partitioner decides what is saved)."""
-    if torch.compiler.is_compiling():
-        yield
-        return
+def _scope_context() -> Iterator[None]:
     stack = _tls.__dict__.setdefault("scopes", [])
     stack.append({})
     try:
@@ -343,32 +344,16 @@ def _load(ctx) -> list:
     return values
 
 
-def _channel(v: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
-    return v.to(acc).view(1, -1, 1, 1)
-
-
-def _bn_relu(z, mean, invstd, gamma, beta, out=None, ns: str = ""):
-    """``relu((z - mean) * gamma * invstd + beta)``, rounded to z's dtype, into ``out`` when given: the forward's
-    own apply pass of backend `ns` (Triton's apply kernel, the C++ ops' ``bn_relu_apply_``), so bit for bit what
-    the forward wrote; with ATen ops (the same formula in the statistics' dtype) for any other caller."""
-    acc = mean.dtype
-    scale = invstd if gamma is None else invstd * gamma.to(acc)
+def _bn_relu(z, mean, invstd, gamma, beta, ns: str, out=None):
+    """``relu((z - mean) * gamma * invstd + beta)`` into ``out`` (or a new tensor) by the forward's own apply pass of
+    backend `ns` (Triton's apply kernel, the C++ ops' ``bn_relu_apply_``): bit for bit what the forward wrote."""
     if ns == "resfast_triton":
         from ..triton import batchnorm
 
+        scale = invstd if gamma is None else invstd * gamma.to(invstd.dtype)
         return batchnorm.apply(z, mean, scale, beta, None, True, out=out)
-    if ns == "resfast":
-        out = torch.empty_like(z) if out is None else out
-        torch.ops.resfast.bn_relu_apply_(out, z, mean, invstd, gamma, beta)
-        return out
-    t = z.to(acc, copy=True)
-    t.sub_(_channel(mean, acc)).mul_(_channel(scale, acc))
-    if beta is not None:
-        t.add_(_channel(beta, acc))
-    t.clamp_(min=0)
-    if out is None:
-        return t.to(z.dtype)
-    out.copy_(t)
+    out = torch.empty_like(z) if out is None else out
+    getattr(torch.ops, ns).bn_relu_apply_(out, z, mean, invstd, gamma, beta)
     return out
 
 
@@ -378,20 +363,19 @@ def _bn_relu_source(ns, y, z, mean, invstd, gamma, beta) -> Union[torch.Tensor, 
         return y
 
     def build(z, mean, invstd, gamma, beta):
-        return _bn_relu(z, mean, invstd, gamma, beta, ns=ns)
+        return _bn_relu(z, mean, invstd, gamma, beta, ns)
 
-    return _register(y, _Source(_Rebuild(build, 5), (z, mean, invstd, gamma, beta)))
+    return _register(y, _Source(_Rebuild(build), (z, mean, invstd, gamma, beta)))
 
 
-def _chain_out_source(ns, out, x_src: _Source, Z, mean, invstd, gammas, betas, scale, stride, order, block_type):
+def _chain_out_source(ns, out, x_src: _Source, zs, mean, invstd, gammas, betas, scale, stride, order, block_type):
     """The chain's output: itself, or inside a scope a registered rebuild from its input and raw outputs."""
     if _scope() is None:
         return out
-    zs = list(Z) if isinstance(Z, (list, tuple)) else [Z]
     n_z, cl = len(zs), out.is_contiguous(memory_format=torch.channels_last)
     shape = tuple(out.shape)
     conv_splits, passthrough = chain_layout(scale, order)
-    n_g, n_b = len(gammas), len(betas)
+    n_g = len(gammas)
 
     def build(x, mean, invstd, *rest):
         zs, gs, bs = rest[:n_z], rest[n_z:n_z + n_g], rest[n_z + n_g:]
@@ -400,8 +384,8 @@ def _chain_out_source(ns, out, x_src: _Source, Z, mean, invstd, gammas, betas, s
         wd = shape[1] // scale if passthrough is not None else shape[1]
         for k, i in enumerate(conv_splits):
             z = zs[k] if n_z > 1 else zs[0].narrow(1, k * wd, wd)
-            _bn_relu(z, mean[k], invstd[k], gs[k] if gs else None, bs[k] if bs else None,
-                     out=o.narrow(1, i * wd, wd), ns=ns)
+            _bn_relu(z, mean[k], invstd[k], gs[k] if gs else None, bs[k] if bs else None, ns,
+                     out=o.narrow(1, i * wd, wd))
         if passthrough is not None:
             p = x.narrow(1, passthrough * wd, wd)
             if block_type == "stage":  # timm pools the pass-through split of a stage block (count_include_pad)
@@ -409,7 +393,7 @@ def _chain_out_source(ns, out, x_src: _Source, Z, mean, invstd, gammas, betas, s
             o.narrow(1, passthrough * wd, wd).copy_(p)
         return o
 
-    node = _Rebuild(build, 2 + n_z + n_g + n_b, ((x_src.node, len(x_src.parts)),))
+    node = _Rebuild(build, ((x_src.node, len(x_src.parts)),))
     return _register(out, _Source(node, (*x_src.parts, mean, invstd, *zs, *gammas, *betas)))
 
 
@@ -476,7 +460,7 @@ def chain_autograd(ns: str):
         _no_zero_grads(ctx)
         zs = list(Z) if isinstance(Z, (list, tuple)) else [Z]
         x_src = _source(x)
-        out_src = _chain_out_source(ns, out, x_src, Z, mean, invstd, gammas, betas, scale, stride, order, block_type)
+        out_src = _chain_out_source(ns, out, x_src, zs, mean, invstd, gammas, betas, scale, stride, order, block_type)
         _save(ctx, x_src, out_src, mean, invstd, *zs, *weights, *gammas)
         ctx.hyper = (len(zs), isinstance(Z, (list, tuple)), len(weights), scale, stride, dilation, groups, order,
                      block_type, mean_in is None, bool(biases))
