@@ -444,6 +444,16 @@ def test_converted_blocks_train_like_the_originals(be, monkeypatch):
 
     for name in ("conv_bn_relu_train", "bn_relu_conv_train", "res2net_chain_train"):
         monkeypatch.setattr(tops, name, recording(name, getattr(tops, name)))
+    from resfast.nn import res2net as r2
+
+    def recording_whole(*a, **k):
+        y = whole(*a, **k)
+        if y is not None:
+            calls.append("res2net_bottleneck_train")
+        return y
+
+    whole = r2.res2net_bottleneck_train
+    monkeypatch.setattr(r2, "res2net_bottleneck_train", recording_whole)
     # the `cpu` backend has no scale_add_relu kernel (ATen's elementwise ops on eager are as good): no SE block there
     sar_fused = be.name == "triton"
     if be.name == "triton":
@@ -485,11 +495,15 @@ def test_converted_blocks_train_like_the_originals(be, monkeypatch):
             for (_k, ba), (_, bb) in zip(orig.state_dict().items(), new.state_dict().items()):
                 torch.testing.assert_close(bb, ba, **tol)
         expected = {"res2net_chain_train", "conv_bn_relu_train"} if "bottle2neck" in name else {"conv_bn_relu_train"}
+        if "bottle2neck" in name and "-se" not in name and be.name == "triton":  # the whole-bottleneck op
+            expected = {"res2net_bottleneck_train"} | ({"conv_bn_relu_train"} if "stage" in name else set())
         if "preact" in name:
             expected = {"bn_relu_conv_train"}
         if "-se" in name and sar_fused:
             expected.add("scale_add_relu")
         assert expected <= set(calls), (name, calls)
+        if "res2net_bottleneck_train" in expected:  # and no per-op chain
+            assert "res2net_chain_train" not in calls, (name, calls)
 
 
 def test_compile_training_step_matches_eager(be):
@@ -615,10 +629,13 @@ def test_block_saves_raw_conv_outputs_not_activations(be, stage, monkeypatch):
     both save), under 0.85x for the stage block (it also saves the shortcut's raw output, as eager does).
     The training issue's goal is 0.75x of eager's whole step: benchmarks measure that."""
     from resfast.ops import training as tops
+    from resfast.ops.bottleneck import WHOLE_BLOCK
 
     block = _res2net_block(stage, be.device)
     x = _x(2, block.conv1.in_channels, 8, 8, dtype=torch.float32, device=be.device)
     with resfast.backend(be.name):
+        _, whole = _saved_bytes(lambda: block(x))
+        monkeypatch.setattr(WHOLE_BLOCK, "enabled", False)  # the per-op path
         _, fused = _saved_bytes(lambda: block(x))
         monkeypatch.setattr(tops, "_scope", lambda: None)
         _, unscoped = _saved_bytes(lambda: block(x))
@@ -628,6 +645,11 @@ def test_block_saves_raw_conv_outputs_not_activations(be, stage, monkeypatch):
     betas = block.bn1.bias.nbytes + sum(bn.bias.nbytes for bn in block.bns)
     assert unscoped - fused == y1 + out - betas, (unscoped, fused)
     assert fused < (0.85 if stage else 0.8) * eager, (fused, eager)
+    if be.name == "triton":
+        # the whole-bottleneck op keeps the same tensors, plus the pass-through split's output (its slot of Zc; the
+        # per-op chain rebuilds it from its input) and the variance and scale rows of its one statistics buffer
+        L = block.conv1.out_channels + block.width * (block.scale - 1) + block.conv3.out_channels
+        assert whole - fused == act // block.scale * 8 * 8 + 2 * L * 4, (whole, fused)
 
 
 def test_activations_rebuilt_once_per_backward(be, monkeypatch):
@@ -636,7 +658,9 @@ def test_activations_rebuilt_once_per_backward(be, monkeypatch):
     after a partial backward that left some users unrun."""
     _needs_dtype(be)
     from resfast.ops import training as tops
+    from resfast.ops.bottleneck import WHOLE_BLOCK
 
+    monkeypatch.setattr(WHOLE_BLOCK, "enabled", False)  # the per-op path (Triton's whole-bottleneck op: its own test)
     block = _res2net_block(False, be.device).double()
     calls = []
     real = tops._bn_relu

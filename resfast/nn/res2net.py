@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from .. import ops
 from ..ops.batchnorm import is_supported_bn
+from ..ops.bottleneck import res2net_bottleneck_train
 from ._common import (
     block_cache,
     conv_bn,
@@ -140,12 +141,22 @@ class Bottle2neck(nn.Module):
         if not self._fusable():
             return self._forward_modules(x)
         c = self.convs[0]
+        block_type = "stage" if self.is_first else "normal"
         with recompute_scope():  # normalised activations rebuilt in backward, not saved
             cache = block_cache(self)
+            if self.se is None and self.drop_path is None and type(self.drop_block) is nn.Identity:
+                # training with batch statistics on a backend with a whole-bottleneck op (Triton): one op, the
+                # normalised activations applied in the next conv's prologue, never written
+                y = res2net_bottleneck_train(
+                    x, self.conv1, self.bn1, self.convs, self.bns, self.conv3, self.bn3,
+                    lambda: shortcut(x, self.downsample, cache), self.scale, c.stride[0], c.dilation[0], c.groups,
+                    "timm", block_type)
+                if y is not None:
+                    return y
             out = conv_bn(x, self.conv1, self.bn1, cache=cache)
             out = _chain(
-                out, self.convs, self.bns, self.scale, c.stride[0], c.dilation[0], c.groups, "timm",
-                "stage" if self.is_first else "normal", cache,
+                out, self.convs, self.bns, self.scale, c.stride[0], c.dilation[0], c.groups, "timm", block_type,
+                cache,
             )
             out = self.drop_block(out)
             if self.se is None and self.drop_path is None:

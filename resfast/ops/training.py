@@ -491,5 +491,38 @@ def chain_autograd(ns: str):
     return setup, backward
 
 
+def bottleneck_autograd(ns: str):
+    """res2net_bottleneck_train: saves x, the weights, gammas and betas, y, the raw conv outputs (z1, Zc, z3) and the
+    statistics; its backward op rebuilds the normalised activations (relu(bn1(z1)) and the chain's output)."""
+
+    def setup(ctx, inputs, output):
+        (x, w1, gamma1, beta1, weights, gammas, betas, w3, gamma3, beta3, residual, scale, stride, dilation, groups,
+         order, block_type, eps) = inputs
+        y, z1, Zc, z3, stats = output
+        _no_zero_grads(ctx)
+        ctx.save_for_backward(x, w1, gamma1, beta1, w3, gamma3, y, z1, Zc, z3, stats, *weights, *gammas, *betas)
+        ctx.hyper = (len(weights), scale, stride, dilation, groups, order, block_type, residual is not None)
+
+    def backward(ctx, dy, dz1, dZc, dz3, dstats):
+        S, scale, stride, dilation, groups, order, block_type, has_res = ctx.hyper
+        x, w1, gamma1, beta1, w3, gamma3, y, z1, Zc, z3, stats, *rest = ctx.saved_tensors
+        weights, gammas, betas = rest[:S], rest[S:2 * S], rest[2 * S:]
+        dy = _grad_or_zeros(dy, y)
+        n = ctx.needs_input_grad
+        need_dx, need_dres = n[0], has_res and n[10]
+        g = _ops(ns).res2net_bottleneck_train_backward(
+            dy, x, w1, gamma1, beta1, list(weights), list(gammas), list(betas), w3, gamma3, y, z1, Zc, z3, stats,
+            scale, stride, dilation, groups, order, block_type, need_dx, need_dres)
+        dx, dw1, dg1, db1, dws, dgs, dbs, dw3, dg3, db3, dres = g
+        # parameters' gradients are always computed (cheap next to the convs' data gradients); autograd drops the
+        # ones nobody asked for
+        return (dx if need_dx else None, dw1, dg1, db1, list(dws), list(dgs), list(dbs), dw3, dg3, db3,
+                dres if need_dres else None) + (None,) * 7
+
+    return setup, backward
+
+
+# the ops every fused backend has (the C++ ops register these too); res2net_bottleneck_train is Triton's alone
 AUTOGRAD = {"conv_bn_train": conv_bn_autograd, "bn_relu_conv_train": bn_relu_conv_autograd,
             "res2net_chain_train": chain_autograd}
+WHOLE_BLOCK_AUTOGRAD = {"res2net_bottleneck_train": bottleneck_autograd}

@@ -38,16 +38,31 @@ from .common import _is_fake, interpreting  # noqa: F401  (re-exported: the ops'
 
 
 @triton.jit
+def _bn_relu_cols(v, mask, M_ptr, S_ptr, B_ptr, cols, c_mask, out_ty: tl.constexpr, ACC_F64: tl.constexpr):
+    """``relu((v - mean) * scale + shift)`` per column (channel), zero where ~mask (the padding stays zero),
+    rounded to ``out_ty`` as an eager BatchNorm + ReLU would store it."""
+    acc_dtype = tl.float64 if ACC_F64 else tl.float32
+    mu = tl.load(M_ptr + cols, mask=c_mask, other=0.0).to(acc_dtype)
+    sc = tl.load(S_ptr + cols, mask=c_mask, other=0.0).to(acc_dtype)
+    sh = tl.load(B_ptr + cols, mask=c_mask, other=0.0).to(acc_dtype)
+    act = tl.maximum((v.to(acc_dtype) - mu[None, :]) * sc[None, :] + sh[None, :], 0.0)
+    return tl.where(mask, act, 0.0).to(out_ty)
+
+
+@triton.jit
 def _passthrough_tile(
-    P_ptr, Q_ptr, pid_m, pid_c,
+    P_ptr, Q_ptr, QM_ptr, QS_ptr, QB_ptr, pid_m, pid_c,
     N, C, H, W, H_out, W_out,
     spn, spc, sph, spw,
     sqn, sqc, sqh, sqw,
     pool_stride,
-    POOL: tl.constexpr, ACC_F64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    POOL: tl.constexpr, PRE_BN_RELU: tl.constexpr, ACC_F64: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
     """One (BLOCK_M pixels x BLOCK_C channels) tile of Res2Net's pass-through split: a copy, or
-    AvgPool2d(3, pool_stride, padding=1) with count_include_pad=True (always divided by 9, as timm's)."""
+    AvgPool2d(3, pool_stride, padding=1) with count_include_pad=True (always divided by 9, as timm's).
+    PRE_BN_RELU: the split is first normalised, ``relu((p - QM) * QS + QB)`` (training BatchNorm of the conv before
+    the chain, whose output is then never written), each value rounded to the split's dtype before pooling."""
     offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
     offs_c = (pid_c * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)
     m_mask = offs_m < N * H_out * W_out
@@ -64,31 +79,39 @@ def _passthrough_tile(
             iw = ow * pool_stride - 1 + t % 3
             ok = m_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
             p_ptrs = P_ptr + on[:, None] * spn + offs_c[None, :] * spc + (ih * sph)[:, None] + (iw * spw)[:, None]
-            acc += tl.load(p_ptrs, mask=ok[:, None] & c_mask[None, :], other=0.0).to(acc_dtype)
+            tap_mask = ok[:, None] & c_mask[None, :]
+            v = tl.load(p_ptrs, mask=tap_mask, other=0.0)
+            if PRE_BN_RELU:
+                v = _bn_relu_cols(v, tap_mask, QM_ptr, QS_ptr, QB_ptr, offs_c, c_mask, P_ptr.dtype.element_ty,
+                                  ACC_F64)
+            acc += v.to(acc_dtype)
         val = acc / 9.0
     else:
         p_ptrs = P_ptr + on[:, None] * spn + offs_c[None, :] * spc + (oh * sph)[:, None] + (ow * spw)[:, None]
         val = tl.load(p_ptrs, mask=out_mask, other=0.0)
+        if PRE_BN_RELU:
+            val = _bn_relu_cols(val, out_mask, QM_ptr, QS_ptr, QB_ptr, offs_c, c_mask, P_ptr.dtype.element_ty,
+                                ACC_F64)
     q_ptrs = Q_ptr + on[:, None] * sqn + offs_c[None, :] * sqc + (oh * sqh)[:, None] + (ow * sqw)[:, None]
     tl.store(q_ptrs, val.to(Q_ptr.dtype.element_ty), mask=out_mask)
 
 
 @triton.jit
 def _load_input(
-    X_ptr, A_ptr, PS_ptr, PT_ptr, PC_ptr, on, cin, ih, iw, mask, c_mask,
+    X_ptr, A_ptr, PS_ptr, PT_ptr, PC_ptr, AM_ptr, AS_ptr, AB_ptr, on, cin, ih, iw, mask, c_mask,
     sxn, sxc, sxh, sxw, san, sac, sah, saw,
-    HAS_ADD: tl.constexpr, PRE_BN_RELU: tl.constexpr, ACC_F64: tl.constexpr,
+    HAS_ADD: tl.constexpr, PRE_BN_RELU: tl.constexpr, ADD_BN_RELU: tl.constexpr, ACC_F64: tl.constexpr,
 ):
     """The conv input at pixels (on, ih, iw) [rows] and channels cin [columns], zero where ~mask, with the
-    prologues: ``+ A`` (Res2Net adds the previous split's output; never stored) and ``relu(x * ps + pt)``
-    (PRE_BN_RELU 1: pre-activation with eval BatchNorm folded) or ``relu((x - pc) * ps + pt)`` (2: with batch
-    statistics); padding stays zero after it."""
+    prologues: ``relu(x * ps + pt)`` (PRE_BN_RELU 1: pre-activation with eval BatchNorm folded) or
+    ``relu((x - pc) * ps + pt)`` (2: with batch statistics), then ``+ A`` (Res2Net adds the previous split's output;
+    never stored), itself ``relu((A - am) * as + ab)`` with ADD_BN_RELU (the previous split's raw conv output and its
+    training BatchNorm: the chain's outputs are then never written). Each term is rounded to x's dtype before the
+    add, as eager stores them; padding stays zero."""
     cin = cin.to(tl.int64)
     ih = ih.to(tl.int64)
     iw = iw.to(tl.int64)
     a = tl.load(X_ptr + on[:, None] * sxn + cin[None, :] * sxc + ih * sxh + iw * sxw, mask=mask, other=0.0)
-    if HAS_ADD:
-        a += tl.load(A_ptr + on[:, None] * san + cin[None, :] * sac + ih * sah + iw * saw, mask=mask, other=0.0)
     if PRE_BN_RELU:
         acc_dtype = tl.float64 if ACC_F64 else tl.float32
         ps = tl.load(PS_ptr + cin, mask=c_mask, other=0.0).to(acc_dtype)
@@ -98,12 +121,17 @@ def _load_input(
             v -= tl.load(PC_ptr + cin, mask=c_mask, other=0.0).to(acc_dtype)[None, :]
         act = tl.maximum(v * ps[None, :] + pt[None, :], 0.0)
         a = tl.where(mask, act, 0.0).to(X_ptr.dtype.element_ty)
+    if HAS_ADD:
+        b = tl.load(A_ptr + on[:, None] * san + cin[None, :] * sac + ih * sah + iw * saw, mask=mask, other=0.0)
+        if ADD_BN_RELU:
+            b = _bn_relu_cols(b, mask, AM_ptr, AS_ptr, AB_ptr, cin, c_mask, X_ptr.dtype.element_ty, ACC_F64)
+        a += b
     return a
 
 
 @triton.jit
 def _conv_tile(
-    X_ptr, A_ptr, PS_ptr, PT_ptr, PC_ptr, W_ptr, B_ptr, R_ptr, Y_ptr, pid_m, pid_n,
+    X_ptr, A_ptr, PS_ptr, PT_ptr, PC_ptr, AM_ptr, AS_ptr, AB_ptr, W_ptr, B_ptr, R_ptr, Y_ptr, pid_m, pid_n,
     N, C_in, H, W, C_out, H_out, W_out,
     sxn, sxc, sxh, sxw,
     san, sac, sah, saw,
@@ -113,8 +141,8 @@ def _conv_tile(
     D_ptr, WD_ptr, C_d, sdn, sdc, sdh, sdw, ds_stride_h, ds_stride_w, PM_ptr, PV_ptr,
     CIN_G: tl.constexpr, COUT_G: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, G_TILE: tl.constexpr,
     DIRECT: tl.constexpr,
-    HAS_ADD: tl.constexpr, PRE_BN_RELU: tl.constexpr, HAS_RES: tl.constexpr, RELU: tl.constexpr,
-    HAS_DS: tl.constexpr, STATS: tl.constexpr, ACC_F64: tl.constexpr,
+    HAS_ADD: tl.constexpr, PRE_BN_RELU: tl.constexpr, ADD_BN_RELU: tl.constexpr, HAS_RES: tl.constexpr,
+    RELU: tl.constexpr, HAS_DS: tl.constexpr, STATS: tl.constexpr, ACC_F64: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -138,9 +166,9 @@ def _conv_tile(
             ih = oh * stride_h - pad_h + (t // KW) * dil_h
             iw = ow * stride_w - pad_w + (t % KW) * dil_w
             ok = m_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-            a = _load_input(X_ptr, A_ptr, PS_ptr, PT_ptr, PC_ptr, on, cin, ih[:, None], iw[:, None],
-                            ok[:, None] & n_mask[None, :], n_mask,
-                            sxn, sxc, sxh, sxw, san, sac, sah, saw, HAS_ADD, PRE_BN_RELU, ACC_F64)
+            a = _load_input(X_ptr, A_ptr, PS_ptr, PT_ptr, PC_ptr, AM_ptr, AS_ptr, AB_ptr, on, cin, ih[:, None],
+                            iw[:, None], ok[:, None] & n_mask[None, :], n_mask,
+                            sxn, sxc, sxh, sxw, san, sac, sah, saw, HAS_ADD, PRE_BN_RELU, ADD_BN_RELU, ACC_F64)
             # packed weights with CIN_G == 1: row t = (kh, kw), column = output channel
             wv = tl.load(W_ptr + t * C_out + cout.to(tl.int64), mask=n_mask, other=0.0)
             acc += a.to(acc_dtype) * wv.to(acc_dtype)[None, :]
@@ -167,8 +195,9 @@ def _conv_tile(
             ih = oh[:, None] * stride_h - pad_h + kh_[None, :] * dil_h
             iw = ow[:, None] * stride_w - pad_w + kw_[None, :] * dil_w
             a_mask = m_mask[:, None] & k_mask[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-            a = _load_input(X_ptr, A_ptr, PS_ptr, PT_ptr, PC_ptr, on, cin, ih, iw, a_mask, k_mask,
-                            sxn, sxc, sxh, sxw, san, sac, sah, saw, HAS_ADD, PRE_BN_RELU, ACC_F64)
+            a = _load_input(X_ptr, A_ptr, PS_ptr, PT_ptr, PC_ptr, AM_ptr, AS_ptr, AB_ptr, on, cin, ih, iw, a_mask,
+                            k_mask, sxn, sxc, sxh, sxw, san, sac, sah, saw, HAS_ADD, PRE_BN_RELU, ADD_BN_RELU,
+                            ACC_F64)
             # packed weights: [KH * KW * CIN_G, C_out], row (kh, kw, c within the group), column = output channel
             row = (kh_ * KW + kw_) * CIN_G + cl % CIN_G
             b_mask = k_mask[:, None] & n_mask[None, :]
@@ -216,7 +245,8 @@ def _conv_tile(
 
 @triton.jit
 def _conv_bn_act_fwd_kernel(
-    X_ptr, A_ptr, PS_ptr, PT_ptr, PC_ptr, W_ptr, B_ptr, R_ptr, Y_ptr, P_ptr, Q_ptr,
+    X_ptr, A_ptr, PS_ptr, PT_ptr, PC_ptr, AM_ptr, AS_ptr, AB_ptr, W_ptr, B_ptr, R_ptr, Y_ptr, P_ptr, Q_ptr,
+    QM_ptr, QS_ptr, QB_ptr,
     N, C_in, H, W, C_out, H_out, W_out,
     sxn, sxc, sxh, sxw,
     san, sac, sah, saw,
@@ -230,7 +260,8 @@ def _conv_bn_act_fwd_kernel(
     D_ptr, WD_ptr, C_d, sdn, sdc, sdh, sdw, ds_stride_h, ds_stride_w, PM_ptr, PV_ptr,
     CIN_G: tl.constexpr, COUT_G: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, G_TILE: tl.constexpr,
     DIRECT: tl.constexpr, HAS_CONV: tl.constexpr, HAS_ADD: tl.constexpr, PRE_BN_RELU: tl.constexpr,
-    HAS_RES: tl.constexpr, RELU: tl.constexpr, HAS_PT: tl.constexpr, PT_POOL: tl.constexpr, HAS_DS: tl.constexpr,
+    ADD_BN_RELU: tl.constexpr, HAS_RES: tl.constexpr, RELU: tl.constexpr, HAS_PT: tl.constexpr,
+    PT_POOL: tl.constexpr, PT_BN_RELU: tl.constexpr, HAS_DS: tl.constexpr,
     STATS: tl.constexpr, ACC_F64: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -241,17 +272,18 @@ def _conv_bn_act_fwd_kernel(
         # extra columns of the grid: Res2Net's pass-through split, copied or pooled into its output slice, so the
         # chain needs no separate launch (nor an ATen op) for it
         if HAS_PT:
-            _passthrough_tile(P_ptr, Q_ptr, pid_m, pid_n - n_conv_cols, N, C_pt, H, W, H_out, W_out,
-                              spn, spc, sph, spw, sqn, sqc, sqh, sqw, pt_stride,
-                              PT_POOL, ACC_F64, BLOCK_M, BLOCK_C)
+            _passthrough_tile(P_ptr, Q_ptr, QM_ptr, QS_ptr, QB_ptr, pid_m, pid_n - n_conv_cols, N, C_pt, H, W,
+                              H_out, W_out, spn, spc, sph, spw, sqn, sqc, sqh, sqw, pt_stride,
+                              PT_POOL, PT_BN_RELU, ACC_F64, BLOCK_M, BLOCK_C)
     elif HAS_CONV:
-        _conv_tile(X_ptr, A_ptr, PS_ptr, PT_ptr, PC_ptr, W_ptr, B_ptr, R_ptr, Y_ptr, pid_m, pid_n,
+        _conv_tile(X_ptr, A_ptr, PS_ptr, PT_ptr, PC_ptr, AM_ptr, AS_ptr, AB_ptr, W_ptr, B_ptr, R_ptr, Y_ptr, pid_m,
+                   pid_n,
                    N, C_in, H, W, C_out, H_out, W_out,
                    sxn, sxc, sxh, sxw, san, sac, sah, saw, srn, src, srh, srw, syn, syc, syh, syw,
                    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
                    D_ptr, WD_ptr, C_d, sdn, sdc, sdh, sdw, ds_stride_h, ds_stride_w, PM_ptr, PV_ptr,
-                   CIN_G, COUT_G, KH, KW, G_TILE, DIRECT, HAS_ADD, PRE_BN_RELU, HAS_RES, RELU, HAS_DS, STATS, ACC_F64,
-                   INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+                   CIN_G, COUT_G, KH, KW, G_TILE, DIRECT, HAS_ADD, PRE_BN_RELU, ADD_BN_RELU, HAS_RES, RELU, HAS_DS,
+                   STATS, ACC_F64, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
 
 
 def pack_weight(weight: Tensor, scale: Optional[Tensor], dtype: torch.dtype) -> Tensor:
@@ -317,12 +349,14 @@ def _projection_launch_args(proj: Optional[Projection], like: Tensor, N: int, C_
 class PassThrough(NamedTuple):
     """Res2Net's pass-through split, done by extra programs of a conv launch: ``dst = src`` (pool False, stride 1)
     or ``dst = avg_pool2d(src, 3, stride, padding=1)`` with count_include_pad (pool True). Both (N, C, ., .),
-    any strides (``dst`` is typically a channel slice of the chain's output)."""
+    any strides (``dst`` is typically a channel slice of the chain's output). ``pre``: (mean, scale, shift), each
+    (C,), normalises ``src`` first: ``relu((src - mean) * scale + shift)`` (training BatchNorm + ReLU)."""
 
     src: Tensor
     dst: Tensor
     pool: bool
     stride: int
+    pre: Optional[tuple[Tensor, Tensor, Tensor]] = None
 
 
 def _check_passthrough(pt: Optional[PassThrough], M: int, H_out: int, W_out: int) -> None:
@@ -343,18 +377,29 @@ def _check_passthrough(pt: Optional[PassThrough], M: int, H_out: int, W_out: int
                          f"launch's {H_out}x{W_out} output pixels")
     if src.dtype != dst.dtype or src.device != dst.device:
         raise ValueError("pass-through src and dst must have the same dtype and device")
+    _check_channel_vectors("pass-through pre", pt.pre, C, src)
+
+
+def _check_channel_vectors(what: str, vecs: Optional[tuple[Tensor, ...]], C: int, like: Tensor) -> None:
+    """A prologue's per-channel (mean, scale, shift): three contiguous (C,) tensors on like's device."""
+    if vecs is None:
+        return
+    if len(vecs) != 3 or any(v.dim() != 1 or v.shape[0] != C or not v.is_contiguous() or v.device != like.device
+                             for v in vecs):
+        raise ValueError(f"{what} must be three contiguous ({C},) tensors (mean, scale, shift) on {like.device}")
 
 
 def _passthrough_launch_args(pt: Optional[PassThrough], like: Tensor):
     """The kernel arguments of the pass-through programs (checked by _check_passthrough), and how many grid
     columns they take."""
     if pt is None:
-        return dict(P=like, Q=like, C_pt=0, sp=(0, 0, 0, 0), sq=(0, 0, 0, 0), stride=1, cols=0, BLOCK_C=16,
-                    pool=False)
+        return dict(P=like, Q=like, pre=(like, like, like), C_pt=0, sp=(0, 0, 0, 0), sq=(0, 0, 0, 0), stride=1,
+                    cols=0, BLOCK_C=16, pool=False, bn=False)
     C = int(pt.src.shape[1])
     block_c = max(16, min(64, triton.next_power_of_2(C)))
-    return dict(P=pt.src, Q=pt.dst, C_pt=C, sp=pt.src.stride(), sq=pt.dst.stride(), stride=pt.stride,
-                cols=triton.cdiv(C, block_c), BLOCK_C=block_c, pool=bool(pt.pool))
+    return dict(P=pt.src, Q=pt.dst, pre=pt.pre if pt.pre is not None else (like, like, like), C_pt=C,
+                sp=pt.src.stride(), sq=pt.dst.stride(), stride=pt.stride, cols=triton.cdiv(C, block_c),
+                BLOCK_C=block_c, pool=bool(pt.pool), bn=pt.pre is not None)
 
 
 # Autotuning: a few tile shapes per conv shape, benchmarked once per key on the GPU (Triton's autotuner caches
@@ -370,7 +415,7 @@ CONFIGS = [
 # the shape and the structure of the launch; Triton adds every tensor's dtype
 AUTOTUNE_KEY = ["N", "C_in", "H", "W", "C_out", "H_out", "W_out", "stride_h", "stride_w", "dil_h", "dil_w", "C_pt",
                 "C_d", "CIN_G", "COUT_G", "KH", "KW", "G_TILE", "DIRECT", "HAS_CONV", "HAS_ADD", "PRE_BN_RELU",
-                "HAS_PT", "HAS_DS", "STATS"]
+                "ADD_BN_RELU", "HAS_PT", "PT_BN_RELU", "HAS_DS", "STATS"]
 
 
 def _prune_configs(configs, named_args, **kwargs):
@@ -428,14 +473,14 @@ def passthrough_fwd(pt: PassThrough) -> None:
     x = pt.src
     _launch(
         M, p["cols"],
-        x, x, x, x, x, x, x, x, x, p["P"], p["Q"],
+        x, x, x, x, x, x, x, x, x, x, x, x, p["P"], p["Q"], *p["pre"],
         N, 0, H, W, 0, H_out, W_out,
         *(0,) * 16, 1, 1, 0, 0, 1, 1,
         0, p["C_pt"], *p["sp"], *p["sq"], p["stride"],
         **_projection_launch_args(None, x, N, 0, H_out, W_out), PM_ptr=x, PV_ptr=x,
         CIN_G=1, COUT_G=1, KH=1, KW=1, G_TILE=1, DIRECT=False,
-        HAS_CONV=False, HAS_ADD=False, PRE_BN_RELU=False, HAS_RES=False, RELU=False, HAS_PT=True, PT_POOL=p["pool"],
-        HAS_DS=False, STATS=False,
+        HAS_CONV=False, HAS_ADD=False, PRE_BN_RELU=False, ADD_BN_RELU=False, HAS_RES=False, RELU=False, HAS_PT=True,
+        PT_POOL=p["pool"], PT_BN_RELU=p["bn"], HAS_DS=False, STATS=False,
         ACC_F64=x.dtype == torch.float64, INPUT_PRECISION=None,
         BLOCK_N=16, BLOCK_C=p["BLOCK_C"],
     )
@@ -456,6 +501,7 @@ def conv_bn_act_fwd(
     pre_scale: Optional[Tensor] = None,
     pre_shift: Optional[Tensor] = None,
     pre_mean: Optional[Tensor] = None,
+    add_pre: Optional[tuple[Tensor, Tensor, Tensor]] = None,
     passthrough: Optional[PassThrough] = None,
     projection: Optional[Projection] = None,
     stats: Optional[tuple[Tensor, Tensor]] = None,
@@ -464,7 +510,8 @@ def conv_bn_act_fwd(
     ``bias`` (C_out,) the folded shift (plus the projection's); ``add`` (x's shape) is added to x while loading;
     writes ``out`` (any strides, e.g. a channel slice of a larger tensor) or returns a new channels_last tensor.
     ``pre_scale``/``pre_shift`` (C_in,) apply ``relu(x * pre_scale + pre_shift)`` to the input as it is loaded,
-    ``relu((x - pre_mean) * pre_scale + pre_shift)`` with ``pre_mean`` (training statistics).
+    ``relu((x - pre_mean) * pre_scale + pre_shift)`` with ``pre_mean`` (training statistics); ``add_pre`` (mean,
+    scale, shift), each (C_in,), normalises ``add`` the same way before it is added (to the normalised x).
     ``passthrough`` (same output pixels) is copied/pooled by extra programs of the same launch; ``projection``
     (a 1x1 shortcut conv, same output pixels) is added to the accumulator before the bias, residual and ReLU.
     ``stats`` (two (cdiv(M, STATS_BLOCK_M), C_out) buffers, batchnorm.new_partials) receive the per-tile mean and
@@ -484,6 +531,9 @@ def conv_bn_act_fwd(
         y = out
     if add is not None and tuple(add.shape) != tuple(x.shape):
         raise ValueError(f"add has shape {tuple(add.shape)}, expected the input's {tuple(x.shape)}")
+    if add_pre is not None and add is None:
+        raise ValueError("add_pre normalises `add`: pass add too")
+    _check_channel_vectors("add_pre", add_pre, C_in, x)
     M = N * H_out * W_out
     _check_passthrough(passthrough, M, H_out, W_out)
     d = _projection_launch_args(projection, x, N, C_out, H_out, W_out)
@@ -505,9 +555,10 @@ def conv_bn_act_fwd(
     ps = pre_scale if pre else bias
     pt = pre_shift if pre else bias
     pc = pre_mean if pre_mean is not None else ps
+    am, as_, ab = add_pre if add_pre is not None else (bias, bias, bias)
     _launch(
         M, n_conv_cols + p["cols"],
-        x, a, ps, pt, pc, w_packed, bias, r, y, p["P"], p["Q"],
+        x, a, ps, pt, pc, am, as_, ab, w_packed, bias, r, y, p["P"], p["Q"], *p["pre"],
         N, C_in, H, W, C_out, H_out, W_out,
         *x.stride(), *a.stride(), *r.stride(), *y.stride(),
         stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
@@ -515,8 +566,9 @@ def conv_bn_act_fwd(
         **d, PM_ptr=pm, PV_ptr=pv,
         CIN_G=cin_g, COUT_G=cout_g, KH=kh, KW=kw, G_TILE=g_tile, DIRECT=direct,
         HAS_CONV=C_out > 0, HAS_ADD=add is not None, PRE_BN_RELU=(2 if pre_mean is not None else 1) if pre else 0,
-        HAS_RES=residual is not None, RELU=relu,
-        HAS_PT=passthrough is not None, PT_POOL=p["pool"], HAS_DS=projection is not None and d["C_d"] > 0,
+        ADD_BN_RELU=add_pre is not None, HAS_RES=residual is not None, RELU=relu,
+        HAS_PT=passthrough is not None, PT_POOL=p["pool"], PT_BN_RELU=p["bn"],
+        HAS_DS=projection is not None and d["C_d"] > 0,
         STATS=stats is not None,
         ACC_F64=x.dtype == torch.float64,
         # fp32 follows cuDNN's TF32 switch, as nn.Conv2d does; other dtypes take Triton's default

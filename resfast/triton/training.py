@@ -16,6 +16,12 @@ autograd with ``register_autograd``.
   one ``Z`` tensor with statistics partials; ``finalize``; the apply pass writes the split's output straight into
   its slice of the chain's output (no split copies, no cat). The pass-through split rides on the first conv launch.
   Returns ``(out, Z, mean, invstd, var)``, statistics stacked (convs, width).
+* ``res2net_bottleneck_train``: a whole Res2Net bottleneck in training (every BatchNorm with batch statistics):
+  conv1's raw output and statistics, the chain's convs applying bn1 + ReLU (and the previous split's BatchNorm +
+  ReLU before the add) to their input tiles as they load them, conv3 applying the chain's BatchNorms + ReLU in its
+  prologue, one apply pass for bn3 + residual + ReLU. No normalised activation is written; its backward op carries
+  every BatchNorm (bn1's statistics depend on conv1's output, so no per-op split can do this). Called by the blocks
+  through resfast/ops/bottleneck.py.
 * ``bn_running_update``: running buffers updated in place (mutates its arguments; no autograd).
 
 Autograd (what is saved, which backward op runs) is resfast/ops/training.py's, shared with the C++ ops.
@@ -37,7 +43,7 @@ from torch import Tensor
 from torch.library import triton_op
 
 from ..ops._args import chain_layout
-from ..ops.training import AUTOGRAD
+from ..ops.training import AUTOGRAD, WHOLE_BLOCK_AUTOGRAD
 from . import batchnorm as B
 from .common import _is_fake, interpreting
 from .conv import PassThrough, conv_bn_act_fwd, pack_weight, passthrough_fwd
@@ -277,6 +283,155 @@ def _res2net_chain_train_backward(dout: Tensor, x: Tensor, out: Tensor, Z: Tenso
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# the whole Res2Net bottleneck: conv1 -> BN -> ReLU -> chain -> conv3 -> BN (-> + residual) -> ReLU, with each
+# normalised activation applied in the next conv's prologue (never written)
+
+
+def _stat_rows(stats: Tensor, lo: int, hi: int) -> tuple[Tensor, ...]:
+    """The four contiguous (hi - lo,) rows (mean, invstd, var, scale) of a (4, L) statistics buffer's columns."""
+    return tuple(stats[j, lo:hi] for j in range(4))
+
+
+def _res2net_bottleneck_train(x: Tensor, w1: Tensor, gamma1: Tensor, beta1: Tensor, weights: list[Tensor],
+                              gammas: list[Tensor], betas: list[Tensor], w3: Tensor, gamma3: Tensor, beta3: Tensor,
+                              residual: Optional[Tensor], scale: int, stride: int, dilation: int, groups: int,
+                              order: str, block_type: str, eps: list[float]
+                              ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``relu(bn3(conv3(chain(relu(bn1(conv1(x)))))) + residual)`` with batch statistics for every BatchNorm, the
+    1x1 convs w1 (C, C_in, 1, 1) and w3 (C_out, C, 1, 1) without bias, the chain as res2net_chain_train (no conv
+    bias). ``eps``: bn1's, the chain's, bn3's. Returns (y, z1, Zc, z3, stats):
+
+    * z1 = conv1(x) raw, written by the conv with its statistics partials; never normalised in memory: the chain's
+      convs apply bn1 + ReLU to their input tiles as they load them, the pass-through split's programs too;
+    * Zc (N, C, H', W'): each chain conv's raw output in its split's slot (a normal block's next conv adds
+      ``relu(bn(.))`` of it in its prologue), the pass-through split's output (copied or pooled, normalised) in its
+      slot: what the chain's output would be before its BatchNorms;
+    * z3 = conv3 of Zc with the chain's BatchNorms + ReLU in its prologue (identity on the pass-through slot, which
+      is already normalised and >= 0), with statistics partials; one apply pass writes y;
+    * stats (4, C + convs * width + C_out): mean, invstd, unbiased var and scale = gamma * invstd of bn1, the chain's
+      BatchNorms, bn3 (fp32, fp64 for float64).
+
+    The only activations written are z1, Zc, z3 and y, and those are all backward keeps (with x and the statistics).
+    """
+    dt = x.dtype
+    stat = _stat_dtype(dt)
+    N, _, H, W = x.shape
+    C, C_out = w1.shape[0], w3.shape[0]
+    z1 = torch.empty((N, C, H, W), device=x.device, dtype=dt, memory_format=torch.channels_last)
+    conv_splits, passthrough, wd, H2, W2, split = _chain_geometry(z1, scale, order, stride)
+    S = len(conv_splits)
+    L = C + S * wd + C_out
+    stats = torch.empty((4, L), device=x.device, dtype=stat)
+    s1, s3 = _stat_rows(stats, 0, C), _stat_rows(stats, C + S * wd, L)
+    sc = [_stat_rows(stats, C + k * wd, C + (k + 1) * wd) for k in range(S)]
+    one = (1, 1)
+    # conv1, its statistics
+    p1 = B.new_partials(N * H * W, C, x)
+    conv_bn_act_fwd(x, pack_weight(w1, None, dt), torch.zeros(C, device=x.device, dtype=stat), one, (0, 0), one, 1,
+                    relu=False, out=z1, stats=p1)
+    B.finalize(*p1, N * H * W, gamma1, eps[0], outs=s1)
+    b1 = beta1.to(stat)
+    bcs = [b.to(stat) for b in betas]
+
+    def bn1(i: int) -> tuple[Tensor, Tensor, Tensor]:  # (mean, scale, shift) of bn1 over split i
+        lo, hi = (i * wd, (i + 1) * wd) if passthrough is not None else (0, C)
+        return s1[0][lo:hi], s1[3][lo:hi], b1[lo:hi]
+
+    # the chain: conv k reads relu(bn1(z1_i)) (+ relu(bn_{k-1}(Zc_{i-1})) in a normal block) as it loads
+    Zc = torch.empty((N, C, H2, W2), device=x.device, dtype=dt, memory_format=torch.channels_last)
+    M2 = N * H2 * W2
+    pt = None
+    if passthrough is not None:
+        pt = PassThrough(split(z1, passthrough), split(Zc, passthrough), pool=block_type == "stage", stride=stride,
+                         pre=bn1(passthrough))
+    s, d = (stride, stride), (dilation, dilation)
+    zero_wd = torch.zeros(wd, device=x.device, dtype=stat)
+    for k, i in enumerate(conv_splits):
+        m, sc_, sh = bn1(i)
+        chained = block_type == "normal" and k > 0
+        prev = conv_splits[k - 1] if chained else None
+        p = B.new_partials(M2, wd, x)
+        conv_bn_act_fwd(split(z1, i), pack_weight(weights[k], None, dt), zero_wd, s, d, d, groups, relu=False,
+                        pre_scale=sc_, pre_shift=sh, pre_mean=m,
+                        add=split(Zc, prev) if chained else None,
+                        add_pre=(sc[k - 1][0], sc[k - 1][3], bcs[k - 1]) if chained else None,
+                        out=split(Zc, i), passthrough=pt, stats=p)
+        B.finalize(*p, M2, gammas[k], eps[1 + k], outs=sc[k])
+        pt = None
+    if pt is not None:  # no conv (paper order, scale 1): the caller does not send such a block here
+        passthrough_fwd(pt)
+    # conv3 with the chain's BatchNorms + ReLU in its prologue: per channel of Zc, identity on the pass-through slot
+    pm3 = torch.zeros(C, device=x.device, dtype=stat)
+    ps3 = torch.ones(C, device=x.device, dtype=stat)
+    pb3 = torch.zeros(C, device=x.device, dtype=stat)
+    for k, i in enumerate(conv_splits):
+        lo = i * wd if passthrough is not None else 0
+        pm3[lo:lo + wd] = sc[k][0]
+        ps3[lo:lo + wd] = sc[k][3]
+        pb3[lo:lo + wd] = bcs[k]
+    z3 = torch.empty((N, C_out, H2, W2), device=x.device, dtype=dt, memory_format=torch.channels_last)
+    p3 = B.new_partials(M2, C_out, x)
+    conv_bn_act_fwd(Zc, pack_weight(w3, None, dt), torch.zeros(C_out, device=x.device, dtype=stat), one, (0, 0),
+                    one, 1, relu=False, pre_scale=ps3, pre_shift=pb3, pre_mean=pm3, out=z3, stats=p3)
+    B.finalize(*p3, M2, gamma3, eps[-1], outs=s3)
+    y = B.apply(z3, s3[0], s3[3], beta3, residual, True)
+    return y, z1, Zc, z3, stats
+
+
+def _chain_out_from(Zc: Tensor, stats: Tensor, betas: list[Tensor], C: int, scale: int, order: str) -> Tensor:
+    """The chain's output (conv3's input) rebuilt from Zc by the apply kernel, bit for bit what conv3's prologue
+    computed."""
+    conv_splits, passthrough, wd, _, _, split = _chain_geometry(Zc, scale, order, 1)
+    a = torch.empty_like(Zc, memory_format=torch.channels_last)
+    for k, i in enumerate(conv_splits):
+        m, _, _, sc = _stat_rows(stats, C + k * wd, C + (k + 1) * wd)
+        B.apply(split(Zc, i), m, sc, betas[k], None, True, out=split(a, i))
+    if passthrough is not None:
+        split(a, passthrough).copy_(split(Zc, passthrough))
+    return a
+
+
+def _res2net_bottleneck_train_backward(dy: Tensor, x: Tensor, w1: Tensor, gamma1: Tensor, beta1: Tensor,
+                                       weights: list[Tensor], gammas: list[Tensor], betas: list[Tensor], w3: Tensor,
+                                       gamma3: Tensor, y: Tensor, z1: Tensor, Zc: Tensor, z3: Tensor, stats: Tensor,
+                                       scale: int, stride: int, dilation: int, groups: int, order: str,
+                                       block_type: str, need_dx: bool, need_dres: bool
+                                       ) -> tuple[Tensor, Tensor, Tensor, Tensor, list[Tensor], list[Tensor],
+                                                  list[Tensor], Tensor, Tensor, Tensor, Tensor]:
+    """Gradients (dx, dw1, dgamma1, dbeta1, dweights, dgammas, dbetas, dw3, dgamma3, dbeta3, dresidual) of
+    res2net_bottleneck_train (dx and dresidual empty unless asked for). In reverse: bn3 (+ ReLU) backward from y's
+    mask; conv3's gradients with the chain's output rebuilt from Zc; the chain's backward
+    (_res2net_chain_train_backward) into the gradient of bn1's activation, rebuilt from z1; bn1 (+ ReLU) backward;
+    conv1's gradients. Each BatchNorm's backward runs once, over the whole gradient reaching it."""
+    C = w1.shape[0]
+    conv_splits, _, wd, _, _, _ = _chain_geometry(z1, scale, order, stride)
+    S = len(conv_splits)
+    L = stats.shape[1]
+    m1, i1, _, sc1 = _stat_rows(stats, 0, C)
+    m3, i3, _, _ = _stat_rows(stats, C + S * wd, L)
+    one, zero = [1, 1], [0, 0]
+    dz3, dg3, db3, dres = B.backward(dy, None, y, z3, m3, i3, gamma3, True, need_dweight=True, need_dres=need_dres)
+    a3 = _chain_out_from(Zc, stats, betas, C, scale, order)
+    da3, dw3, _ = torch.ops.aten.convolution_backward(dz3, a3, w3, None, one, zero, one, False, zero, 1,
+                                                      [True, True, False])
+    del dz3
+    a1 = B.apply(z1, m1, sc1, beta1, None, True)
+    mc = stats[0, C:C + S * wd].view(S, wd)
+    ic = stats[1, C:C + S * wd].view(S, wd)
+    da1, dws, _, dgs, dbs = _res2net_chain_train_backward(
+        da3, a1, a3, Zc.narrow(1, conv_splits[0] * wd, S * wd), weights, gammas, mc, ic, scale,
+        stride, dilation, groups, order, block_type, True, False, True, True, False, True, True)
+    del a3, da3
+    dz1, dg1, db1, _ = B.backward(da1, None, a1, z1, m1, i1, gamma1, True, need_dweight=True, need_dres=False)
+    del a1, da1
+    dx, dw1, _ = torch.ops.aten.convolution_backward(dz1, x, w1, None, one, zero, one, False, zero, 1,
+                                                     [need_dx, True, False])
+    gdt = gamma1.dtype
+    return (dx if need_dx else _empty(x), dw1, dg1.to(gdt), db1.to(gdt), dws, dgs, dbs, dw3, dg3.to(gdt),
+            db3.to(gdt), dres if dres is not None else _empty(z3))
+
+
+# ---------------------------------------------------------------------------------------------------------------
 
 
 def _bn_running_update(running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor, factor: float) -> None:
@@ -288,16 +443,18 @@ FORWARD = {
     "conv_bn_train": _conv_bn_train,
     "bn_relu_conv_train": _bn_relu_conv_train,
     "res2net_chain_train": _res2net_chain_train,
+    "res2net_bottleneck_train": _res2net_bottleneck_train,
 }
 BACKWARD = {
     "conv_bn_train_backward": _conv_bn_train_backward,
     "bn_relu_conv_train_backward": _bn_relu_conv_train_backward,
     "res2net_chain_train_backward": _res2net_chain_train_backward,
+    "res2net_bottleneck_train_backward": _res2net_bottleneck_train_backward,
 }
 OPS = {}
 for _name, _fn in FORWARD.items():
     OPS[_name] = triton_op(f"resfast_triton::{_name}", _fn, mutates_args=())
-    _setup, _bwd = AUTOGRAD[_name]("resfast_triton")
+    _setup, _bwd = {**AUTOGRAD, **WHOLE_BLOCK_AUTOGRAD}[_name]("resfast_triton")
     OPS[_name].register_autograd(_bwd, setup_context=_setup)
 for _name, _fn in BACKWARD.items():
     OPS[_name] = triton_op(f"resfast_triton::{_name}", _fn, mutates_args=())

@@ -1,0 +1,98 @@
+"""A whole Res2Net bottleneck in one training op, where the backend has one (Triton: res2net_bottleneck_train).
+
+Per op, a block's training forward writes each normalised activation (``relu(bn1(conv1(x)))``, the chain's split
+outputs and the chain's output) for the next op to read. One op over the whole bottleneck applies each BatchNorm +
+ReLU in the next convolution's prologue instead, so those activations are never written; its backward carries bn1
+(whose statistics depend on conv1's output) and rebuilds the activations from the raw conv outputs it saved.
+
+:func:`res2net_bottleneck_train` is what a block calls first: it returns None when the whole-block op does not
+apply (another backend, a BatchNorm with running statistics or synchronised, a conv with a bias, a 1x1 conv that is
+not plain, autocast, a batch too small for statistics), and the block then runs its per-op path, which checks and
+reports everything as usual. ``RESFAST_WHOLE_BLOCK=0`` (or ``WHOLE_BLOCK.enabled = False``) turns it off, e.g. to
+compare the two paths.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from . import dispatch
+from ._args import prepare_conv_bn_relu
+from .batchnorm import as_bn_params, is_supported_bn, resolve_bn
+from .checks import check_residual, needs_batch_stats
+from .training import _update_running, compute_dtype
+
+
+class _Switch:
+    enabled = os.environ.get("RESFAST_WHOLE_BLOCK", "1").strip() != "0"
+
+
+WHOLE_BLOCK = _Switch()
+OP = "resfast.res2net_bottleneck"
+
+
+def _batch_stats_bn(bn: nn.Module) -> bool:
+    """An affine nn.BatchNorm2d that normalises with this batch's statistics on this process alone."""
+    if not is_supported_bn(bn):
+        return False
+    p = as_bn_params(bn)
+    return (not p.frozen and p.process_group is None and needs_batch_stats(p, bn.training)
+            and p.weight is not None and p.bias is not None)
+
+
+def _plain_1x1(conv: nn.Conv2d) -> bool:
+    return (conv.kernel_size == (1, 1) and conv.stride == (1, 1) and tuple(conv.padding) == (0, 0)
+            and conv.dilation == (1, 1) and conv.groups == 1)
+
+
+def _applies(x: Tensor, conv1, bn1, convs, bns, conv3, bn3, stride: int) -> bool:
+    if (not WHOLE_BLOCK.enabled or not isinstance(x, Tensor) or x.dim() != 4 or len(convs) == 0
+            or x.device.type not in ("cpu", "cuda")):
+        return False
+    if not all(_batch_stats_bn(b) for b in (bn1, *bns, bn3)):
+        return False
+    if compute_dtype(x) != x.dtype:  # autocast: the per-op path reproduces eager's casts
+        return False
+    if any(c.bias is not None for c in (conv1, *convs, conv3)) or not (_plain_1x1(conv1) and _plain_1x1(conv3)):
+        return False
+    N, _, H, W = x.shape
+    H2, W2 = (H - 1) // stride + 1, (W - 1) // stride + 1
+    if N * H * W <= 1 or N * H2 * W2 <= 1:  # the per-op path raises nn.BatchNorm2d's error
+        return False
+    args = prepare_conv_bn_relu(x, conv1.weight, bn1, None, 1, 0, 1, 1, bn1.training, True, None)
+    return dispatch.select("conv_bn_relu", args).name == "triton"
+
+
+def res2net_bottleneck_train(x: Tensor, conv1: nn.Conv2d, bn1: nn.Module, convs: Sequence[nn.Conv2d],
+                             bns: Sequence[nn.Module], conv3: nn.Conv2d, bn3: nn.Module,
+                             residual: Callable[[], Tensor], scale: int, stride: int, dilation: int, groups: int,
+                             order: str, block_type: str) -> Optional[Tensor]:
+    """``relu(bn3(conv3(chain(relu(bn1(conv1(x)))))) + residual())`` through the backend's whole-block op, every
+    BatchNorm with batch statistics (running buffers updated exactly as nn.BatchNorm2d); None, without touching
+    anything, when that op does not apply (see the module's docstring). ``residual`` is called only when it does."""
+    if not _applies(x, conv1, bn1, convs, bns, conv3, bn3, stride):
+        return None
+    from ..triton import training as _registered  # noqa: F401  (registers torch.ops.resfast_triton)
+
+    res = residual()
+    N, _, H, W = x.shape
+    out_shape = (N, conv3.out_channels, (H - 1) // stride + 1, (W - 1) // stride + 1)
+    check_residual(OP, x, res, out_shape)
+    if res.dtype != x.dtype:
+        raise ValueError(f"{OP}: the residual has dtype {res.dtype}, the input {x.dtype}")
+    rs = [resolve_bn(as_bn_params(b), b.training) for b in (bn1, *bns, bn3)]
+    ns = torch.ops.resfast_triton
+    y, _, _, _, stats = ns.res2net_bottleneck_train(
+        x, conv1.weight.to(x.dtype), rs[0].weight, rs[0].bias, [c.weight.to(x.dtype) for c in convs],
+        [r.weight for r in rs[1:-1]], [r.bias for r in rs[1:-1]], conv3.weight.to(x.dtype), rs[-1].weight, rs[-1].bias, res, scale, stride, dilation, groups,
+        order, block_type, [r.eps for r in rs])
+    lo = 0
+    for r in rs:
+        C = r.weight.shape[0]
+        _update_running(ns, r, stats[0, lo:lo + C], stats[2, lo:lo + C])
+        lo += C
+    return y

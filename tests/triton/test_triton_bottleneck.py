@@ -1,0 +1,332 @@
+"""The whole-bottleneck training op (resfast_triton::res2net_bottleneck_train, resfast/ops/bottleneck.py): each
+BatchNorm + ReLU applied in the next conv's prologue, the normalised activations never written.
+
+Against eager timm Bottle2neck modules over several SGD steps (outputs, every gradient, running statistics), bit for
+bit against the per-op path's intermediates (so what backward rebuilds is what the prologues computed), float64
+gradcheck, opcheck, what the forward writes, and when the blocks fall back to the per-op path."""
+
+import copy
+
+import pytest
+import torch
+from helpers import TRITON_DEVICE, TRITON_INTERPRET, assert_fused_close, needs_triton_runtime
+from torch import nn
+
+import resfast
+from resfast.ops import bottleneck
+
+pytest.importorskip("triton")
+timm_res2net = pytest.importorskip("timm.models.res2net")
+pytestmark = needs_triton_runtime
+DEVICE = TRITON_DEVICE
+F64 = torch.float64
+DTYPES = [torch.float32, F64] if TRITON_INTERPRET else [torch.float32]
+
+
+def _tol(dtype):
+    return dict(rtol=1e-9, atol=1e-9) if dtype == F64 else dict(rtol=1e-4, atol=1e-4)
+
+
+def _randomize(block: nn.Module, seed: int = 0) -> nn.Module:
+    """Negative and positive gammas, shifted betas, non-trivial running statistics."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in block.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                if m.weight is not None:
+                    m.weight.copy_(torch.rand(m.weight.shape, generator=g) * 3 - 1.5)
+                    m.bias.copy_(torch.rand(m.bias.shape, generator=g) - 0.5)
+                if m.running_mean is not None:
+                    m.running_mean.copy_(torch.rand(m.running_mean.shape, generator=g) - 0.5)
+                    m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+    return block
+
+
+def _block(stage: bool, scale: int = 4, cardinality: int = 1, dilation: int = 1, stride: int = 2, planes: int = 4,
+           **bn_kw):
+    """A timm Bottle2neck converted to resfast's; `stage`: the first block of a stage (strided, downsample). Width
+    per split floor(planes * 26 / 64) * cardinality."""
+    norm = (lambda c, **kw: nn.BatchNorm2d(c, **bn_kw, **kw)) if bn_kw else nn.BatchNorm2d
+    out = planes * 4
+    if stage:
+        down = nn.Sequential(nn.Conv2d(8, out, 1, stride=stride, bias=False), norm(out))
+        block = timm_res2net.Bottle2neck(8, planes, stride=stride, downsample=down, base_width=26, scale=scale,
+                                         cardinality=cardinality, dilation=dilation, norm_layer=norm)
+    else:
+        block = timm_res2net.Bottle2neck(out, planes, base_width=26, scale=scale, cardinality=cardinality,
+                                         dilation=dilation, norm_layer=norm)
+    return resfast.convert(_randomize(block)).to(DEVICE)
+
+
+def _count_whole(monkeypatch):
+    """A list that gets True each time a block ran the whole-bottleneck op, False when it fell back."""
+    from resfast.nn import res2net as r2
+
+    ran, real = [], r2.res2net_bottleneck_train
+
+    def counting(*a, **k):
+        y = real(*a, **k)
+        ran.append(y is not None)
+        return y
+
+    monkeypatch.setattr(r2, "res2net_bottleneck_train", counting)
+    return ran
+
+
+BLOCKS = [
+    dict(stage=False),
+    dict(stage=True),
+    dict(stage=True, stride=1),                      # a stage block without stride: pooled pass-through, stride 1
+    dict(stage=False, scale=3, cardinality=2),       # Res2NeXt
+    dict(stage=False, scale=1),                      # one conv over the whole width, no pass-through
+    dict(stage=True, scale=5, dilation=2),
+    dict(stage=False, momentum=None),                # cumulative moving average
+    dict(stage=True, track_running_stats=False),
+]
+
+
+@pytest.mark.parametrize("cfg", BLOCKS, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
+def test_block_trains_like_eager(cfg, monkeypatch):
+    """Three SGD steps (momentum) of a converted block through the whole op vs the same block's module path, in
+    float64 (the interpreter; float32 on a GPU): output, input and parameter gradients, running statistics and
+    num_batches_tracked; the last step's grad_output is expanded (the backward of .sum())."""
+    dtype = DTYPES[-1]
+    ran = _count_whole(monkeypatch)
+    new = _block(**cfg).to(dtype).train()
+    orig = copy.deepcopy(new)
+    opt_a = torch.optim.SGD(orig.parameters(), lr=0.1, momentum=0.9)
+    opt_b = torch.optim.SGD(new.parameters(), lr=0.1, momentum=0.9)
+    tol = _tol(dtype)
+    for step in range(3):
+        x = torch.randn(2, new.conv1.in_channels, 7, 6, dtype=dtype, device=DEVICE)
+        x = x.contiguous(memory_format=torch.channels_last)
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ya = orig._forward_modules(xa)
+        with resfast.backend("triton"):
+            yb = new(xb)
+        assert ran[-1] is True
+        torch.testing.assert_close(yb, ya, **tol)
+        if step < 2:
+            g = torch.randn_like(ya)
+            ya.backward(g)
+            yb.backward(g)
+        else:
+            ya.sum().backward()
+            yb.sum().backward()
+        torch.testing.assert_close(xb.grad, xa.grad, **tol)
+        for (k, pa), (_, pb) in zip(orig.named_parameters(), new.named_parameters()):
+            torch.testing.assert_close(pb.grad, pa.grad, **tol, msg=lambda m, k=k: f"step {step}, {k}: {m}")
+        opt_a.step()
+        opt_b.step()
+        opt_a.zero_grad()
+        opt_b.zero_grad()
+        for (k, ba), (_, bb) in zip(orig.state_dict().items(), new.state_dict().items()):
+            torch.testing.assert_close(bb, ba, **tol, msg=lambda m, k=k: f"step {step}, {k}: {m}")
+
+
+@pytest.mark.parametrize("stage", [False, True], ids=["normal", "stage"])
+def test_block_float32_accuracy(stage, monkeypatch):
+    """float32: output and every gradient within the project's rule, err(fused) <= 2 err(eager float32) + floor,
+    both against the float64 module path."""
+    ran = _count_whole(monkeypatch)
+    new = _block(stage=stage, planes=8).train()  # 3 channels per split
+    ref32, ref64 = copy.deepcopy(new), copy.deepcopy(new).double()
+    x = torch.randn(4, new.conv1.in_channels, 9, 8, device=DEVICE).contiguous(memory_format=torch.channels_last)
+    outs = []
+    for m, xx, fused in ((new, x, True), (ref32, x, False), (ref64, x.double(), False)):
+        xx = xx.clone().requires_grad_()
+        with resfast.backend("triton"):
+            y = m(xx) if fused else m._forward_modules(xx)
+        g = torch.linspace(-1, 1, y.numel(), dtype=y.dtype, device=DEVICE).reshape(y.shape)
+        y.backward(g)
+        outs.append([y.detach(), xx.grad] + [p.grad for p in m.parameters()])
+    assert ran == [True]
+    for fused, eager, ref in zip(*outs):
+        assert_fused_close(fused, eager, ref, floor=1e-5)
+
+
+def test_zero_init_last(monkeypatch):
+    """timm's zero_init_last (bn3's gamma = 0): the block is relu(x + beta3) exactly, gradients as eager's, bn3's
+    gamma still gets its gradient."""
+    ran = _count_whole(monkeypatch)
+    new = _block(stage=False).double().train()
+    new.zero_init_last()
+    orig = copy.deepcopy(new)
+    x = torch.randn(2, 16, 5, 6, dtype=F64, device=DEVICE).contiguous(memory_format=torch.channels_last)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    with resfast.backend("triton"):
+        yb = new(xb)
+    ya = orig._forward_modules(xa)
+    assert ran == [True]
+    torch.testing.assert_close(yb, torch.relu(x + new.bn3.bias.detach().reshape(1, -1, 1, 1)), rtol=0, atol=0)
+    g = torch.randn_like(ya)
+    ya.backward(g)
+    yb.backward(g)
+    torch.testing.assert_close(xb.grad, xa.grad, rtol=1e-9, atol=1e-9)
+    for (k, pa), (_, pb) in zip(orig.named_parameters(), new.named_parameters()):
+        torch.testing.assert_close(pb.grad, pa.grad, rtol=1e-9, atol=1e-9, msg=lambda m, k=k: f"{k}: {m}")
+    assert new.bn3.weight.grad.abs().sum() > 0
+
+
+def _op_inputs(dtype, scale=4, S=None, wd=3, cin=8, cout=10, groups=1, requires_grad=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    S = scale - 1 if S is None else S
+    C = scale * wd if scale > 1 else wd
+
+    def r(*shape, lo=-1.0, hi=1.0):
+        t = (torch.rand(*shape, generator=g, dtype=dtype) * (hi - lo) + lo).to(DEVICE)
+        return t.requires_grad_(requires_grad)
+
+    def gamma(n):  # away from zero, both signs
+        t = torch.rand(n, generator=g, dtype=dtype) + 0.5
+        t = t * torch.where(torch.rand(n, generator=g) < 0.3, -1.0, 1.0).to(dtype)
+        return t.to(DEVICE).requires_grad_(requires_grad)
+
+    x = r(2, cin, 5, 4).contiguous(memory_format=torch.channels_last).detach().requires_grad_(requires_grad)
+    return dict(x=x, w1=r(C, cin, 1, 1), gamma1=gamma(C), beta1=r(C, lo=-0.5, hi=0.5),
+                weights=[r(wd, wd // groups, 3, 3) for _ in range(S)], gammas=[gamma(wd) for _ in range(S)],
+                betas=[r(wd, lo=-0.5, hi=0.5) for _ in range(S)], w3=r(cout, C, 1, 1), gamma3=gamma(cout),
+                beta3=r(cout, lo=-0.5, hi=0.5))
+
+
+def _call(inp, residual, scale, stride, dilation, groups, order, block_type):
+    from resfast.triton import training  # noqa: F401  (registers the ops)
+
+    S = len(inp["weights"])
+    return torch.ops.resfast_triton.res2net_bottleneck_train(
+        inp["x"], inp["w1"], inp["gamma1"], inp["beta1"], inp["weights"], inp["gammas"], inp["betas"], inp["w3"],
+        inp["gamma3"], inp["beta3"], residual, scale, stride, dilation, groups, order, block_type, [1e-5] * (S + 2))
+
+
+OP_CASES = [  # scale, order, block_type, stride, groups
+    (4, "timm", "normal", 1, 1),
+    (4, "timm", "stage", 2, 1),
+    (3, "paper", "normal", 1, 1),
+    (3, "paper", "stage", 1, 3),
+    (1, "timm", "stage", 2, 1),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("scale,order,block_type,stride,groups", OP_CASES)
+def test_bit_for_bit_the_per_op_path(scale, order, block_type, stride, groups, dtype):
+    """z1, the chain's raw outputs, z3, the statistics and y equal the per-op Triton ops' (conv_bn_train,
+    res2net_chain_train, conv_bn_train with the residual) exactly: each prologue computes, and rounds, what the
+    apply pass of the per-op path writes, so the activations backward rebuilds with that apply pass are the ones
+    the forward's convolutions read."""
+    from resfast.triton import training  # noqa: F401
+
+    ns = torch.ops.resfast_triton
+    S = scale - 1 if (order == "paper" or scale > 1) else 1
+    inp = _op_inputs(dtype, scale=scale, S=S, wd=3 * groups, groups=groups)
+    C = inp["w1"].shape[0]
+    H2, W2 = (5 - 1) // stride + 1, (4 - 1) // stride + 1
+    res = torch.randn(2, 10, H2, W2, dtype=dtype, device=DEVICE).contiguous(memory_format=torch.channels_last)
+    y, z1, Zc, z3, stats = _call(inp, res, scale, stride, 1, groups, order, block_type)
+    one, zero = [1, 1], [0, 0]
+    a1, z1_ref, m1, i1, v1 = ns.conv_bn_train(inp["x"], inp["w1"], None, inp["gamma1"], inp["beta1"], None, None,
+                                              None, one, zero, one, 1, True, 1e-5)
+    out, Z, mc, ic, vc = ns.res2net_chain_train(a1, inp["weights"], [], inp["gammas"], inp["betas"], None, None,
+                                                scale, stride, 1, groups, order, block_type, [1e-5] * S)
+    y_ref, z3_ref, m3, i3, v3 = ns.conv_bn_train(out, inp["w3"], None, inp["gamma3"], inp["beta3"], res, None, None,
+                                                 one, zero, one, 1, True, 1e-5)
+    wd = Z.shape[1] // S
+    first = (1 if order == "paper" else 0) * wd if scale > 1 else 0
+    assert torch.equal(z1, z1_ref)
+    assert torch.equal(Zc.narrow(1, first, S * wd), Z)
+    assert torch.equal(z3, z3_ref)
+    assert torch.equal(y, y_ref)
+    for row, ref in ((0, (m1, mc.flatten(), m3)), (1, (i1, ic.flatten(), i3)), (2, (v1, vc.flatten(), v3))):
+        assert torch.equal(stats[row], torch.cat(ref)), row
+    if scale > 1:  # the pass-through slot holds the chain output's pass-through split
+        p = 0 if order == "paper" else (scale - 1) * wd
+        assert torch.equal(Zc.narrow(1, p, wd), out.narrow(1, p, wd))
+    assert C == Zc.shape[1]
+
+
+@pytest.mark.skipif(not TRITON_INTERPRET, reason="float64 gradcheck runs under the interpreter")
+@pytest.mark.parametrize("scale,order,block_type,stride,groups", OP_CASES[:3] + OP_CASES[4:])
+def test_gradcheck(scale, order, block_type, stride, groups):
+    """float64 gradcheck of the op's every differentiable input (x, the weights, gammas, betas, the residual)."""
+    S = scale - 1 if (order == "paper" or scale > 1) else 1
+    inp = _op_inputs(F64, scale=scale, S=S, wd=2 * groups, cin=3, cout=4, groups=groups, requires_grad=True)
+    H2, W2 = (5 - 1) // stride + 1, (4 - 1) // stride + 1
+    res = torch.randn(2, 4, H2, W2, dtype=F64, device=DEVICE, requires_grad=True)
+    names = list(inp)
+
+    def f(*flat):
+        d, k = {}, 0
+        for name in names:
+            if isinstance(inp[name], list):
+                d[name] = list(flat[k:k + S])
+                k += S
+            else:
+                d[name] = flat[k]
+                k += 1
+        return _call(d, flat[k], scale, stride, 1, groups, order, block_type)[0]
+
+    flat = [t for name in names for t in (inp[name] if isinstance(inp[name], list) else [inp[name]])] + [res]
+    assert torch.autograd.gradcheck(f, flat, eps=1e-6, atol=1e-6, rtol=1e-5, fast_mode=True)
+
+
+def test_opcheck():
+    """torch.library.opcheck: schema, fake (meta) kernel, autograd registration."""
+    inp = _op_inputs(F64 if TRITON_INTERPRET else torch.float32, requires_grad=True)
+    S = len(inp["weights"])
+    args = (inp["x"], inp["w1"], inp["gamma1"], inp["beta1"], inp["weights"], inp["gammas"], inp["betas"], inp["w3"],
+            inp["gamma3"], inp["beta3"], None, 4, 1, 1, 1, "timm", "normal", [1e-5] * (S + 2))
+    from resfast.triton import training
+
+    torch.library.opcheck(training.OPS["res2net_bottleneck_train"], args)
+
+
+def test_forward_writes_no_normalised_activation(monkeypatch):
+    """In the forward, conv1 and every chain conv write raw outputs only: one apply pass (bn3 + residual + ReLU into
+    y), 2 + convs conv launches, each BatchNorm's statistics once."""
+    from resfast.triton import batchnorm, conv
+
+    block = _block(stage=False).train()
+    x = torch.randn(2, 16, 5, 6, device=DEVICE).contiguous(memory_format=torch.channels_last)
+    applies, launches = [], []
+    real_apply, real_launch = batchnorm.apply, conv._launch
+    monkeypatch.setattr(batchnorm, "apply", lambda *a, **k: applies.append(1) or real_apply(*a, **k))
+    monkeypatch.setattr(conv, "_launch", lambda *a, **k: launches.append(k) or real_launch(*a, **k))
+    ran = _count_whole(monkeypatch)
+    with resfast.backend("triton"):
+        y = block(x)
+    assert ran == [True]
+    assert len(applies) == 1
+    assert len(launches) == 2 + len(block.convs)
+    # conv1 plain; the chain convs normalise their input (and, after the first, add the previous split's)
+    assert [(k["PRE_BN_RELU"], k["ADD_BN_RELU"], k["STATS"]) for k in launches] == (
+        [(0, False, True), (2, False, True)] + [(2, True, True)] * (len(block.convs) - 1) + [(2, False, True)])
+    assert launches[1]["HAS_PT"] and launches[1]["PT_BN_RELU"]
+    y.sum().backward()  # backward rebuilds relu(bn1(z1)) and the chain's output: more apply passes
+    assert len(applies) > 1
+
+
+def test_falls_back_to_the_per_op_path(monkeypatch):
+    """The whole op only where it reproduces the block: otherwise the block's per-op path runs (and matches eager)."""
+    ran = _count_whole(monkeypatch)
+    x = torch.randn(2, 16, 5, 6, device=DEVICE).contiguous(memory_format=torch.channels_last)
+
+    def run(block, backend="triton", **ctx):
+        ran.clear()
+        with resfast.backend(backend):
+            return block(x), list(ran)
+
+    block = _block(stage=False).train()
+    assert run(block)[1] == [True]
+    assert run(copy.deepcopy(block).eval())[1] == [False]            # running statistics
+    assert run(block, "eager")[1] == [False]                           # another backend
+    biased = copy.deepcopy(block)
+    biased.convs[0].bias = nn.Parameter(torch.zeros(biased.width, device=DEVICE))
+    assert run(biased)[1] == [False]                                   # a conv bias
+    no_affine = copy.deepcopy(block)
+    no_affine.bn3.weight = None
+    no_affine.bn3.bias = None
+    y, r = run(no_affine)
+    assert r == [False]
+    torch.testing.assert_close(y, no_affine._forward_modules(x), rtol=1e-4, atol=1e-4)
+    monkeypatch.setattr(bottleneck.WHOLE_BLOCK, "enabled", False)
+    assert run(block)[1] == [False]                                    # switched off
