@@ -445,6 +445,7 @@ def test_converted_blocks_train_like_the_originals(be, monkeypatch):
     for name in ("conv_bn_relu_train", "bn_relu_conv_train", "res2net_chain_train"):
         monkeypatch.setattr(tops, name, recording(name, getattr(tops, name)))
     from resfast.nn import res2net as r2
+    from resfast.nn import resnet as rn
 
     def recording_whole(*a, **k):
         y = whole(*a, **k)
@@ -453,7 +454,8 @@ def test_converted_blocks_train_like_the_originals(be, monkeypatch):
         return y
 
     whole = r2.res2net_bottleneck_train
-    monkeypatch.setattr(r2, "res2net_bottleneck_train", recording_whole)
+    for mod in (r2, rn):
+        monkeypatch.setattr(mod, "res2net_bottleneck_train", recording_whole)
     # the `cpu` backend has no scale_add_relu kernel (ATen's elementwise ops on eager are as good): no SE block there
     sar_fused = be.name == "triton"
     if be.name == "triton":
@@ -495,8 +497,10 @@ def test_converted_blocks_train_like_the_originals(be, monkeypatch):
             for (_k, ba), (_, bb) in zip(orig.state_dict().items(), new.state_dict().items()):
                 torch.testing.assert_close(bb, ba, **tol)
         expected = {"res2net_chain_train", "conv_bn_relu_train"} if "bottle2neck" in name else {"conv_bn_relu_train"}
-        if "bottle2neck" in name and "-se" not in name and be.name == "triton":  # the whole-bottleneck op
-            expected = {"res2net_bottleneck_train"} | ({"conv_bn_relu_train"} if "stage" in name else set())
+        if ("bottle2neck" in name and "-se" not in name or "torchvision-bottleneck" in name) and be.name == "triton":
+            # the whole-bottleneck op (and the downsample's conv_bn_relu op)
+            expected = {"res2net_bottleneck_train"} | ({"conv_bn_relu_train"} if "stage" in name or "down" in name
+                                                       else set())
         if "preact" in name:
             expected = {"bn_relu_conv_train"}
         if "-se" in name and sar_fused:

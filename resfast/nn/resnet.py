@@ -12,6 +12,7 @@ from typing import Callable, Optional
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..ops.bottleneck import res2net_bottleneck_train
 from ._common import (
     block_cache,
     conv1x1,
@@ -23,6 +24,7 @@ from ._common import (
     fusable_relu,
     projection,
     recompute_scope,
+    shortcut,
 )
 
 
@@ -111,6 +113,14 @@ class Bottleneck(nn.Module):
             return self._forward_modules(x)
         with recompute_scope():  # normalised activations rebuilt in backward, not saved
             cache = block_cache(self)
+            c2 = self.conv2
+            # training with batch statistics on a backend with a whole-bottleneck op (Triton): the Res2Net op with
+            # scale 1 (one 3x3 conv over the whole width), each BatchNorm + ReLU in the next conv's prologue
+            y = res2net_bottleneck_train(x, self.conv1, self.bn1, [c2], [self.bn2], self.conv3, self.bn3,
+                                         lambda: shortcut(x, self.downsample, cache), 1, c2.stride[0],
+                                         c2.dilation[0], c2.groups, "timm", "stage")
+            if y is not None:
+                return y
             out = conv_bn(x, self.conv1, self.bn1, cache=cache)
             out = conv_bn(out, self.conv2, self.bn2, cache=cache)
             return conv_bn_shortcut(out, self.conv3, self.bn3, x, self.downsample, cache)

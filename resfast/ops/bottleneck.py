@@ -1,5 +1,8 @@
 """A whole Res2Net bottleneck in one training op, where the backend has one (Triton: res2net_bottleneck_train).
 
+A ResNet/ResNeXt bottleneck (torchvision's: conv1 1x1, conv2 3x3 with the stride and groups, conv3 1x1) is the
+same op with scale 1: one conv over the whole width, no pass-through split.
+
 Per op, a block's training forward writes each normalised activation (``relu(bn1(conv1(x)))``, the chain's split
 outputs and the chain's output) for the next op to read. One op over the whole bottleneck applies each BatchNorm +
 ReLU in the next convolution's prologue instead, so those activations are never written; its backward carries bn1
@@ -49,7 +52,15 @@ def _plain_1x1(conv: nn.Conv2d) -> bool:
             and conv.dilation == (1, 1) and conv.groups == 1)
 
 
-def _applies(x: Tensor, conv1, bn1, convs, bns, conv3, bn3, stride: int) -> bool:
+def _chain_convs(convs, scale: int, stride: int, dilation: int, groups: int) -> bool:
+    """The chain's convs are what the op computes: 3x3, the given stride and dilation in both dimensions, padding =
+    dilation, the given groups."""
+    return all(c.kernel_size == (3, 3) and c.stride == (stride, stride) and c.dilation == (dilation, dilation)
+               and tuple(c.padding) == (dilation, dilation) and c.groups == groups for c in convs)
+
+
+def _applies(x: Tensor, conv1, bn1, convs, bns, conv3, bn3, stride: int, dilation: int, groups: int,
+             scale: int) -> bool:
     if (not WHOLE_BLOCK.enabled or not isinstance(x, Tensor) or x.dim() != 4 or len(convs) == 0
             or x.device.type not in ("cpu", "cuda")):
         return False
@@ -58,6 +69,8 @@ def _applies(x: Tensor, conv1, bn1, convs, bns, conv3, bn3, stride: int) -> bool
     if compute_dtype(x) != x.dtype:  # autocast: the per-op path reproduces eager's casts
         return False
     if any(c.bias is not None for c in (conv1, *convs, conv3)) or not (_plain_1x1(conv1) and _plain_1x1(conv3)):
+        return False
+    if not _chain_convs(convs, scale, stride, dilation, groups):
         return False
     N, _, H, W = x.shape
     H2, W2 = (H - 1) // stride + 1, (W - 1) // stride + 1
@@ -71,10 +84,11 @@ def res2net_bottleneck_train(x: Tensor, conv1: nn.Conv2d, bn1: nn.Module, convs:
                              bns: Sequence[nn.Module], conv3: nn.Conv2d, bn3: nn.Module,
                              residual: Callable[[], Tensor], scale: int, stride: int, dilation: int, groups: int,
                              order: str, block_type: str) -> Optional[Tensor]:
-    """``relu(bn3(conv3(chain(relu(bn1(conv1(x)))))) + residual())`` through the backend's whole-block op, every
+    """``relu(bn3(conv3(chain(relu(bn1(conv1(x)))))) + residual())`` (the chain: resfast.ops.res2net_chain with
+    ``convs``/``bns``, 3x3 with padding = dilation) through the backend's whole-block op, every
     BatchNorm with batch statistics (running buffers updated exactly as nn.BatchNorm2d); None, without touching
     anything, when that op does not apply (see the module's docstring). ``residual`` is called only when it does."""
-    if not _applies(x, conv1, bn1, convs, bns, conv3, bn3, stride):
+    if not _applies(x, conv1, bn1, convs, bns, conv3, bn3, stride, dilation, groups, scale):
         return None
     from ..triton import training as _registered  # noqa: F401  (registers torch.ops.resfast_triton)
 
@@ -88,8 +102,8 @@ def res2net_bottleneck_train(x: Tensor, conv1: nn.Conv2d, bn1: nn.Module, convs:
     ns = torch.ops.resfast_triton
     y, _, _, _, stats = ns.res2net_bottleneck_train(
         x, conv1.weight.to(x.dtype), rs[0].weight, rs[0].bias, [c.weight.to(x.dtype) for c in convs],
-        [r.weight for r in rs[1:-1]], [r.bias for r in rs[1:-1]], conv3.weight.to(x.dtype), rs[-1].weight, rs[-1].bias, res, scale, stride, dilation, groups,
-        order, block_type, [r.eps for r in rs])
+        [r.weight for r in rs[1:-1]], [r.bias for r in rs[1:-1]], conv3.weight.to(x.dtype), rs[-1].weight,
+        rs[-1].bias, res, scale, stride, dilation, groups, order, block_type, [r.eps for r in rs])
     lo = 0
     for r in rs:
         C = r.weight.shape[0]

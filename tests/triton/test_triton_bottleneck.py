@@ -58,18 +58,20 @@ def _block(stage: bool, scale: int = 4, cardinality: int = 1, dilation: int = 1,
     return resfast.convert(_randomize(block)).to(DEVICE)
 
 
-def _count_whole(monkeypatch):
-    """A list that gets True each time a block ran the whole-bottleneck op, False when it fell back."""
-    from resfast.nn import res2net as r2
+def _count_whole(monkeypatch, module="res2net"):
+    """A list that gets True each time a block of resfast.nn.<module> ran the whole-bottleneck op, False when it
+    fell back."""
+    import importlib
 
-    ran, real = [], r2.res2net_bottleneck_train
+    mod = importlib.import_module(f"resfast.nn.{module}")
+    ran, real = [], mod.res2net_bottleneck_train
 
     def counting(*a, **k):
         y = real(*a, **k)
         ran.append(y is not None)
         return y
 
-    monkeypatch.setattr(r2, "res2net_bottleneck_train", counting)
+    monkeypatch.setattr(mod, "res2net_bottleneck_train", counting)
     return ran
 
 
@@ -85,21 +87,17 @@ BLOCKS = [
 ]
 
 
-@pytest.mark.parametrize("cfg", BLOCKS, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
-def test_block_trains_like_eager(cfg, monkeypatch):
-    """Three SGD steps (momentum) of a converted block through the whole op vs the same block's module path, in
-    float64 (the interpreter; float32 on a GPU): output, input and parameter gradients, running statistics and
-    num_batches_tracked; the last step's grad_output is expanded (the backward of .sum())."""
-    dtype = DTYPES[-1]
-    ran = _count_whole(monkeypatch)
-    new = _block(**cfg).to(dtype).train()
+def _steps_like_eager(new: nn.Module, ran: list, dtype, cl: bool = True) -> None:
+    """Three SGD steps (momentum) of converted block `new` through the whole op (`ran`: _count_whole's list) against a
+    copy's module path: output, input and parameter gradients, running statistics and num_batches_tracked; the
+    last step's grad_output is expanded (the backward of .sum())."""
     orig = copy.deepcopy(new)
     opt_a = torch.optim.SGD(orig.parameters(), lr=0.1, momentum=0.9)
     opt_b = torch.optim.SGD(new.parameters(), lr=0.1, momentum=0.9)
     tol = _tol(dtype)
     for step in range(3):
         x = torch.randn(2, new.conv1.in_channels, 7, 6, dtype=dtype, device=DEVICE)
-        x = x.contiguous(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last) if cl else x
         xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
         ya = orig._forward_modules(xa)
         with resfast.backend("triton"):
@@ -115,13 +113,22 @@ def test_block_trains_like_eager(cfg, monkeypatch):
             yb.sum().backward()
         torch.testing.assert_close(xb.grad, xa.grad, **tol)
         for (k, pa), (_, pb) in zip(orig.named_parameters(), new.named_parameters()):
-            torch.testing.assert_close(pb.grad, pa.grad, **tol, msg=lambda m, k=k: f"step {step}, {k}: {m}")
+            torch.testing.assert_close(pb.grad, pa.grad, **tol, msg=lambda m, k=k, s=step: f"step {s}, {k}: {m}")
         opt_a.step()
         opt_b.step()
         opt_a.zero_grad()
         opt_b.zero_grad()
         for (k, ba), (_, bb) in zip(orig.state_dict().items(), new.state_dict().items()):
-            torch.testing.assert_close(bb, ba, **tol, msg=lambda m, k=k: f"step {step}, {k}: {m}")
+            torch.testing.assert_close(bb, ba, **tol, msg=lambda m, k=k, s=step: f"step {s}, {k}: {m}")
+
+
+@pytest.mark.parametrize("cfg", BLOCKS, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
+def test_block_trains_like_eager(cfg, monkeypatch):
+    """A converted timm Bottle2neck through the whole op, three SGD steps against its module path, in float64 (the
+    interpreter; float32 on a GPU)."""
+    dtype = DTYPES[-1]
+    ran = _count_whole(monkeypatch)
+    _steps_like_eager(_block(**cfg).to(dtype).train(), ran, dtype)
 
 
 @pytest.mark.parametrize("stage", [False, True], ids=["normal", "stage"])
@@ -330,3 +337,19 @@ def test_falls_back_to_the_per_op_path(monkeypatch):
     torch.testing.assert_close(y, no_affine._forward_modules(x), rtol=1e-4, atol=1e-4)
     monkeypatch.setattr(bottleneck.WHOLE_BLOCK, "enabled", False)
     assert run(block)[1] == [False]                                    # switched off
+
+
+@pytest.mark.parametrize("cfg", [dict(stride=1, groups=1, down=False), dict(stride=2, groups=4, down=True),
+                                 dict(stride=1, groups=2, down=True, dilation=2)],
+                         ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
+def test_resnet_bottleneck_trains_like_eager(cfg, monkeypatch):
+    """torchvision's Bottleneck (ResNet, ResNeXt) runs as the same op with scale 1 (one grouped, strided 3x3 conv
+    over the whole width): three SGD steps against its module path, float64 (float32 on a GPU)."""
+    tv = pytest.importorskip("torchvision.models.resnet")
+    dtype = DTYPES[-1]
+    ran = _count_whole(monkeypatch, "resnet")
+    down = nn.Sequential(nn.Conv2d(8, 16, 1, stride=cfg["stride"], bias=False), nn.BatchNorm2d(16))
+    block = tv.Bottleneck(8 if cfg["down"] else 16, 4, stride=cfg["stride"], groups=cfg["groups"], base_width=32,
+                          dilation=cfg.get("dilation", 1), downsample=down if cfg["down"] else None)
+    # NCHW input: the op reads any strides and writes channels_last, as the per-op path
+    _steps_like_eager(resfast.convert(_randomize(block)).to(DEVICE, dtype).train(), ran, dtype, cl=False)
