@@ -38,14 +38,19 @@ from .common import _is_fake, interpreting  # noqa: F401  (re-exported: the ops'
 
 
 @triton.jit
-def _bn_relu_cols(v, mask, M_ptr, S_ptr, B_ptr, cols, c_mask, out_ty: tl.constexpr, ACC_F64: tl.constexpr):
-    """``relu((v - mean) * scale + shift)`` per column (channel), zero where ~mask (the padding stays zero),
-    rounded to ``out_ty`` as an eager BatchNorm + ReLU would store it."""
+def _bn_relu_cols(v, mask, M_ptr, S_ptr, B_ptr, cols, c_mask, out_ty: tl.constexpr, ACC_F64: tl.constexpr,
+                  HAS_MEAN: tl.constexpr = True):
+    """``relu((v - mean) * scale + shift)`` per column (channel) (``relu(v * scale + shift)`` without HAS_MEAN: eval
+    BatchNorm folded), zero where ~mask (the padding stays zero), rounded to ``out_ty`` as an eager BatchNorm + ReLU
+    would store it. (v - mean) * scale + shift as F.batch_norm computes it: v * scale + (shift - mean * scale)
+    cancels catastrophically when |mean| is much larger than the spread."""
     acc_dtype = tl.float64 if ACC_F64 else tl.float32
-    mu = tl.load(M_ptr + cols, mask=c_mask, other=0.0).to(acc_dtype)
     sc = tl.load(S_ptr + cols, mask=c_mask, other=0.0).to(acc_dtype)
     sh = tl.load(B_ptr + cols, mask=c_mask, other=0.0).to(acc_dtype)
-    act = tl.maximum((v.to(acc_dtype) - mu[None, :]) * sc[None, :] + sh[None, :], 0.0)
+    x = v.to(acc_dtype)
+    if HAS_MEAN:
+        x -= tl.load(M_ptr + cols, mask=c_mask, other=0.0).to(acc_dtype)[None, :]
+    act = tl.maximum(x * sc[None, :] + sh[None, :], 0.0)
     return tl.where(mask, act, 0.0).to(out_ty)
 
 
@@ -113,14 +118,8 @@ def _load_input(
     iw = iw.to(tl.int64)
     a = tl.load(X_ptr + on[:, None] * sxn + cin[None, :] * sxc + ih * sxh + iw * sxw, mask=mask, other=0.0)
     if PRE_BN_RELU:
-        acc_dtype = tl.float64 if ACC_F64 else tl.float32
-        ps = tl.load(PS_ptr + cin, mask=c_mask, other=0.0).to(acc_dtype)
-        pt = tl.load(PT_ptr + cin, mask=c_mask, other=0.0).to(acc_dtype)
-        v = a.to(acc_dtype)
-        if PRE_BN_RELU == 2:  # training statistics: (x - mean) * scale + beta, as F.batch_norm computes it
-            v -= tl.load(PC_ptr + cin, mask=c_mask, other=0.0).to(acc_dtype)[None, :]
-        act = tl.maximum(v * ps[None, :] + pt[None, :], 0.0)
-        a = tl.where(mask, act, 0.0).to(X_ptr.dtype.element_ty)
+        a = _bn_relu_cols(a, mask, PC_ptr, PS_ptr, PT_ptr, cin, c_mask, X_ptr.dtype.element_ty, ACC_F64,
+                          PRE_BN_RELU == 2)
     if HAS_ADD:
         b = tl.load(A_ptr + on[:, None] * san + cin[None, :] * sac + ih * sah + iw * saw, mask=mask, other=0.0)
         if ADD_BN_RELU:
