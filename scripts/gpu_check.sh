@@ -32,8 +32,8 @@ $PY -m resfast.bench --out-dir "$OUT/results" --providers eager resfast resfast-
 $PY -m resfast.bench --mode train --batch 128 --models res2net50_26w_4s resnext50_32x4d resnetv2_50 \
   --providers eager resfast-triton resfast-cuda compile --out-dir "$OUT/results" > "$OUT/bench_train.txt" 2>&1
 echo "bench train rc=$?" | tee -a "$OUT/summary.txt"; tail -12 "$OUT/bench_train.txt"
-# the same Res2Net training step without the whole-bottleneck op (the per-op Triton path), for the comparison
-RESFAST_WHOLE_BLOCK=0 $PY -m resfast.bench --mode train --batch 128 --models res2net50_26w_4s \
+# the same Res2Net and ResNetV2 training steps without the whole-block ops (the per-op Triton path), for the comparison
+RESFAST_WHOLE_BLOCK=0 $PY -m resfast.bench --mode train --batch 128 --models res2net50_26w_4s resnetv2_50 \
   --providers resfast-triton --out-dir "$OUT/results-per-op" > "$OUT/bench_train_per_op.txt" 2>&1
 echo "bench train per-op rc=$?" | tee -a "$OUT/summary.txt"; tail -4 "$OUT/bench_train_per_op.txt"
 $PY benchmarks/bench_ops.py --quick --out-dir "$OUT/results" > "$OUT/bench_ops.txt" 2>&1; echo "bench_ops rc=$?" | tee -a "$OUT/summary.txt"

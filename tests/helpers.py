@@ -122,3 +122,60 @@ def block_through(backend: str, block: nn.Module, x: torch.Tensor):
         with resfast.backend(backend):
             out = fused(x)
     return out, ref
+
+
+def randomize_bn_signed(block: nn.Module, seed: int = 0) -> nn.Module:
+    """Negative and positive gammas, shifted betas, non-trivial running statistics (every nn.BatchNorm2d,
+    timm's BatchNormAct2d included)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in block.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                if m.weight is not None:
+                    m.weight.copy_(torch.rand(m.weight.shape, generator=g) * 3 - 1.5)
+                    m.bias.copy_(torch.rand(m.bias.shape, generator=g) - 0.5)
+                if m.running_mean is not None:
+                    m.running_mean.copy_(torch.rand(m.running_mean.shape, generator=g) - 0.5)
+                    m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+    return block
+
+
+def train_steps_like_module_path(new: nn.Module, ran: list, dtype, cl: bool = True, steps: int = 3,
+                                 size: tuple[int, int] = (7, 6)) -> None:
+    """SGD steps (momentum) of converted block `new` on the Triton backend against a copy's ``_forward_modules``:
+    output, input and parameter gradients, running statistics and num_batches_tracked, at 1e-9 in float64 (1e-4
+    otherwise). ``ran``: a list the caller's hook appends True to each time the whole-block op ran (asserted for
+    every step). The last step's grad_output is expanded (the backward of .sum())."""
+    import copy
+
+    import resfast
+
+    orig = copy.deepcopy(new)
+    opt_a = torch.optim.SGD(orig.parameters(), lr=0.1, momentum=0.9)
+    opt_b = torch.optim.SGD(new.parameters(), lr=0.1, momentum=0.9)
+    tol = dict(rtol=1e-9, atol=1e-9) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-4)
+    for step in range(steps):
+        x = torch.randn(2, new.conv1.in_channels, *size, dtype=dtype, device=TRITON_DEVICE)
+        x = x.contiguous(memory_format=torch.channels_last) if cl else x
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ya = orig._forward_modules(xa)
+        with resfast.backend("triton"):
+            yb = new(xb)
+        assert ran[-1] is True
+        torch.testing.assert_close(yb, ya, **tol)
+        if step < steps - 1:
+            g = torch.randn_like(ya)
+            ya.backward(g)
+            yb.backward(g)
+        else:
+            ya.sum().backward()
+            yb.sum().backward()
+        torch.testing.assert_close(xb.grad, xa.grad, **tol)
+        for (k, pa), (_, pb) in zip(orig.named_parameters(), new.named_parameters()):
+            torch.testing.assert_close(pb.grad, pa.grad, **tol, msg=lambda m, k=k, s=step: f"step {s}, {k}: {m}")
+        opt_a.step()
+        opt_b.step()
+        opt_a.zero_grad()
+        opt_b.zero_grad()
+        for (k, ba), (_, bb) in zip(orig.state_dict().items(), new.state_dict().items()):
+            torch.testing.assert_close(bb, ba, **tol, msg=lambda m, k=k, s=step: f"step {s}, {k}: {m}")

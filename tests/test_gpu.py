@@ -217,6 +217,39 @@ def test_res2net_bottleneck_training_real_shape(stage, dtype, backend):
         assert_fused_close(out, eager, ref, floor=1e-2)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("stage", [False, True], ids=["identity", "downsample"])
+def test_preact_bottleneck_training_real_shape(stage, dtype, backend):
+    """A timm PreActBottleneck of resnetv2_50's layer 2 in training (the Triton backend runs it as its one whole-block
+    op, the downsample a second GEMM of the last conv's launch; the cuda backend per op), activations in ``dtype``
+    and BatchNorm parameters in fp32 as under AMP: the output, the input's and every parameter's gradient under the
+    2x rule."""
+    rv2 = pytest.importorskip("timm.models.resnetv2")
+    from timm.layers import BatchNormAct2d, create_conv2d
+
+    proj = dict(stride=2, proj_layer=rv2.DownsampleConv) if stage else {}
+    block = resfast.TimmPreActBottleneck(256 if stage else 512, 512, conv_layer=create_conv2d,
+                                         norm_layer=BatchNormAct2d, **proj)
+    block = randomize_bn(block).cuda().train()
+    x = _x((16, block.conv1.in_channels, 28, 28))
+    results = {}
+    for tag, dt, name in (("ref", torch.float64, "eager"), ("eager", dtype, "eager"), ("fused", dtype, backend)):
+        m = copy.deepcopy(block).to(dt)
+        if dt != torch.float64:
+            for mod in m.modules():
+                if isinstance(mod, nn.BatchNorm2d):
+                    mod.float()
+        xx = x.detach().to(dt).contiguous(memory_format=torch.channels_last).requires_grad_()
+        with resfast.backend(name):
+            out = m(xx) if tag == "fused" else m._forward_modules(xx)
+        g = torch.randn(out.shape, device="cuda", generator=torch.Generator("cuda").manual_seed(1),
+                        dtype=torch.float64).to(dt)
+        out.backward(g)
+        results[tag] = [out.detach(), xx.grad] + [p.grad for p in m.parameters()]
+    for out, eager, ref in zip(results["fused"], results["eager"], results["ref"]):
+        assert_fused_close(out, eager, ref, floor=1e-2)
+
+
 def test_training_run_loss_curve_matches_eager(backend):
     """200 steps of a small Res2Net (res2net50_26w_4s layers 1-2 width, 10 classes, random data, AMP bf16,
     channels_last, SGD, same initial weights and data): the fused backend's loss curve (smoothed over 20 steps)

@@ -456,6 +456,16 @@ def test_converted_blocks_train_like_the_originals(be, monkeypatch):
     whole = r2.res2net_bottleneck_train
     for mod in (r2, rn):
         monkeypatch.setattr(mod, "res2net_bottleneck_train", recording_whole)
+    from resfast.nn import preact as preact_mod
+
+    def recording_preact(*a, **k):
+        y = whole_preact(*a, **k)
+        if y is not None:
+            calls.append("preact_block_train")
+        return y
+
+    whole_preact = preact_mod.preact_block_train
+    monkeypatch.setattr(preact_mod, "preact_block_train", recording_preact)
     # the `cpu` backend has no scale_add_relu kernel (ATen's elementwise ops on eager are as good): no SE block there
     sar_fused = be.name == "triton"
     if be.name == "triton":
@@ -501,24 +511,31 @@ def test_converted_blocks_train_like_the_originals(be, monkeypatch):
             # the whole-bottleneck op (and the downsample's conv_bn_relu op)
             expected = {"res2net_bottleneck_train"} | ({"conv_bn_relu_train"} if "stage" in name or "down" in name
                                                        else set())
-        if "preact" in name:
-            expected = {"bn_relu_conv_train"}
+        if "preact" in name:  # Triton: the whole pre-activation block, its downsample included
+            expected = {"preact_block_train"} if be.name == "triton" else {"bn_relu_conv_train"}
         if "-se" in name and sar_fused:
             expected.add("scale_add_relu")
         assert expected <= set(calls), (name, calls)
         if "res2net_bottleneck_train" in expected:  # and no per-op chain
             assert "res2net_chain_train" not in calls, (name, calls)
+        if "preact_block_train" in expected:  # and no per-op unit
+            assert "bn_relu_conv_train" not in calls, (name, calls)
 
 
 def test_compile_training_step_matches_eager(be):
     """torch.compile (aot_eager under the interpreter, inductor on a GPU) of a training step of converted blocks
-    (forward, backward, SGD) through the backend: loss, parameters and BatchNorm buffers as eager."""
+    (Res2Net stage and normal, timm's pre-activation bottleneck with its downsample; forward, backward, SGD) through
+    the backend: loss, parameters and BatchNorm buffers as eager."""
     timm_res2net = pytest.importorskip("timm.models.res2net")
     torch._dynamo.reset()
     d2 = nn.Sequential(nn.Conv2d(8, 16, 1, bias=False), nn.BatchNorm2d(16))
     bn = dict(norm_layer=nn.BatchNorm2d)
+    timm_v2 = pytest.importorskip("timm.models.resnetv2")
+    layers = pytest.importorskip("timm.layers")
     model = nn.Sequential(timm_res2net.Bottle2neck(8, 4, downsample=d2, base_width=26, scale=4, **bn),
-                          timm_res2net.Bottle2neck(16, 4, base_width=26, scale=4, **bn))
+                          timm_res2net.Bottle2neck(16, 4, base_width=26, scale=4, **bn),
+                          timm_v2.PreActBottleneck(16, 32, stride=2, proj_layer=timm_v2.DownsampleConv,
+                                                   conv_layer=layers.create_conv2d, norm_layer=layers.BatchNormAct2d))
     model = randomize_bn(model).to(be.device)
     eager, compiled = resfast.convert(copy.deepcopy(model)), resfast.convert(copy.deepcopy(model))
     opt_e = torch.optim.SGD(eager.parameters(), lr=0.05)

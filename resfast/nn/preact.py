@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from .. import ops
 from ..ops.batchnorm import BatchNormParams, as_bn_params, is_bn_relu
+from ..ops.bottleneck import preact_block_train
 from ..ops.fold import FoldCache, fold_scale_shift
 from ._common import block_cache, bn_conv, conv_bn, fusable, fusable_conv, fusable_relu, shortcut
 
@@ -38,6 +39,11 @@ class PreActBasicBlock(nn.Module):
         if not (fusable((self.conv1, self.bn1), (self.conv2, self.bn2)) and fusable_relu(self.relu)):
             return self._forward_modules(x)
         cache = block_cache(self)
+        # training with batch statistics on a backend with a whole-block op (Triton): one op
+        y = preact_block_train(x, [(self.bn1, self.conv1), (self.bn2, self.conv2)], None,
+                               lambda: shortcut(x, self.downsample, cache))
+        if y is not None:
+            return y
         identity = shortcut(x, self.downsample, cache)
         out = bn_conv(x, self.bn1, self.conv1, cache=cache)
         return bn_conv(out, self.bn2, self.conv2, residual=identity, cache=cache)
@@ -70,6 +76,10 @@ class PreActBottleneck(nn.Module):
                 and fusable_relu(self.relu)):
             return self._forward_modules(x)
         cache = block_cache(self)
+        y = preact_block_train(x, [(self.bn1, self.conv1), (self.bn2, self.conv2), (self.bn3, self.conv3)], None,
+                               lambda: shortcut(x, self.downsample, cache))
+        if y is not None:
+            return y
         identity = shortcut(x, self.downsample, cache)
         out = bn_conv(x, self.bn1, self.conv1, cache=cache)
         out = bn_conv(out, self.bn2, self.conv2, cache=cache)
@@ -208,6 +218,14 @@ class _TimmPreActBlock(nn.Module):
 
     def _forward_preact(self, x: Tensor, units, cache) -> Tensor:
         """Pre-activation form (training, grads): each BN + ReLU is the prologue of the following conv."""
+        if _drop_path_is_identity(self.drop_path) and (self.downsample is None
+                                                       or _plain_downsample(self.downsample)):
+            # training with batch statistics on a backend with a whole-block op (Triton): one op, the downsample
+            # included (it reads relu(norm1(x)), which is then never written)
+            y = preact_block_train(x, units, self.downsample.conv if self.downsample is not None else None,
+                                   lambda: x)
+            if y is not None:
+                return y
         (norm1, conv1), (norm_last, conv_last) = units[0], units[-1]
         if self.downsample is None:
             shortcut = x

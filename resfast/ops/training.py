@@ -522,7 +522,33 @@ def bottleneck_autograd(ns: str):
     return setup, backward
 
 
-# the ops every fused backend has (the C++ ops register these too); res2net_bottleneck_train is Triton's alone
+def preact_autograd(ns: str):
+    """preact_block_train: saves x, the weights, gammas and betas, the raw conv outputs and the statistics; its
+    backward op rebuilds each conv's normalised input. The shortcut's gradient is dy itself."""
+
+    def setup(ctx, inputs, output):
+        x, weights, gammas, betas, geometry, w_ds, ds_stride, residual, eps = inputs
+        _, zs, stats = output
+        _no_zero_grads(ctx)
+        ctx.save_for_backward(x, stats, w_ds, *zs, *weights, *gammas, *betas)
+        ctx.hyper = (len(weights), list(geometry), list(ds_stride), residual is not None)
+
+    def backward(ctx, dy, dzs, dstats):
+        n, geometry, ds_stride, has_res = ctx.hyper
+        if dy is None:  # y unused: no gradient reaches the block
+            return (None, [None] * n, [None] * n, [None] * n) + (None,) * 5
+        x, stats, w_ds, *rest = ctx.saved_tensors
+        zs, weights, gammas, betas = rest[:n - 1], rest[n - 1:2 * n - 1], rest[2 * n - 1:3 * n - 1], rest[3 * n - 1:]
+        need_dx = ctx.needs_input_grad[0]
+        dx, dws, dgs, dbs, dw_ds = _ops(ns).preact_block_train_backward(
+            dy, x, list(weights), list(gammas), list(betas), geometry, w_ds, ds_stride, list(zs), stats, need_dx)
+        return (dx if need_dx else None, list(dws), list(dgs), list(dbs), None, dw_ds if w_ds is not None else None,
+                None, dy if has_res and ctx.needs_input_grad[7] else None, None)
+
+    return setup, backward
+
+
+# the ops every fused backend has (the C++ ops register these too); the whole-block ops are Triton's alone
 AUTOGRAD = {"conv_bn_train": conv_bn_autograd, "bn_relu_conv_train": bn_relu_conv_autograd,
             "res2net_chain_train": chain_autograd}
-WHOLE_BLOCK_AUTOGRAD = {"res2net_bottleneck_train": bottleneck_autograd}
+WHOLE_BLOCK_AUTOGRAD = {"res2net_bottleneck_train": bottleneck_autograd, "preact_block_train": preact_autograd}

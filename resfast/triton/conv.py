@@ -137,11 +137,11 @@ def _conv_tile(
     srn, src, srh, srw,
     syn, syc, syh, syw,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
-    D_ptr, WD_ptr, C_d, sdn, sdc, sdh, sdw, ds_stride_h, ds_stride_w, PM_ptr, PV_ptr,
+    D_ptr, WD_ptr, C_d, sdn, sdc, sdh, sdw, ds_stride_h, ds_stride_w, DM_ptr, DS_ptr, DB_ptr, PM_ptr, PV_ptr,
     CIN_G: tl.constexpr, COUT_G: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, G_TILE: tl.constexpr,
     DIRECT: tl.constexpr,
     HAS_ADD: tl.constexpr, PRE_BN_RELU: tl.constexpr, ADD_BN_RELU: tl.constexpr, HAS_RES: tl.constexpr,
-    RELU: tl.constexpr, HAS_DS: tl.constexpr, STATS: tl.constexpr, ACC_F64: tl.constexpr,
+    RELU: tl.constexpr, HAS_DS: tl.constexpr, DS_BN_RELU: tl.constexpr, STATS: tl.constexpr, ACC_F64: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -208,14 +208,18 @@ def _conv_tile(
 
     if HAS_DS:
         # the projection shortcut: a dense 1x1 GEMM over x' sampled at (oh, ow) * stride into the same accumulator
-        # (its BatchNorm scale is folded into WD, its shift into B), so the residual never goes through memory
+        # (its BatchNorm scale is folded into WD, its shift into B), so the residual never goes through memory;
+        # DS_BN_RELU: x' is first normalised, relu((x' - DM) * DS + DB) (a pre-activation block's shortcut)
         d_row = on * sdn + (oh * ds_stride_h) * sdh + (ow * ds_stride_w) * sdw
         co_d = cout.to(tl.int64)
         for k0 in range(0, C_d, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             k_mask = offs_k < C_d
             ck = offs_k.to(tl.int64)
-            a = tl.load(D_ptr + d_row[:, None] + ck[None, :] * sdc, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+            d_mask = m_mask[:, None] & k_mask[None, :]
+            a = tl.load(D_ptr + d_row[:, None] + ck[None, :] * sdc, mask=d_mask, other=0.0)
+            if DS_BN_RELU:  # the shortcut reads relu(bn(x')) (timm's pre-activation downsample), never written
+                a = _bn_relu_cols(a, d_mask, DM_ptr, DS_ptr, DB_ptr, ck, k_mask, D_ptr.dtype.element_ty, ACC_F64)
             b = tl.load(WD_ptr + ck[:, None] * C_out + co_d[None, :], mask=k_mask[:, None] & n_mask[None, :],
                         other=0.0)
             acc += tl.dot(a, b, input_precision=INPUT_PRECISION, out_dtype=acc_dtype)
@@ -256,11 +260,11 @@ def _conv_bn_act_fwd_kernel(
     spn, spc, sph, spw,
     sqn, sqc, sqh, sqw,
     pt_stride,
-    D_ptr, WD_ptr, C_d, sdn, sdc, sdh, sdw, ds_stride_h, ds_stride_w, PM_ptr, PV_ptr,
+    D_ptr, WD_ptr, C_d, sdn, sdc, sdh, sdw, ds_stride_h, ds_stride_w, DM_ptr, DS_ptr, DB_ptr, PM_ptr, PV_ptr,
     CIN_G: tl.constexpr, COUT_G: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, G_TILE: tl.constexpr,
     DIRECT: tl.constexpr, HAS_CONV: tl.constexpr, HAS_ADD: tl.constexpr, PRE_BN_RELU: tl.constexpr,
     ADD_BN_RELU: tl.constexpr, HAS_RES: tl.constexpr, RELU: tl.constexpr, HAS_PT: tl.constexpr,
-    PT_POOL: tl.constexpr, PT_BN_RELU: tl.constexpr, HAS_DS: tl.constexpr,
+    PT_POOL: tl.constexpr, PT_BN_RELU: tl.constexpr, HAS_DS: tl.constexpr, DS_BN_RELU: tl.constexpr,
     STATS: tl.constexpr, ACC_F64: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -280,9 +284,10 @@ def _conv_bn_act_fwd_kernel(
                    N, C_in, H, W, C_out, H_out, W_out,
                    sxn, sxc, sxh, sxw, san, sac, sah, saw, srn, src, srh, srw, syn, syc, syh, syw,
                    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
-                   D_ptr, WD_ptr, C_d, sdn, sdc, sdh, sdw, ds_stride_h, ds_stride_w, PM_ptr, PV_ptr,
+                   D_ptr, WD_ptr, C_d, sdn, sdc, sdh, sdw, ds_stride_h, ds_stride_w, DM_ptr, DS_ptr, DB_ptr,
+                   PM_ptr, PV_ptr,
                    CIN_G, COUT_G, KH, KW, G_TILE, DIRECT, HAS_ADD, PRE_BN_RELU, ADD_BN_RELU, HAS_RES, RELU, HAS_DS,
-                   STATS, ACC_F64, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+                   DS_BN_RELU, STATS, ACC_F64, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
 
 
 def pack_weight(weight: Tensor, scale: Optional[Tensor], dtype: torch.dtype) -> Tensor:
@@ -321,16 +326,20 @@ def conv_tiling(C_out: int, cin_g: int, cout_g: int, groups: int) -> tuple[int, 
 class Projection(NamedTuple):
     """A 1x1 projection shortcut added inside a conv launch: ``conv2d(x, w, stride=stride)`` with ``w_packed``
     (1, 1, C_in', C_out) from pack_weight (its BatchNorm scale folded in; the shift goes into the launch's bias).
-    ``x`` (N, C_in', H', W') any strides; its output pixels must be the launch's."""
+    ``x`` (N, C_in', H', W') any strides; its output pixels must be the launch's. ``pre``: (mean, scale, shift),
+    each (C_in',), normalises ``x`` first: ``relu((x - mean) * scale + shift)`` (training BatchNorm + ReLU: the
+    shortcut of a pre-activation block reads the block's normalised input, which is then never written)."""
 
     x: Tensor
     w_packed: Tensor
     stride: tuple[int, int]
+    pre: Optional[tuple[Tensor, Tensor, Tensor]] = None
 
 
 def _projection_launch_args(proj: Optional[Projection], like: Tensor, N: int, C_out: int, H_out: int, W_out: int):
     if proj is None:
-        return dict(D_ptr=like, WD_ptr=like, C_d=0, sdn=0, sdc=0, sdh=0, sdw=0, ds_stride_h=1, ds_stride_w=1)
+        return dict(D_ptr=like, WD_ptr=like, C_d=0, sdn=0, sdc=0, sdh=0, sdw=0, ds_stride_h=1, ds_stride_w=1,
+                    DM_ptr=like, DS_ptr=like, DB_ptr=like)
     x, w = proj.x, proj.w_packed
     sh, sw = proj.stride
     if x.dim() != 4 or tuple(w.shape) != (1, 1, x.shape[1], C_out):
@@ -341,8 +350,10 @@ def _projection_launch_args(proj: Optional[Projection], like: Tensor, N: int, C_
                          f"{N} x {H_out} x {W_out} output pixels")
     if x.dtype != like.dtype or w.dtype != like.dtype or x.device != like.device or w.device != like.device:
         raise ValueError("projection input and weight must have the input's dtype and device")
+    _check_channel_vectors("projection pre", proj.pre, x.shape[1], x)
+    dm, ds, db = proj.pre if proj.pre is not None else (like, like, like)
     return dict(D_ptr=x, WD_ptr=w, C_d=int(x.shape[1]), sdn=x.stride(0), sdc=x.stride(1), sdh=x.stride(2),
-                sdw=x.stride(3), ds_stride_h=int(sh), ds_stride_w=int(sw))
+                sdw=x.stride(3), ds_stride_h=int(sh), ds_stride_w=int(sw), DM_ptr=dm, DS_ptr=ds, DB_ptr=db)
 
 
 class PassThrough(NamedTuple):
@@ -414,7 +425,7 @@ CONFIGS = [
 # the shape and the structure of the launch; Triton adds every tensor's dtype
 AUTOTUNE_KEY = ["N", "C_in", "H", "W", "C_out", "H_out", "W_out", "stride_h", "stride_w", "dil_h", "dil_w", "C_pt",
                 "C_d", "CIN_G", "COUT_G", "KH", "KW", "G_TILE", "DIRECT", "HAS_CONV", "HAS_ADD", "PRE_BN_RELU",
-                "ADD_BN_RELU", "HAS_PT", "PT_BN_RELU", "HAS_DS", "STATS"]
+                "ADD_BN_RELU", "HAS_PT", "PT_BN_RELU", "HAS_DS", "DS_BN_RELU", "STATS"]
 
 
 def _prune_configs(configs, named_args, **kwargs):
@@ -479,7 +490,7 @@ def passthrough_fwd(pt: PassThrough) -> None:
         **_projection_launch_args(None, x, N, 0, H_out, W_out), PM_ptr=x, PV_ptr=x,
         CIN_G=1, COUT_G=1, KH=1, KW=1, G_TILE=1, DIRECT=False,
         HAS_CONV=False, HAS_ADD=False, PRE_BN_RELU=False, ADD_BN_RELU=False, HAS_RES=False, RELU=False, HAS_PT=True,
-        PT_POOL=p["pool"], PT_BN_RELU=p["bn"], HAS_DS=False, STATS=False,
+        PT_POOL=p["pool"], PT_BN_RELU=p["bn"], HAS_DS=False, DS_BN_RELU=False, STATS=False,
         ACC_F64=x.dtype == torch.float64, INPUT_PRECISION=None,
         BLOCK_N=16, BLOCK_C=p["BLOCK_C"],
     )
@@ -568,6 +579,7 @@ def conv_bn_act_fwd(
         ADD_BN_RELU=add_pre is not None, HAS_RES=residual is not None, RELU=relu,
         HAS_PT=passthrough is not None, PT_POOL=p["pool"], PT_BN_RELU=p["bn"],
         HAS_DS=projection is not None and d["C_d"] > 0,
+        DS_BN_RELU=projection is not None and projection.pre is not None,
         STATS=stats is not None,
         ACC_F64=x.dtype == torch.float64,
         # fp32 follows cuDNN's TF32 switch, as nn.Conv2d does; other dtypes take Triton's default

@@ -22,6 +22,11 @@ autograd with ``register_autograd``.
   prologue, one apply pass for bn3 + residual + ReLU. No normalised activation is written; its backward op carries
   every BatchNorm (bn1's statistics depend on conv1's output, so no per-op split can do this). Called by the blocks
   through resfast/ops/bottleneck.py.
+* ``preact_block_train``: a whole pre-activation block (BN -> ReLU -> conv units; timm's PreActBottleneck /
+  PreActBasic, seed 004's v2 blocks) in training: the first BatchNorm's statistics from one pass over the input,
+  each later one's from the previous conv's epilogue, each BN + ReLU in the next conv's prologue, timm's downsample
+  (a 1x1 conv of the normalised input) as a second GEMM of the last conv's launch. Called by the blocks through
+  resfast/ops/bottleneck.py.
 * ``bn_running_update``: running buffers updated in place (mutates its arguments; no autograd).
 
 Autograd (what is saved, which backward op runs) is resfast/ops/training.py's, shared with the C++ ops.
@@ -46,7 +51,7 @@ from ..ops._args import chain_layout
 from ..ops.training import AUTOGRAD, WHOLE_BLOCK_AUTOGRAD
 from . import batchnorm as B
 from .common import _is_fake, interpreting
-from .conv import PassThrough, conv_bn_act_fwd, pack_weight, passthrough_fwd
+from .conv import PassThrough, Projection, conv_bn_act_fwd, pack_weight, passthrough_fwd
 
 
 def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -432,6 +437,110 @@ def _res2net_bottleneck_train_backward(dy: Tensor, x: Tensor, w1: Tensor, gamma1
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# a whole pre-activation (ResNetV2) block: BN -> ReLU -> conv units, each BatchNorm's statistics from the epilogue of
+# the conv before it, each BN + ReLU applied in the prologue of the conv after it
+
+
+def _geometry(geometry: list[int], i: int) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int], int]:
+    """Conv i's (stride, padding, dilation, groups) from the flat ``geometry`` list (7 ints per conv)."""
+    g = geometry[7 * i:7 * i + 7]
+    return (g[0], g[1]), (g[2], g[3]), (g[4], g[5]), g[6]
+
+
+def _preact_block_train(x: Tensor, weights: list[Tensor], gammas: list[Tensor], betas: list[Tensor],
+                        geometry: list[int], w_ds: Optional[Tensor], ds_stride: list[int],
+                        residual: Optional[Tensor], eps: list[float]) -> tuple[Tensor, list[Tensor], Tensor]:
+    """``conv_n(relu(bn_n(... conv_1(relu(bn_1(x))) ...))) + shortcut``, the shortcut ``residual`` or, with ``w_ds``
+    (C_out, C_in, 1, 1), ``conv2d(relu(bn_1(x)), w_ds, stride=ds_stride)`` (timm's pre-activation downsample), every
+    BatchNorm with batch statistics. weights[i] (C_i+1, C_i/groups_i, kH, kW) in x's dtype, no conv bias; gammas[i],
+    betas[i] (C_i,) bn_i's; ``geometry``: per conv (stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, groups); ``eps``
+    per BatchNorm. Returns (y, zs, stats):
+
+    * bn_1's statistics from one pass over x (the block's input is not a conv output of this op);
+    * zs: each conv's raw output but the last's, written by the conv with the statistics partials of the next
+      BatchNorm in its epilogue; never normalised in memory: the next conv applies BN + ReLU to its input tiles as
+      it loads them;
+    * y: the last conv's output with the shortcut added in its epilogue; the downsample is a second GEMM of the same
+      launch, reading relu(bn_1(x)) through its own prologue, so neither the block's normalised input nor the
+      shortcut is written;
+    * stats (4, C_1 + ... + C_n): mean, invstd, unbiased var and scale = gamma * invstd of each BatchNorm (fp32,
+      fp64 for float64).
+
+    Backward keeps x, zs and stats: exactly the per-op path's (which writes the same raw outputs), less the
+    normalised input the per-op path keeps for a downsample block."""
+    if not weights:
+        raise ValueError("preact_block_train needs at least one conv")
+    dt = x.dtype
+    stat = _stat_dtype(dt)
+    N, _, H, W = x.shape
+    chans = [w.shape[1] * _geometry(geometry, i)[3] for i, w in enumerate(weights)]
+    bounds = [sum(chans[:i]) for i in range(len(chans) + 1)]
+    stats = torch.empty((4, bounds[-1]), device=x.device, dtype=stat)
+    rows = [_stat_rows(stats, bounds[i], bounds[i + 1]) for i in range(len(chans))]
+    shifts = [b.to(stat) for b in betas]
+    B.finalize(*B.stats_partials(x), N * H * W, gammas[0], eps[0], outs=rows[0])
+    def conv(i: int, inp: Tensor) -> tuple:  # conv i's launch arguments, its input normalised by bn_i as it loads
+        s, p, d, groups = _geometry(geometry, i)
+        w = weights[i]
+        args = (inp, pack_weight(w, None, dt), torch.zeros(w.shape[0], device=x.device, dtype=stat), s, p, d, groups)
+        return args, dict(pre_scale=rows[i][3], pre_shift=shifts[i], pre_mean=rows[i][0])
+
+    inp, zs = x, []
+    for i in range(len(weights) - 1):
+        args, pre = conv(i, inp)
+        C_out = weights[i].shape[0]
+        H_out, W_out = _out_hw(inp.shape[2], inp.shape[3], tuple(weights[i].shape[2:]), *args[3:6])
+        M = N * H_out * W_out
+        partials = B.new_partials(M, C_out, x)
+        inp = conv_bn_act_fwd(*args, relu=False, stats=partials, **pre)
+        B.finalize(*partials, M, gammas[i + 1], eps[i + 1], outs=rows[i + 1])
+        zs.append(inp)
+    args, pre = conv(len(weights) - 1, inp)
+    proj = None
+    if w_ds is not None:
+        proj = Projection(x, pack_weight(w_ds, None, dt), (ds_stride[0], ds_stride[1]),
+                          pre=(rows[0][0], rows[0][3], shifts[0]))
+    y = conv_bn_act_fwd(*args, residual, relu=False, projection=proj, **pre)
+    return y, zs, stats
+
+
+def _preact_block_train_backward(dy: Tensor, x: Tensor, weights: list[Tensor], gammas: list[Tensor],
+                                 betas: list[Tensor], geometry: list[int], w_ds: Optional[Tensor], ds_stride: list[int],
+                                 zs: list[Tensor], stats: Tensor, need_dx: bool
+                                 ) -> tuple[Tensor, list[Tensor], list[Tensor], list[Tensor], Tensor]:
+    """Gradients (dx, dweights, dgammas, dbetas, dw_ds) of preact_block_train (the shortcut's is dy itself; dx and
+    dw_ds empty unless asked for / without a downsample). Units in reverse: each conv's input relu(bn_i(.)) is
+    rebuilt from the saved raw tensor by the apply kernel (bit for bit the prologue's), used by the conv's backward
+    and as the ReLU mask, then dropped; bn_1's backward takes the downsample's input gradient as its second
+    incoming gradient."""
+    n = len(weights)
+    inputs = [x, *zs]
+    bounds = [0]
+    for i, w in enumerate(weights):
+        bounds.append(bounds[-1] + w.shape[1] * _geometry(geometry, i)[3])
+    dws, dgs, dbs = [None] * n, [None] * n, [None] * n  # every entry is set below
+    dx, dw_ds = _empty(x), _empty(x)  # distinct placeholders: an op's outputs may not alias each other
+    g = dy
+    for i in reversed(range(n)):
+        mean, invstd, _, scale = _stat_rows(stats, bounds[i], bounds[i + 1])
+        a = B.apply(inputs[i], mean, scale, betas[i], None, True)
+        s, p, d, groups = _geometry(geometry, i)
+        da, dws[i], _ = torch.ops.aten.convolution_backward(g, a, weights[i], None, s, p, d, False, [0, 0], groups,
+                                                            [True, True, False])
+        da2 = None
+        if i == 0 and w_ds is not None:
+            da2, dw_ds, _ = torch.ops.aten.convolution_backward(dy, a, w_ds, None, ds_stride, [0, 0], [1, 1], False,
+                                                                [0, 0], 1, [True, True, False])
+        g, dgamma, dbeta, _ = B.backward(da, da2, a, inputs[i], mean, invstd, gammas[i], True, need_dweight=True,
+                                         need_dres=False)
+        dgs[i], dbs[i] = dgamma.to(gammas[i].dtype), dbeta.to(gammas[i].dtype)
+        del a, da, da2
+    if need_dx:
+        dx = g
+    return dx, dws, dgs, dbs, dw_ds
+
+
+# ---------------------------------------------------------------------------------------------------------------
 
 
 def _bn_running_update(running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor, factor: float) -> None:
@@ -444,12 +553,14 @@ FORWARD = {
     "bn_relu_conv_train": _bn_relu_conv_train,
     "res2net_chain_train": _res2net_chain_train,
     "res2net_bottleneck_train": _res2net_bottleneck_train,
+    "preact_block_train": _preact_block_train,
 }
 BACKWARD = {
     "conv_bn_train_backward": _conv_bn_train_backward,
     "bn_relu_conv_train_backward": _bn_relu_conv_train_backward,
     "res2net_chain_train_backward": _res2net_chain_train_backward,
     "res2net_bottleneck_train_backward": _res2net_bottleneck_train_backward,
+    "preact_block_train_backward": _preact_block_train_backward,
 }
 OPS = {}
 for _name, _fn in FORWARD.items():

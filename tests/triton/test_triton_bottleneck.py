@@ -9,7 +9,14 @@ import copy
 
 import pytest
 import torch
-from helpers import TRITON_DEVICE, TRITON_INTERPRET, assert_fused_close, needs_triton_runtime
+from helpers import (
+    TRITON_DEVICE,
+    TRITON_INTERPRET,
+    assert_fused_close,
+    needs_triton_runtime,
+    randomize_bn_signed,
+    train_steps_like_module_path,
+)
 from torch import nn
 
 import resfast
@@ -21,25 +28,6 @@ pytestmark = needs_triton_runtime
 DEVICE = TRITON_DEVICE
 F64 = torch.float64
 DTYPES = [torch.float32, F64] if TRITON_INTERPRET else [torch.float32]
-
-
-def _tol(dtype):
-    return dict(rtol=1e-9, atol=1e-9) if dtype == F64 else dict(rtol=1e-4, atol=1e-4)
-
-
-def _randomize(block: nn.Module, seed: int = 0) -> nn.Module:
-    """Negative and positive gammas, shifted betas, non-trivial running statistics."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in block.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                if m.weight is not None:
-                    m.weight.copy_(torch.rand(m.weight.shape, generator=g) * 3 - 1.5)
-                    m.bias.copy_(torch.rand(m.bias.shape, generator=g) - 0.5)
-                if m.running_mean is not None:
-                    m.running_mean.copy_(torch.rand(m.running_mean.shape, generator=g) - 0.5)
-                    m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
-    return block
 
 
 def _block(stage: bool, scale: int = 4, cardinality: int = 1, dilation: int = 1, stride: int = 2, planes: int = 4,
@@ -55,7 +43,7 @@ def _block(stage: bool, scale: int = 4, cardinality: int = 1, dilation: int = 1,
     else:
         block = timm_res2net.Bottle2neck(out, planes, base_width=26, scale=scale, cardinality=cardinality,
                                          dilation=dilation, norm_layer=norm)
-    return resfast.convert(_randomize(block)).to(DEVICE)
+    return resfast.convert(randomize_bn_signed(block)).to(DEVICE)
 
 
 def _count_whole(monkeypatch, module="res2net"):
@@ -87,48 +75,13 @@ BLOCKS = [
 ]
 
 
-def _steps_like_eager(new: nn.Module, ran: list, dtype, cl: bool = True) -> None:
-    """Three SGD steps (momentum) of converted block `new` through the whole op (`ran`: _count_whole's list) against a
-    copy's module path: output, input and parameter gradients, running statistics and num_batches_tracked; the
-    last step's grad_output is expanded (the backward of .sum())."""
-    orig = copy.deepcopy(new)
-    opt_a = torch.optim.SGD(orig.parameters(), lr=0.1, momentum=0.9)
-    opt_b = torch.optim.SGD(new.parameters(), lr=0.1, momentum=0.9)
-    tol = _tol(dtype)
-    for step in range(3):
-        x = torch.randn(2, new.conv1.in_channels, 7, 6, dtype=dtype, device=DEVICE)
-        x = x.contiguous(memory_format=torch.channels_last) if cl else x
-        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
-        ya = orig._forward_modules(xa)
-        with resfast.backend("triton"):
-            yb = new(xb)
-        assert ran[-1] is True
-        torch.testing.assert_close(yb, ya, **tol)
-        if step < 2:
-            g = torch.randn_like(ya)
-            ya.backward(g)
-            yb.backward(g)
-        else:
-            ya.sum().backward()
-            yb.sum().backward()
-        torch.testing.assert_close(xb.grad, xa.grad, **tol)
-        for (k, pa), (_, pb) in zip(orig.named_parameters(), new.named_parameters()):
-            torch.testing.assert_close(pb.grad, pa.grad, **tol, msg=lambda m, k=k, s=step: f"step {s}, {k}: {m}")
-        opt_a.step()
-        opt_b.step()
-        opt_a.zero_grad()
-        opt_b.zero_grad()
-        for (k, ba), (_, bb) in zip(orig.state_dict().items(), new.state_dict().items()):
-            torch.testing.assert_close(bb, ba, **tol, msg=lambda m, k=k, s=step: f"step {s}, {k}: {m}")
-
-
 @pytest.mark.parametrize("cfg", BLOCKS, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
 def test_block_trains_like_eager(cfg, monkeypatch):
     """A converted timm Bottle2neck through the whole op, three SGD steps against its module path, in float64 (the
     interpreter; float32 on a GPU)."""
     dtype = DTYPES[-1]
     ran = _count_whole(monkeypatch)
-    _steps_like_eager(_block(**cfg).to(dtype).train(), ran, dtype)
+    train_steps_like_module_path(_block(**cfg).to(dtype).train(), ran, dtype)
 
 
 @pytest.mark.parametrize("stage", [False, True], ids=["normal", "stage"])
@@ -352,4 +305,5 @@ def test_resnet_bottleneck_trains_like_eager(cfg, monkeypatch):
     block = tv.Bottleneck(8 if cfg["down"] else 16, 4, stride=cfg["stride"], groups=cfg["groups"], base_width=32,
                           dilation=cfg.get("dilation", 1), downsample=down if cfg["down"] else None)
     # NCHW input: the op reads any strides and writes channels_last, as the per-op path
-    _steps_like_eager(resfast.convert(_randomize(block)).to(DEVICE, dtype).train(), ran, dtype, cl=False)
+    new = resfast.convert(randomize_bn_signed(block)).to(DEVICE, dtype).train()
+    train_steps_like_module_path(new, ran, dtype, cl=False)
