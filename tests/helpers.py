@@ -179,3 +179,41 @@ def train_steps_like_module_path(new: nn.Module, ran: list, dtype, cl: bool = Tr
         opt_b.zero_grad()
         for (k, ba), (_, bb) in zip(orig.state_dict().items(), new.state_dict().items()):
             torch.testing.assert_close(bb, ba, **tol, msg=lambda m, k=k, s=step: f"step {s}, {k}: {m}")
+
+
+def assert_block_float32_rule(new: nn.Module, x: torch.Tensor, floor: float = 1e-5) -> None:
+    """Converted block `new` (float32) on the Triton backend against float32 and float64 copies' module path
+    (``_forward_modules``): the output and every gradient (input, parameters) under the project's rule,
+    err(fused) <= 2 err(eager float32) + floor, both against float64."""
+    import copy
+
+    import resfast
+
+    ref32, ref64 = copy.deepcopy(new), copy.deepcopy(new).double()
+    outs = []
+    for m, xx, fused in ((new, x, True), (ref32, x, False), (ref64, x.double(), False)):
+        xx = xx.clone().requires_grad_()
+        with resfast.backend("triton"):
+            y = m(xx) if fused else m._forward_modules(xx)
+        g = torch.linspace(-1, 1, y.numel(), dtype=y.dtype, device=y.device).reshape(y.shape)
+        y.backward(g)
+        outs.append([y.detach(), xx.grad] + [p.grad for p in m.parameters()])
+    for fused, eager, ref in zip(*outs):
+        assert_fused_close(fused, eager, ref, floor=floor)
+
+
+def op_tensor_factory(dtype, device, requires_grad: bool = False, seed: int = 0):
+    """(uniform, gamma) makers for an op test's inputs from one generator: ``uniform(*shape, lo=-1, hi=1)``, and
+    ``gamma(n)``, BatchNorm weights away from zero with both signs (about 30% negative)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def uniform(*shape, lo=-1.0, hi=1.0):
+        t = (torch.rand(*shape, generator=g, dtype=dtype) * (hi - lo) + lo).to(device)
+        return t.requires_grad_(requires_grad)
+
+    def gamma(n):
+        t = torch.rand(n, generator=g, dtype=dtype) + 0.5
+        t = t * torch.where(torch.rand(n, generator=g) < 0.3, -1.0, 1.0).to(dtype)
+        return t.to(device).requires_grad_(requires_grad)
+
+    return uniform, gamma

@@ -188,49 +188,10 @@ def test_bn_relu_conv_training_real_shape(dtype, backend):
     _grads_close(fn, [x, w], dtype, floor=1e-3, backend=backend)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("stage", [False, True], ids=["normal", "stage"])
-def test_res2net_bottleneck_training_real_shape(stage, dtype, backend):
-    """A whole Bottle2neck of res2net50_26w_4s's layer 2 in training (the Triton backend runs it as its one
-    whole-bottleneck op; the cuda backend per op), activations in ``dtype`` and BatchNorm parameters in fp32 as under
-    AMP: the output, the input's and every parameter's gradient under the 2x rule."""
-    ds = nn.Sequential(nn.Conv2d(256, 512, 1, 2, bias=False), nn.BatchNorm2d(512)) if stage else None
-    block = resfast.Bottle2neck(256 if stage else 512, 128, stride=2 if stage else 1, downsample=ds, base_width=26,
-                                scale=4)
-    block = randomize_bn(block).cuda().train()
-    x = _x((16, block.conv1.in_channels, 28, 28))
-    results = {}
-    for tag, dt, name in (("ref", torch.float64, "eager"), ("eager", dtype, "eager"), ("fused", dtype, backend)):
-        m = copy.deepcopy(block).to(dt)
-        if dt != torch.float64:
-            for mod in m.modules():
-                if isinstance(mod, nn.BatchNorm2d):
-                    mod.float()
-        xx = x.detach().to(dt).contiguous(memory_format=torch.channels_last).requires_grad_()
-        with resfast.backend(name):
-            out = m(xx)
-        g = torch.randn(out.shape, device="cuda", generator=torch.Generator("cuda").manual_seed(1),
-                        dtype=torch.float64).to(dt)
-        out.backward(g)
-        results[tag] = [out.detach(), xx.grad] + [p.grad for p in m.parameters()]
-    for out, eager, ref in zip(results["fused"], results["eager"], results["ref"]):
-        assert_fused_close(out, eager, ref, floor=1e-2)
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("stage", [False, True], ids=["identity", "downsample"])
-def test_preact_bottleneck_training_real_shape(stage, dtype, backend):
-    """A timm PreActBottleneck of resnetv2_50's layer 2 in training (the Triton backend runs it as its one whole-block
-    op, the downsample a second GEMM of the last conv's launch; the cuda backend per op), activations in ``dtype``
-    and BatchNorm parameters in fp32 as under AMP: the output, the input's and every parameter's gradient under the
-    2x rule."""
-    rv2 = pytest.importorskip("timm.models.resnetv2")
-    from timm.layers import BatchNormAct2d, create_conv2d
-
-    proj = dict(stride=2, proj_layer=rv2.DownsampleConv) if stage else {}
-    block = resfast.TimmPreActBottleneck(256 if stage else 512, 512, conv_layer=create_conv2d,
-                                         norm_layer=BatchNormAct2d, **proj)
-    block = randomize_bn(block).cuda().train()
+def _block_grads_close(block: nn.Module, dtype, backend: str) -> None:
+    """Block `block` (training, on the GPU) at 16 x C x 28 x 28: through `backend` in `dtype` (BatchNorm parameters
+    fp32, as under AMP) against its module path (``_forward_modules``) in `dtype` and in float64: the output, the
+    input's and every parameter's gradient under the 2x rule."""
     x = _x((16, block.conv1.in_channels, 28, 28))
     results = {}
     for tag, dt, name in (("ref", torch.float64, "eager"), ("eager", dtype, "eager"), ("fused", dtype, backend)):
@@ -248,6 +209,36 @@ def test_preact_bottleneck_training_real_shape(stage, dtype, backend):
         results[tag] = [out.detach(), xx.grad] + [p.grad for p in m.parameters()]
     for out, eager, ref in zip(results["fused"], results["eager"], results["ref"]):
         assert_fused_close(out, eager, ref, floor=1e-2)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("stage", [False, True], ids=["normal", "stage"])
+def test_res2net_bottleneck_training_real_shape(stage, dtype, backend):
+    """A whole Bottle2neck of res2net50_26w_4s's layer 2 in training (the Triton backend runs it as its one
+    whole-bottleneck op; the cuda backend per op), activations in ``dtype`` and BatchNorm parameters in fp32 as under
+    AMP: the output, the input's and every parameter's gradient under the 2x rule."""
+    ds = nn.Sequential(nn.Conv2d(256, 512, 1, 2, bias=False), nn.BatchNorm2d(512)) if stage else None
+    block = resfast.Bottle2neck(256 if stage else 512, 128, stride=2 if stage else 1, downsample=ds, base_width=26,
+                                scale=4)
+    block = randomize_bn(block).cuda().train()
+    _block_grads_close(block, dtype, backend)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("stage", [False, True], ids=["identity", "downsample"])
+def test_preact_bottleneck_training_real_shape(stage, dtype, backend):
+    """A timm PreActBottleneck of resnetv2_50's layer 2 in training (the Triton backend runs it as its one whole-block
+    op, the downsample a second GEMM of the last conv's launch; the cuda backend per op), activations in ``dtype``
+    and BatchNorm parameters in fp32 as under AMP: the output, the input's and every parameter's gradient under the
+    2x rule."""
+    rv2 = pytest.importorskip("timm.models.resnetv2")
+    from timm.layers import BatchNormAct2d, create_conv2d
+
+    proj = dict(stride=2, proj_layer=rv2.DownsampleConv) if stage else {}
+    block = resfast.TimmPreActBottleneck(256 if stage else 512, 512, conv_layer=create_conv2d,
+                                         norm_layer=BatchNormAct2d, **proj)
+    block = randomize_bn(block).cuda().train()
+    _block_grads_close(block, dtype, backend)
 
 
 def test_training_run_loss_curve_matches_eager(backend):

@@ -12,8 +12,9 @@ import torch
 from helpers import (
     TRITON_DEVICE,
     TRITON_INTERPRET,
-    assert_fused_close,
+    assert_block_float32_rule,
     needs_triton_runtime,
+    op_tensor_factory,
     randomize_bn_signed,
     train_steps_like_module_path,
 )
@@ -90,19 +91,9 @@ def test_block_float32_accuracy(stage, monkeypatch):
     both against the float64 module path."""
     ran = _count_whole(monkeypatch)
     new = _block(stage=stage, planes=8).train()  # 3 channels per split
-    ref32, ref64 = copy.deepcopy(new), copy.deepcopy(new).double()
     x = torch.randn(4, new.conv1.in_channels, 9, 8, device=DEVICE).contiguous(memory_format=torch.channels_last)
-    outs = []
-    for m, xx, fused in ((new, x, True), (ref32, x, False), (ref64, x.double(), False)):
-        xx = xx.clone().requires_grad_()
-        with resfast.backend("triton"):
-            y = m(xx) if fused else m._forward_modules(xx)
-        g = torch.linspace(-1, 1, y.numel(), dtype=y.dtype, device=DEVICE).reshape(y.shape)
-        y.backward(g)
-        outs.append([y.detach(), xx.grad] + [p.grad for p in m.parameters()])
+    assert_block_float32_rule(new, x)
     assert ran == [True]
-    for fused, eager, ref in zip(*outs):
-        assert_fused_close(fused, eager, ref, floor=1e-5)
 
 
 def test_zero_init_last(monkeypatch):
@@ -129,18 +120,9 @@ def test_zero_init_last(monkeypatch):
 
 
 def _op_inputs(dtype, scale=4, S=None, wd=3, cin=8, cout=10, groups=1, requires_grad=False, seed=0):
-    g = torch.Generator().manual_seed(seed)
+    r, gamma = op_tensor_factory(dtype, DEVICE, requires_grad, seed)
     S = scale - 1 if S is None else S
     C = scale * wd if scale > 1 else wd
-
-    def r(*shape, lo=-1.0, hi=1.0):
-        t = (torch.rand(*shape, generator=g, dtype=dtype) * (hi - lo) + lo).to(DEVICE)
-        return t.requires_grad_(requires_grad)
-
-    def gamma(n):  # away from zero, both signs
-        t = torch.rand(n, generator=g, dtype=dtype) + 0.5
-        t = t * torch.where(torch.rand(n, generator=g) < 0.3, -1.0, 1.0).to(dtype)
-        return t.to(DEVICE).requires_grad_(requires_grad)
 
     x = r(2, cin, 5, 4).contiguous(memory_format=torch.channels_last).detach().requires_grad_(requires_grad)
     return dict(x=x, w1=r(C, cin, 1, 1), gamma1=gamma(C), beta1=r(C, lo=-0.5, hi=0.5),

@@ -14,8 +14,9 @@ import torch
 from helpers import (
     TRITON_DEVICE,
     TRITON_INTERPRET,
-    assert_fused_close,
+    assert_block_float32_rule,
     needs_triton_runtime,
+    op_tensor_factory,
     randomize_bn_signed,
     train_steps_like_module_path,
 )
@@ -110,19 +111,9 @@ def test_float32_accuracy(name, monkeypatch):
     both against the float64 module path."""
     ran = _count_whole(monkeypatch)
     new = _timm_block(name).train()
-    ref32, ref64 = copy.deepcopy(new), copy.deepcopy(new).double()
     x = torch.randn(4, new.conv1.in_channels, 9, 8, device=DEVICE).contiguous(memory_format=torch.channels_last)
-    outs = []
-    for m, xx, fused in ((new, x, True), (ref32, x, False), (ref64, x.double(), False)):
-        xx = xx.clone().requires_grad_()
-        with resfast.backend("triton"):
-            y = m(xx) if fused else m._forward_modules(xx)
-        g = torch.linspace(-1, 1, y.numel(), dtype=y.dtype, device=DEVICE).reshape(y.shape)
-        y.backward(g)
-        outs.append([y.detach(), xx.grad] + [p.grad for p in m.parameters()])
+    assert_block_float32_rule(new, x)
     assert ran == [True]
-    for fused, eager, ref in zip(*outs):
-        assert_fused_close(fused, eager, ref, floor=1e-5)
 
 
 @pytest.mark.parametrize("name", ["bottleneck_identity", "bottleneck_proj_stride2"])
@@ -153,16 +144,7 @@ def test_zero_init_last(name, monkeypatch):
 
 def _op_inputs(dtype, units, ds: bool, requires_grad=False, seed=0):
     """Inputs of preact_block_train: units = [(C_in, C_out, k, stride, padding, dilation, groups), ...]."""
-    g = torch.Generator().manual_seed(seed)
-
-    def r(*shape, lo=-1.0, hi=1.0):
-        t = (torch.rand(*shape, generator=g, dtype=dtype) * (hi - lo) + lo).to(DEVICE)
-        return t.requires_grad_(requires_grad)
-
-    def gamma(n):  # away from zero, both signs
-        t = torch.rand(n, generator=g, dtype=dtype) + 0.5
-        t = t * torch.where(torch.rand(n, generator=g) < 0.3, -1.0, 1.0).to(dtype)
-        return t.to(DEVICE).requires_grad_(requires_grad)
+    r, gamma = op_tensor_factory(dtype, DEVICE, requires_grad, seed)
 
     x = r(2, units[0][0], 5, 4).contiguous(memory_format=torch.channels_last).detach().requires_grad_(requires_grad)
     weights = [r(co, ci // gr, k, k) for ci, co, k, _, _, _, gr in units]
