@@ -217,3 +217,20 @@ def op_tensor_factory(dtype, device, requires_grad: bool = False, seed: int = 0)
         return t.to(device).requires_grad_(requires_grad)
 
     return uniform, gamma
+
+
+def record_whole_block(monkeypatch, module: str, name: str) -> list:
+    """Wrap the whole-block entry point ``name`` (resfast/ops/bottleneck.py's, as imported by resfast.nn.<module>):
+    the returned list gets True each time a block ran the whole op, False when it fell back to the per-op path."""
+    import importlib
+
+    mod = importlib.import_module(f"resfast.nn.{module}")
+    ran, real = [], getattr(mod, name)
+
+    def counting(*a, **k):
+        y = real(*a, **k)
+        ran.append(y is not None)
+        return y
+
+    monkeypatch.setattr(mod, name, counting)
+    return ran

@@ -447,6 +447,15 @@ def _geometry(geometry: list[int], i: int) -> tuple[tuple[int, int], tuple[int, 
     return (g[0], g[1]), (g[2], g[3]), (g[4], g[5]), g[6]
 
 
+def _bn_bounds(weights: list[Tensor], geometry: list[int]) -> list[int]:
+    """Where each BatchNorm's columns start in the statistics buffer (and where the last ends): bn_i normalises
+    conv i's input channels."""
+    bounds = [0]
+    for i, w in enumerate(weights):
+        bounds.append(bounds[-1] + w.shape[1] * _geometry(geometry, i)[3])
+    return bounds
+
+
 def _preact_block_train(x: Tensor, weights: list[Tensor], gammas: list[Tensor], betas: list[Tensor],
                         geometry: list[int], w_ds: Optional[Tensor], ds_stride: list[int],
                         residual: Optional[Tensor], eps: list[float]) -> tuple[Tensor, list[Tensor], Tensor]:
@@ -473,10 +482,9 @@ def _preact_block_train(x: Tensor, weights: list[Tensor], gammas: list[Tensor], 
     dt = x.dtype
     stat = _stat_dtype(dt)
     N, _, H, W = x.shape
-    chans = [w.shape[1] * _geometry(geometry, i)[3] for i, w in enumerate(weights)]
-    bounds = [sum(chans[:i]) for i in range(len(chans) + 1)]
+    bounds = _bn_bounds(weights, geometry)
     stats = torch.empty((4, bounds[-1]), device=x.device, dtype=stat)
-    rows = [_stat_rows(stats, bounds[i], bounds[i + 1]) for i in range(len(chans))]
+    rows = [_stat_rows(stats, bounds[i], bounds[i + 1]) for i in range(len(weights))]
     shifts = [b.to(stat) for b in betas]
     B.finalize(*B.stats_partials(x), N * H * W, gammas[0], eps[0], outs=rows[0])
     def conv(i: int, inp: Tensor) -> tuple:  # conv i's launch arguments, its input normalised by bn_i as it loads
@@ -515,9 +523,7 @@ def _preact_block_train_backward(dy: Tensor, x: Tensor, weights: list[Tensor], g
     incoming gradient."""
     n = len(weights)
     inputs = [x, *zs]
-    bounds = [0]
-    for i, w in enumerate(weights):
-        bounds.append(bounds[-1] + w.shape[1] * _geometry(geometry, i)[3])
+    bounds = _bn_bounds(weights, geometry)
     dws, dgs, dbs = [None] * n, [None] * n, [None] * n  # every entry is set below
     dx, dw_ds = _empty(x), _empty(x)  # distinct placeholders: an op's outputs may not alias each other
     g = dy

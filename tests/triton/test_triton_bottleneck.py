@@ -16,6 +16,7 @@ from helpers import (
     needs_triton_runtime,
     op_tensor_factory,
     randomize_bn_signed,
+    record_whole_block,
     train_steps_like_module_path,
 )
 from torch import nn
@@ -48,20 +49,8 @@ def _block(stage: bool, scale: int = 4, cardinality: int = 1, dilation: int = 1,
 
 
 def _count_whole(monkeypatch, module="res2net"):
-    """A list that gets True each time a block of resfast.nn.<module> ran the whole-bottleneck op, False when it
-    fell back."""
-    import importlib
-
-    mod = importlib.import_module(f"resfast.nn.{module}")
-    ran, real = [], mod.res2net_bottleneck_train
-
-    def counting(*a, **k):
-        y = real(*a, **k)
-        ran.append(y is not None)
-        return y
-
-    monkeypatch.setattr(mod, "res2net_bottleneck_train", counting)
-    return ran
+    """True each time a block of resfast.nn.<module> ran the whole-bottleneck op, False when it fell back."""
+    return record_whole_block(monkeypatch, module, "res2net_bottleneck_train")
 
 
 BLOCKS = [

@@ -18,6 +18,7 @@ from helpers import (
     needs_triton_runtime,
     op_tensor_factory,
     randomize_bn_signed,
+    record_whole_block,
     train_steps_like_module_path,
 )
 from torch import nn
@@ -59,18 +60,8 @@ def _timm_block(name: str, **extra) -> nn.Module:
 
 
 def _count_whole(monkeypatch):
-    """A list that gets True each time a pre-activation block ran the whole op, False when it fell back."""
-    from resfast.nn import preact
-
-    ran, real = [], preact.preact_block_train
-
-    def counting(*a, **k):
-        y = real(*a, **k)
-        ran.append(y is not None)
-        return y
-
-    monkeypatch.setattr(preact, "preact_block_train", counting)
-    return ran
+    """True each time a pre-activation block ran the whole op, False when it fell back."""
+    return record_whole_block(monkeypatch, "preact", "preact_block_train")
 
 
 @pytest.mark.parametrize("name", list(TIMM))
