@@ -36,6 +36,16 @@ echo "bench train rc=$?" | tee -a "$OUT/summary.txt"; tail -12 "$OUT/bench_train
 RESFAST_WHOLE_BLOCK=0 $PY -m resfast.bench --mode train --batch 128 --models res2net50_26w_4s resnetv2_50 \
   --providers resfast-triton --out-dir "$OUT/results-per-op" > "$OUT/bench_train_per_op.txt" 2>&1
 echo "bench train per-op rc=$?" | tee -a "$OUT/summary.txt"; tail -4 "$OUT/bench_train_per_op.txt"
+# conv gradients: Triton dgrad/wgrad vs ATen (cuDNN) per conv of the three networks, then the GPU training tests and
+# the training steps with every conv gradient from Triton (RESFAST_CONV_BACKWARD=triton), for the comparison above
+$PY benchmarks/bench_conv_backward.py --out-dir "$OUT/results" > "$OUT/bench_conv_backward.txt" 2>&1
+echo "bench_conv_backward rc=$?" | tee -a "$OUT/summary.txt"; tail -4 "$OUT/bench_conv_backward.txt"
+RESFAST_CONV_BACKWARD=triton $PY -m pytest tests/test_gpu.py -q -p no:cacheprovider -k training \
+  > "$OUT/pytest_triton_conv_grads.log" 2>&1
+tail -1 "$OUT/pytest_triton_conv_grads.log" | sed 's/^/triton conv grads: /' | tee -a "$OUT/summary.txt"
+RESFAST_CONV_BACKWARD=triton $PY -m resfast.bench --mode train --batch 128 --models res2net50_26w_4s resnext50_32x4d \
+  resnetv2_50 --providers resfast-triton --out-dir "$OUT/results-triton-conv-grads" > "$OUT/bench_train_tcg.txt" 2>&1
+echo "bench train triton conv grads rc=$?" | tee -a "$OUT/summary.txt"; tail -5 "$OUT/bench_train_tcg.txt"
 $PY benchmarks/bench_ops.py --quick --out-dir "$OUT/results" > "$OUT/bench_ops.txt" 2>&1; echo "bench_ops rc=$?" | tee -a "$OUT/summary.txt"
 # mask or pad for Res2Net's 26-channel splits (the issue asks for the measurement)
 $PY benchmarks/bench_pad_vs_mask.py --out-dir "$OUT/results" > "$OUT/bench_pad_vs_mask.txt" 2>&1

@@ -276,3 +276,31 @@ def test_training_run_loss_curve_matches_eager(backend):
     assert fused[-20:].mean() < fused[:20].mean() * 0.7  # it learns
     diff = (smooth(fused) - smooth(eager)).abs().mean()
     assert diff < 0.1 * smooth(eager).mean(), (diff, smooth(eager)[-1], smooth(fused)[-1])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", CONV_SHAPES + [(3, 64, 224, 7, 2, 1), (64, 256, 56, 1, 2, 1)], ids=str)
+def test_triton_conv_gradients_real_shapes(shape, dtype):
+    """The Triton dgrad/wgrad kernels (RESFAST_CONV_BACKWARD=triton) at the networks' conv shapes, batch 16:
+    err(triton) <= 2 err(ATen same dtype) + floor, both against float64 ATen."""
+    pytest.importorskip("triton")
+    from resfast.triton import conv_grad
+
+    cin, cout, h, k, s, g = shape
+    p = k // 2
+    x64, w64 = _x((16, cin, h, h)), torch.randn(cout, cin // g, k, k, device="cuda", dtype=torch.float64) * 0.05
+    ho = (h + 2 * p - k) // s + 1
+    dy64 = _x((16, cout, ho, ho))
+
+    def aten(dy, x, w):
+        return torch.ops.aten.convolution_backward(dy, x, w, None, [s, s], [p, p], [1, 1], False, [0, 0], g,
+                                                   [True, True, False])[:2]
+
+    ref = aten(dy64, x64, w64)
+    low = [t.to(dtype) for t in (dy64, x64, w64)]
+    eager = aten(*low)
+    dy, x, w = low
+    fused = (conv_grad.conv_dgrad(dy, x.shape, w, (s, s), (p, p), (1, 1), g),
+             conv_grad.conv_wgrad(dy, x, w.shape, (s, s), (p, p), (1, 1), g))
+    for f, e, r in zip(fused, eager, ref):
+        assert_fused_close(f, e, r, floor=1e-2)

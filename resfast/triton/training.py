@@ -33,8 +33,9 @@ Autograd (what is saved, which backward op runs) is resfast/ops/training.py's, s
 
 Backward ops: BatchNorm (+ ReLU, + residual) backward in two Triton passes (batchnorm.backward: per-channel sums of
 ``g`` and ``g * xhat`` in fp32, then ``dz`` and the residual's gradient), and the convolutions' data and weight
-gradients through ATen's ``convolution_backward`` (cuDNN on a GPU; whether a Triton implicit-GEMM backward would be
-faster is unmeasured). The Res2Net chain's backward runs the splits in reverse; a split's input gradient also flows
+gradients through conv_grad.conv_backward: ATen's ``convolution_backward`` (cuDNN on a GPU) by default, the Triton
+implicit-GEMM dgrad/wgrad kernels with ``RESFAST_CONV_BACKWARD=triton`` (benchmarks/bench_conv_backward.py
+compares them). The Res2Net chain's backward runs the splits in reverse; a split's input gradient also flows
 into the previous split's output through the add (``dy2`` of batchnorm.backward), so nothing is summed in memory.
 Inputs are recomputed where cheap (a split's conv input ``x_i + y_{i-1}``, bn_relu_conv's activation).
 """
@@ -51,6 +52,7 @@ from ..ops._args import chain_layout
 from ..ops.training import AUTOGRAD, WHOLE_BLOCK_AUTOGRAD
 from . import batchnorm as B
 from .common import _is_fake, interpreting
+from .conv_grad import conv_backward
 from .conv import PassThrough, Projection, conv_bn_act_fwd, pack_weight, passthrough_fwd
 
 
@@ -121,9 +123,8 @@ def _conv_bn_train_backward(dy: Tensor, x: Tensor, weight: Tensor, z: Tensor, y:
                                          need_dweight=need_dgamma or need_dbeta, need_dres=need_dres)
     dx = dw = db = None
     if need_dx or need_dw or (need_db and has_bias):
-        dx, dw, db = torch.ops.aten.convolution_backward(
-            dz, x, weight, [weight.shape[0]] if has_bias else None, stride, padding, dilation, False, [0, 0], groups,
-            [need_dx, need_dw, need_db and has_bias])
+        dx, dw, db = conv_backward(dz, x, weight, has_bias, stride, padding, dilation, groups,
+                                   [need_dx, need_dw, need_db])
     gdt = gamma.dtype if gamma is not None else mean.dtype
     return (dx if need_dx else _empty(x), dw if need_dw else _empty(weight), db if db is not None else _empty(weight),
             dgamma.to(gdt) if need_dgamma else _empty(mean), dbeta.to(gdt) if need_dbeta else _empty(mean),
@@ -164,9 +165,8 @@ def _bn_relu_conv_train_backward(dy: Tensor, x: Tensor, gamma: Optional[Tensor],
     scale = invstd * gamma.to(invstd.dtype) if gamma is not None else invstd
     act = B.apply(x, mean, scale, beta, None, True)
     need_dact = need_dx or need_dgamma or need_dbeta
-    dact, dw, db = torch.ops.aten.convolution_backward(
-        dy, act, weight, [weight.shape[0]] if has_bias else None, stride, padding, dilation, False, [0, 0], groups,
-        [need_dact, need_dw, need_db and has_bias])
+    dact, dw, db = conv_backward(dy, act, weight, has_bias, stride, padding, dilation, groups,
+                                 [need_dact, need_dw, need_db])
     dx = dgamma = dbeta = None
     if need_dact:
         dx, dgamma, dbeta, _ = B.backward(dact, None, act, x, mean, invstd, gamma, batch_stats,
@@ -269,9 +269,7 @@ def _res2net_chain_train_backward(dout: Tensor, x: Tensor, out: Tensor, Z: Tenso
         if chained:  # the conv's input, recomputed: this split plus the previous split's output
             inp = inp + split(out, conv_splits[k - 1])
         want_din = need_dx or chained
-        din, dw, db = torch.ops.aten.convolution_backward(
-            dz, inp, weights[k], [wd] if has_bias else None, s, d, d, False, [0, 0], groups,
-            [want_din, need_dw, need_db and has_bias])
+        din, dw, db = conv_backward(dz, inp, weights[k], has_bias, s, d, d, groups, [want_din, need_dw, need_db])
         if need_dw:
             dws[k] = dw
         if db is not None:
@@ -417,8 +415,7 @@ def _res2net_bottleneck_train_backward(dy: Tensor, x: Tensor, w1: Tensor, gamma1
     one, zero = [1, 1], [0, 0]
     dz3, dg3, db3, dres = B.backward(dy, None, y, z3, m3, i3, gamma3, True, need_dweight=True, need_dres=need_dres)
     a3 = _chain_out_from(Zc, stats, betas, C, scale, order)
-    da3, dw3, _ = torch.ops.aten.convolution_backward(dz3, a3, w3, None, one, zero, one, False, zero, 1,
-                                                      [True, True, False])
+    da3, dw3, _ = conv_backward(dz3, a3, w3, False, one, zero, one, 1, [True, True, False])
     del dz3
     a1 = B.apply(z1, m1, sc1, beta1, None, True)
     mc = stats[0, C:C + S * wd].view(S, wd)
@@ -429,8 +426,7 @@ def _res2net_bottleneck_train_backward(dy: Tensor, x: Tensor, w1: Tensor, gamma1
     del a3, da3
     dz1, dg1, db1, _ = B.backward(da1, None, a1, z1, m1, i1, gamma1, True, need_dweight=True, need_dres=False)
     del a1, da1
-    dx, dw1, _ = torch.ops.aten.convolution_backward(dz1, x, w1, None, one, zero, one, False, zero, 1,
-                                                     [need_dx, True, False])
+    dx, dw1, _ = conv_backward(dz1, x, w1, False, one, zero, one, 1, [need_dx, True, False])
     gdt = gamma1.dtype
     return (dx if need_dx else _empty(x), dw1, dg1.to(gdt), db1.to(gdt), dws, dgs, dbs, dw3, dg3.to(gdt),
             db3.to(gdt), dres if dres is not None else _empty(z3))
@@ -531,12 +527,10 @@ def _preact_block_train_backward(dy: Tensor, x: Tensor, weights: list[Tensor], g
         mean, invstd, _, scale = _stat_rows(stats, bounds[i], bounds[i + 1])
         a = B.apply(inputs[i], mean, scale, betas[i], None, True)
         s, p, d, groups = _geometry(geometry, i)
-        da, dws[i], _ = torch.ops.aten.convolution_backward(g, a, weights[i], None, s, p, d, False, [0, 0], groups,
-                                                            [True, True, False])
+        da, dws[i], _ = conv_backward(g, a, weights[i], False, s, p, d, groups, [True, True, False])
         da2 = None
         if i == 0 and w_ds is not None:
-            da2, dw_ds, _ = torch.ops.aten.convolution_backward(dy, a, w_ds, None, ds_stride, [0, 0], [1, 1], False,
-                                                                [0, 0], 1, [True, True, False])
+            da2, dw_ds, _ = conv_backward(dy, a, w_ds, False, ds_stride, [0, 0], [1, 1], 1, [True, True, False])
         g, dgamma, dbeta, _ = B.backward(da, da2, a, inputs[i], mean, invstd, gammas[i], True, need_dweight=True,
                                          need_dres=False)
         dgs[i], dbs[i] = dgamma.to(gammas[i].dtype), dbeta.to(gammas[i].dtype)
