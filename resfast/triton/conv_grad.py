@@ -35,7 +35,7 @@ from torch import Tensor
 from torch.library import wrap_triton
 
 from .common import _is_fake, interpreting
-from .conv import conv_tiling
+from .conv import CONFIGS, conv_tiling
 
 BACKENDS = ("aten", "triton")
 
@@ -169,14 +169,8 @@ def _wgrad_kernel(
     tl.store(P_ptr + p_off, acc, mask=keep)
 
 
-# Autotuning on the GPU (one config under the interpreter), keyed by the shape as the forward kernel's
-_DGRAD_CONFIGS = [
-    triton.Config({"BLOCK_M": 64, "BLOCK_K": 32}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_M": 128, "BLOCK_K": 32}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_M": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_M": 64, "BLOCK_K": 16}, num_warps=4, num_stages=4),
-    triton.Config({"BLOCK_M": 32, "BLOCK_K": 32}, num_warps=2, num_stages=3),
-]
+# Autotuning on the GPU (one config under the interpreter), keyed by the shape as the forward kernel's; dgrad is the
+# forward's GEMM with the channel roles swapped and tries the forward's tiles (conv.CONFIGS)
 _WGRAD_CONFIGS = [
     triton.Config({"BLOCK_M": 64}, num_warps=4, num_stages=3),
     triton.Config({"BLOCK_M": 128}, num_warps=4, num_stages=3),
@@ -203,7 +197,7 @@ def _tuned(kernel, configs, key, prune=None):
     return triton.autotune(configs=use, key=key, **kw)(kernel)
 
 
-_dgrad = _tuned(_dgrad_kernel, _DGRAD_CONFIGS, _KEY, _prune_dgrad)
+_dgrad = _tuned(_dgrad_kernel, CONFIGS, _KEY, _prune_dgrad)
 _wgrad = _tuned(_wgrad_kernel, _WGRAD_CONFIGS, _KEY + ["chunk"])
 
 
@@ -247,8 +241,7 @@ def _wgrad_split(M: int, n_tiles: int, device: torch.device) -> tuple[int, int]:
     return chunk, triton.cdiv(M, chunk)
 
 
-def conv_dgrad(dy: Tensor, x_shape, weight: Tensor, stride, padding, dilation, groups: int,
-               like: Optional[Tensor] = None) -> Tensor:
+def conv_dgrad(dy: Tensor, x_shape, weight: Tensor, stride, padding, dilation, groups: int) -> Tensor:
     """The input gradient of ``conv2d(x, weight, stride, padding, dilation, groups)``: (N, C_in, H, W),
     channels_last, dy's dtype."""
     N, C_in, H, W = (int(v) for v in x_shape)

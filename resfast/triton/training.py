@@ -52,8 +52,8 @@ from ..ops._args import chain_layout
 from ..ops.training import AUTOGRAD, WHOLE_BLOCK_AUTOGRAD
 from . import batchnorm as B
 from .common import _is_fake, interpreting
-from .conv_grad import conv_backward
 from .conv import PassThrough, Projection, conv_bn_act_fwd, pack_weight, passthrough_fwd
+from .conv_grad import conv_backward
 
 
 def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
