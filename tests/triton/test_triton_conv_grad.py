@@ -55,6 +55,16 @@ def _case(case, dtype, layout, seed=0):
     return x.to(DEVICE), w.to(DEVICE), dy.to(DEVICE), (s, s), (p, p), (d, d), g
 
 
+def _count_kernel_calls(monkeypatch) -> list:
+    """Wrap conv_dgrad and conv_wgrad: the returned list gets each one's name when it runs."""
+    calls = []
+    for name in ("conv_dgrad", "conv_wgrad"):
+        real = getattr(conv_grad, name)
+        monkeypatch.setattr(conv_grad, name, functools.partial(lambda real, name, *a: calls.append(name) or real(*a),
+                                                               real, name))
+    return calls
+
+
 def _aten(dy, x, w, s, p, d, g):
     dx, dw, _ = torch.ops.aten.convolution_backward(dy, x, w, None, list(s), list(p), list(d), False, [0, 0], g,
                                                     [True, True, False])
@@ -119,11 +129,7 @@ def test_empty_and_zero_sized():
 def test_switch(monkeypatch):
     """RESFAST_CONV_BACKWARD picks the implementation at each call; aten by default; a bad value names itself."""
     x, w, dy, s, p, d, g = _case(CASES[1], F64, "channels_last")
-    calls = []
-    for name in ("conv_dgrad", "conv_wgrad"):
-        real = getattr(conv_grad, name)
-        monkeypatch.setattr(conv_grad, name, functools.partial(lambda real, name, *a: calls.append(name) or real(*a),
-                                                               real, name))
+    calls = _count_kernel_calls(monkeypatch)
     monkeypatch.delenv("RESFAST_CONV_BACKWARD", raising=False)
     ref = conv_grad.conv_backward(dy, x, w, True, s, p, d, g, [True, True, True])
     assert calls == []
@@ -201,11 +207,7 @@ def test_blocks_train_through_triton_conv_grads(name, whole, monkeypatch):
         pytest.skip("float64 block steps: the interpreter's check (the GPU test runs the 2x rule)")
     monkeypatch.setenv("RESFAST_CONV_BACKWARD", "triton")
     monkeypatch.setattr(bottleneck.WHOLE_BLOCK, "enabled", whole)
-    calls = []
-    for fn in ("conv_dgrad", "conv_wgrad"):
-        real = getattr(conv_grad, fn)
-        monkeypatch.setattr(conv_grad, fn, functools.partial(lambda real, fn, *a: calls.append(fn) or real(*a),
-                                                             real, fn))
+    calls = _count_kernel_calls(monkeypatch)
     torch.manual_seed(0)
     block = resfast.convert(randomize_bn_signed(BLOCKS[name]())).to(DEVICE).to(F64).train()
     train_steps_like_module_path(block, None, F64, steps=2)
@@ -214,3 +216,39 @@ def test_blocks_train_through_triton_conv_grads(name, whole, monkeypatch):
     per_step = 2 if (name, whole) == ("preact-stage", False) else sum(isinstance(m, nn.Conv2d) for m in block.modules())
     assert calls.count("conv_wgrad") == 2 * per_step
     assert "conv_dgrad" in calls
+
+
+@pytest.mark.parametrize("name", ["res2net-stage", "resnext-stage"])
+def test_block_gradcheck_through_triton_conv_grads(name, monkeypatch):
+    """float64 gradient check of a converted block in training, every conv gradient from the Triton kernels: for
+    random directions v (over the input and every conv weight) and u (over the output), the analytic u . J v
+    against central differences (gradcheck's fast mode, written out: its failure report runs the slow mode, which
+    takes minutes under the interpreter)."""
+    if not TRITON_INTERPRET:
+        pytest.skip("float64: the interpreter's check")
+    monkeypatch.setenv("RESFAST_CONV_BACKWARD", "triton")
+    calls = _count_kernel_calls(monkeypatch)
+    torch.manual_seed(0)
+    block = resfast.convert(randomize_bn_signed(BLOCKS[name]())).to(DEVICE).to(F64).train()
+    names = [k for k, p in block.named_parameters() if p.dim() == 4]
+    x = torch.randn(2, block.conv1.in_channels, 4, 3, dtype=F64, device=DEVICE).contiguous(
+        memory_format=torch.channels_last)
+
+    def f(x, *weights):
+        with resfast.backend("triton"):
+            return torch.func.functional_call(block, dict(zip(names, weights)), (x,))
+
+    params = dict(block.named_parameters())
+    leaves = [x.requires_grad_()] + [params[k].detach().clone().requires_grad_() for k in names]
+    gen = torch.Generator().manual_seed(1)
+    v = [torch.randn(t.shape, generator=gen, dtype=F64).to(DEVICE) for t in leaves]
+    out = f(*leaves)
+    u = torch.randn(out.shape, generator=gen, dtype=F64).to(DEVICE)
+    analytic = sum((g * d).sum() for g, d in zip(torch.autograd.grad(out, leaves, u), v))
+    eps = 1e-6
+    with torch.no_grad():
+        plus = f(*[t + eps * d for t, d in zip(leaves, v)])
+        minus = f(*[t - eps * d for t, d in zip(leaves, v)])
+    numeric = ((plus - minus) * u).sum() / (2 * eps)
+    torch.testing.assert_close(analytic, numeric, rtol=1e-5, atol=1e-6)
+    assert "conv_dgrad" in calls and "conv_wgrad" in calls
