@@ -42,3 +42,17 @@ def test_load_rejects_other_json(tmp_path):
     p.write_text('{"a": 1}')
     with pytest.raises(ValueError, match="not a resfast benchmark result"):
         load(p)
+
+
+def test_default_results_stay_out_of_the_committed_tables(monkeypatch):
+    """`make bench` from a checkout must not write where benchmarks/update_tables.py --check reads (the committed
+    results), or a following `make test` fails test_committed_tables_are_current."""
+    from pathlib import Path
+
+    from resfast.bench import default_out_dir
+
+    root = Path(__file__).resolve().parents[2]
+    monkeypatch.chdir(root)
+    out = default_out_dir().resolve()
+    assert out == root / "resfast-bench-results"
+    assert (root / "benchmarks" / "results") not in (out, *out.parents)
