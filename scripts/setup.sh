@@ -12,8 +12,11 @@ cd "$(dirname "$0")/.."
 
 VENV=${RESFAST_VENV:-.venv}
 PYTHON=${PYTHON:-python3}
-TORCH_VERSION=2.13.0
-TORCHVISION_VERSION=0.28.0
+# RESFAST_TORCH / RESFAST_TORCHVISION / RESFAST_TRITON pick other versions: the GPU machine's software is
+# torch 2.11.0 (cu130), torchvision 0.26.0, triton 3.6.0 on Python 3.12 (`make setup-gpu-env`).
+TORCH_VERSION=${RESFAST_TORCH:-2.13.0}
+TORCHVISION_VERSION=${RESFAST_TORCHVISION:-0.28.0}
+TRITON_SPEC=${RESFAST_TRITON:+==$RESFAST_TRITON}
 
 if [ ! -x "$VENV/bin/python" ]; then
   echo "== resfast setup: creating $VENV"
@@ -36,7 +39,7 @@ if ! has_cuda_torch; then
 fi
 
 echo "== resfast setup: test and build dependencies"
-"$PY" -m pip install --progress-bar off -q "torchvision==$TORCHVISION_VERSION" timm triton numpy pytest hypothesis \
+"$PY" -m pip install --progress-bar off -q "torchvision==$TORCHVISION_VERSION" timm "triton$TRITON_SPEC" numpy pytest hypothesis \
   ninja pybind11 tqdm ruff matplotlib
 has_cuda_torch || { echo "resfast setup: a dependency replaced the CUDA build of torch" >&2; exit 1; }
 
