@@ -44,7 +44,7 @@ def parser(prog="python -m resfast.bench", models_default=("res2net50_26w_4s", "
     p.add_argument("--device", default="auto", help="auto (cuda if present, else cpu), cpu, cuda, cuda:1 ...")
     p.add_argument("--nchw", dest="channels_last", action="store_false", help="NCHW instead of channels_last")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
-    p.add_argument("--out-dir", type=Path, default=None, help="where result files go (default: ./resfast-bench-results)")
+    p.add_argument("--out-dir", type=Path, default=None, help="result files folder (default: ./resfast-bench-results)")
     p.add_argument("--name", default=None, help="file name stem of the result files (default: kind_device_time)")
     p.add_argument("--no-save", action="store_true", help="print the table only")
     p.add_argument("--compare", nargs=2, type=Path, metavar=("OLD", "NEW"), help="compare two result files")
