@@ -37,6 +37,17 @@ const c10::OperatorHandle& pointwise_op(bool binary) {
   return binary ? with_other : unary;
 }
 
+// Whether the residual add can be oneDNN's "add" post-op. Two cases run the conv with its bias alone, then the add
+// and the ReLU in place (the same arithmetic as eager: the conv output rounded to x's dtype, then the add):
+// - a 1x1 output: its channels_last and contiguous strides coincide, so the residual's layout is ambiguous to
+//   oneDNN (torch 2.11's fails "could not create a memory" when x is channels_last);
+// - an NCHW input with an unpacked weight: mkldnn::_convolution_pointwise.binary does not fuse there either (it
+//   runs the conv, then at::add_relu, which has no bfloat16 kernel in torch 2.11).
+bool fuses_residual(const at::Tensor& x_cl, const at::Tensor& w, const at::Tensor& residual) {
+  if (residual.size(2) * residual.size(3) == 1) return false;
+  return w.is_mkldnn() || layout_of(x_cl) == kCL;
+}
+
 at::Tensor conv_mkldnn(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias,
                        at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
                        const std::optional<at::Tensor>& residual, bool relu) {
@@ -45,6 +56,12 @@ at::Tensor conv_mkldnn(const at::Tensor& x, const at::Tensor& w, const std::opti
   const auto x_cl = x.contiguous(fmt);
   const c10::IValue none;
   const c10::IValue no_scalars = c10::List<std::optional<at::Scalar>>();
+  if (residual.has_value() && !fuses_residual(x_cl, w, *residual)) {
+    auto y = conv_mkldnn(x, w, bias, stride, padding, dilation, groups, std::nullopt, false);
+    y.add_(*residual);
+    if (relu) y.relu_();
+    return y;
+  }
   if (residual.has_value()) {
     // relu?(conv + bias + residual): oneDNN's binary "add" post-op, then the unary one
     stack = {x_cl, residual->contiguous(fmt), w, bias, padding.vec(), stride.vec(), dilation.vec(), groups,

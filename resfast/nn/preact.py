@@ -142,16 +142,18 @@ def _plain_downsample(ds: Optional[nn.Module]) -> bool:
 
 
 def _identity_bn(channels: int, like: Tensor, cache: Optional[FoldCache]) -> BatchNormParams:
-    """An eval BatchNorm that is exactly the identity: mean 0, var 1, eps 0 and no affine fold to scale
-    rsqrt(1) = 1 and shift -0, so ``conv_bn_relu(..., relu=False)`` is the bare conv (+ residual). resfast.ops has
+    """An eval BatchNorm that is exactly the identity: mean 0, var 0.5, eps 0.5 and no affine fold to scale
+    rsqrt(0.5 + 0.5) = rsqrt(1) = 1 and shift -0, so ``conv_bn_relu(..., relu=False)`` is the bare conv (+ residual):
+    0.5 + 0.5 is exactly 1 in every floating dtype, and eps stays positive (torch >= 2.11's batch_norm rejects eps
+    0, even in eval, so a var-1/eps-0 identity would fail on the eager path). resfast.ops has
     no conv op without a BatchNorm; this one keeps the conv in the backends' fused path (on the cpu backend:
     prepacked oneDNN weights, the residual add as a post-op). Kept in the block's cache, so the folded weights
     made from it are reused."""
 
     def build():
         return BatchNormParams(running_mean=torch.zeros(channels, dtype=like.dtype, device=like.device),
-                               running_var=torch.ones(channels, dtype=like.dtype, device=like.device),
-                               momentum=0.0, eps=0.0)
+                               running_var=torch.full((channels,), 0.5, dtype=like.dtype, device=like.device),
+                               momentum=0.0, eps=0.5)
 
     if cache is None:
         return build()

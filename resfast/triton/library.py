@@ -1,7 +1,7 @@
 """The Triton ops as dispatcher ops: ``torch.ops.resfast_triton.{conv_bn_relu, bn_relu_conv, res2net_chain,
 scale_add_relu}``.
 
-Registered with ``torch.library.triton_op`` (the launches go through ``wrap_triton``, conv._launch), so
+Registered with ``torch.library.triton_op`` (the launches go through ``wrap_triton`` on a GPU, common.launcher), so
 torch.compile and torch.export see them. The fake implementation of each op is its own Python body: on
 FakeTensors it allocates the channels_last outputs, with the strides the kernels write, and launches nothing.
 The ops take weights already packed for the kernels, (kH, kW, C_in/groups, C_out), with eval BatchNorm's scale
@@ -175,9 +175,9 @@ def _keep_opaque(mode, func, types, args, kwargs):
 
 if interpreting():
     # triton_op decomposes its op into the Python body when AOTAutograd functionalises (so Inductor sees the
-    # kernels). Under TRITON_INTERPRET=1 wrap_triton hands back the interpreted kernel, which cannot run on the
-    # tracer's tensors, so the body would trace to allocations only; keep the op opaque there instead (a graph
-    # node that runs the real op, traced through its fake implementation), as torch.export does.
+    # kernels). Under TRITON_INTERPRET=1 the launches use the interpreted kernel itself (common.launcher), which
+    # cannot run on the tracer's tensors, so the body would trace to allocations only; keep the op opaque there
+    # instead (a graph node that runs the real op, traced through its fake implementation), as torch.export does.
     from torch._subclasses.functional_tensor import FunctionalTensorMode
 
     for _op in OPS.values():

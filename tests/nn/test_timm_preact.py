@@ -125,6 +125,24 @@ def test_block_eval_no_grad_regrouped(name):
         assert_fused_close(new32(x.float()), orig32(x.float()), ref)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+def test_identity_bn_is_exact(dtype):
+    """The regrouped form's conv-only step (conv_bn_relu with an identity eval BatchNorm) is the bare conv +
+    residual bit for bit on the eager backend in every dtype, with eps > 0 (torch >= 2.11's batch_norm rejects eps
+    0, even in eval)."""
+    from resfast.nn.preact import _conv, _identity_bn
+
+    torch.manual_seed(3)
+    conv = nn.Conv2d(8, 6, 3, padding=1).to(dtype)
+    x = (torch.randn(2, 8, 5, 7) * 100).to(dtype)
+    r = torch.randn(2, 6, 5, 7).to(dtype)
+    assert _identity_bn(6, x, None).eps > 0
+    with torch.no_grad(), resfast.backend("eager"):
+        y = conv(x)
+        torch.testing.assert_close(_conv(x, conv), y, rtol=0, atol=0)
+        torch.testing.assert_close(_conv(x, conv, r), y + r, rtol=0, atol=0)
+
+
 def test_fused_paths_are_taken(monkeypatch):
     """Training runs bn_relu_conv; eval without grad runs bn_act once and conv_bn_relu for every conv (the
     DownsampleConv's included); neither calls a BatchNormAct2d forward when there is no downsample."""

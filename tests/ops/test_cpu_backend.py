@@ -242,6 +242,37 @@ def test_opcheck(i):
     torch.library.opcheck(getattr(torch.ops.resfast, name).default, args)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("packed", [False, True], ids=["plain_weight", "prepacked"])
+@pytest.mark.parametrize("x_cl,r_cl", [(False, False), (True, False), (True, True), (False, True)])
+@pytest.mark.parametrize("hw,k,stride", [((1, 1), 1, 1), ((3, 3), 3, 1), ((2, 2), 1, 2), ((1, 3), 1, 1),
+                                         ((5, 4), 3, 1), ((7, 7), 1, 2)])
+def test_conv_bias_act_residual_every_layout(hw, k, stride, x_cl, r_cl, packed, dtype):
+    """conv + bias + residual (+ ReLU) in float32/bfloat16, where oneDNN runs it: 1x1 outputs (channels_last and
+    contiguous strides coincide; torch 2.11's oneDNN cannot take that residual as a post-op), NCHW inputs (where
+    torch 2.11 falls back to add_relu, which has no bfloat16 kernel), either residual layout, plain and prepacked
+    weights; within the accuracy rule of eager in the same dtype against float64."""
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("oneDNN is not available")
+    conv = torch.ops.resfast.conv_bias_act
+    x = _x((2, 8, *hw), dtype, x_cl)
+    w = torch.randn(6, 8, k, k, dtype=dtype)
+    b = torch.randn(6, dtype=dtype)
+    out_hw = [(s - k) // stride + 1 for s in hw]
+    r = _x((2, 6, *out_hw), dtype, r_cl)
+    wk = w
+    if packed:
+        wk = torch.ops.mkldnn._reorder_convolution_weight(w, [0, 0], [stride, stride], [1, 1], 1, list(x.shape))
+    for relu in (False, True):
+        out = conv(x, wk, b, [stride, stride], [0, 0], [1, 1], 1, r, relu)
+        ref = torch.nn.functional.conv2d(x.double(), w.double(), b.double(), stride) + r.double()
+        eager = torch.nn.functional.conv2d(x, w, b, stride) + r
+        if relu:
+            ref, eager = ref.relu(), eager.relu()
+        assert out.shape == ref.shape and out.dtype == dtype
+        assert_fused_close(out, eager, ref)
+
+
 def test_bad_inputs_are_clear_errors():
     x = torch.randn(2, 8, 5, 5)
     conv = torch.ops.resfast.conv_bias_act
