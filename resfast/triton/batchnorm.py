@@ -33,9 +33,8 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.library import wrap_triton
 
-from .common import _is_fake
+from .common import _is_fake, launcher
 
 # the tile height of every statistics partial (conv epilogue and _stats_partial_kernel): the partial buffers have
 # cdiv(M, STATS_BLOCK_M) rows, and the finalize kernel derives each row's count from it
@@ -51,28 +50,47 @@ def _block_c(C: int) -> int:
 
 
 @triton.jit
-def _rows(pid_m, M, HW, W, BLOCK_M: tl.constexpr):
-    """The (n, h, w) of BLOCK_M consecutive pixels of an (N, ., H, W) tensor, and which of them exist."""
-    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
-    n = offs_m // HW
-    hw = offs_m % HW
-    return n, hw // W, hw % W, offs_m < M
+def pixel_rows(start, M, H, W, ROWS: tl.constexpr):
+    """The (n, h, w) of the ROWS consecutive pixels ``start``, ``start + 1``, ... of an (N, ., H, W) tensor with M
+    pixels, as int32 vectors, and which of them exist. ``start`` is an int64 scalar (M may pass 2^31); only it is
+    decomposed in int64, each row adds its in-tile offset in int32 (an int64 division
+    per row costs a subroutine call and its registers). The callers form int64 offsets per row from these."""
+    w0 = start % W
+    rest = start // W
+    r = tl.arange(0, ROWS)
+    w = w0.to(tl.int32) + r  # < W + ROWS
+    h = (rest % H).to(tl.int32) + w // W  # < H + ROWS
+    n = (rest // H).to(tl.int32) + h // H
+    return n, h % H, w % W, r < tl.minimum(M - start, ROWS).to(tl.int32)
 
 
 @triton.jit
-def _tile(M, C, HW, W, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
-    """This program's (BLOCK_M pixels x BLOCK_C channels) tile of an elementwise grid (pixel tiles on axis 0,
-    channel tiles on axis 1): (n, h, w) per row, the channels, and the masks."""
-    n, h, w, m_mask = _rows(tl.program_id(0), M, HW, W, BLOCK_M)
-    offs_c = (tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)
-    c_mask = offs_c < C
-    return n, h, w, offs_c, m_mask, c_mask, m_mask[:, None] & c_mask[None, :]
+def _rows(pid_m, M, HW, W, BLOCK_M: tl.constexpr):
+    """The (n, h, w) of BLOCK_M consecutive pixels of an (N, ., H, W) tensor, and which of them exist."""
+    return pixel_rows(pid_m.to(tl.int64) * BLOCK_M, M, HW // W, W, BLOCK_M)
+
+
+# rows per step of the elementwise kernels (apply, backward): a (BLOCK_M x BLOCK_C) tile whole would hold
+# BLOCK_M * BLOCK_C / threads values of every operand, and a pointer each where the channels are not aligned for
+# vector loads (Res2Net's splits), per thread; SUB_M rows at a time keep them within 64 registers
+SUB_M = tl.constexpr(8)
+
+
+@triton.jit
+def _tile(r0, M, HW, W, c_mask, ROWS: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Rows r0 .. r0 + ROWS of this program's (BLOCK_M pixels x BLOCK_C channels) tile of an elementwise grid (pixel
+    tiles on axis 0, channel tiles on axis 1; ``c_mask``: which of its channels exist): (n, h, w) per row and the
+    tile's mask."""
+    n, h, w, m_mask = pixel_rows(tl.program_id(0).to(tl.int64) * BLOCK_M + r0, M, HW // W, W, ROWS)
+    return n, h, w, m_mask[:, None] & c_mask[None, :]
 
 
 @triton.jit
 def _at(ptr, n, h, w, offs_c, sn, sc, sh, sw):
-    """Pointers to the tile's elements of a strided (N, C, H, W) tensor."""
-    return ptr + (n * sn + h * sh + w * sw)[:, None] + offs_c[None, :] * sc
+    """Pointers to the tile's elements of a strided (N, C, H, W) tensor: an int64 offset per row plus one per
+    column (n, h, w, offs_c are int32; the tensor may pass 2^31 elements)."""
+    row = n.to(tl.int64) * sn + h.to(tl.int64) * sh + w.to(tl.int64) * sw
+    return ptr + row[:, None] + (offs_c.to(tl.int64) * sc)[None, :]
 
 
 @triton.jit
@@ -97,7 +115,7 @@ def _stats_partial_kernel(
     ACC_F64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
-    offs_c = (tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     n, h, w, m_mask = _rows(pid_m, M, HW, W, BLOCK_M)
     c_mask = offs_c < C
     acc_dtype = tl.float64 if ACC_F64 else tl.float32
@@ -179,23 +197,28 @@ def _apply_kernel(
     HAS_BETA: tl.constexpr, HAS_RES: tl.constexpr, RELU: tl.constexpr, ACC_F64: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    n, h, w, offs_c, m_mask, c_mask, mask = _tile(M, C, HW, W, BLOCK_M, BLOCK_C)
     acc_dtype = tl.float64 if ACC_F64 else tl.float32
-    z = tl.load(_at(Z_ptr, n, h, w, offs_c, szn, szc, szh, szw), mask=mask, other=0.0)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = offs_c < C
     mean = tl.load(MEAN_ptr + offs_c, mask=c_mask, other=0.0).to(acc_dtype)
     a = tl.load(SCALE_ptr + offs_c, mask=c_mask, other=0.0).to(acc_dtype)
-    # (z - mean) * scale + beta, as F.batch_norm: z * scale + (beta - mean * scale) cancels catastrophically when
-    # |mean| is much larger than the spread
-    y = (z.to(acc_dtype) - mean[None, :]) * a[None, :]
     if HAS_BETA:
-        y += tl.load(BETA_ptr + offs_c, mask=c_mask, other=0.0).to(acc_dtype)[None, :]
-    if HAS_RES:
-        y += tl.load(_at(R_ptr, n, h, w, offs_c, srn, src, srh, srw), mask=mask,
-                     other=0.0).to(acc_dtype)
-    if RELU:
-        y = tl.maximum(y, 0.0)
-    tl.store(_at(Y_ptr, n, h, w, offs_c, syn, syc, syh, syw), y.to(Y_ptr.dtype.element_ty),
-             mask=mask)
+        beta = tl.load(BETA_ptr + offs_c, mask=c_mask, other=0.0).to(acc_dtype)
+    for r0 in range(0, BLOCK_M, SUB_M):
+        n, h, w, mask = _tile(r0, M, HW, W, c_mask, SUB_M, BLOCK_M)
+        z = tl.load(_at(Z_ptr, n, h, w, offs_c, szn, szc, szh, szw), mask=mask, other=0.0)
+        # (z - mean) * scale + beta, as F.batch_norm: z * scale + (beta - mean * scale) cancels catastrophically
+        # when |mean| is much larger than the spread
+        y = (z.to(acc_dtype) - mean[None, :]) * a[None, :]
+        if HAS_BETA:
+            y += beta[None, :]
+        if HAS_RES:
+            y += tl.load(_at(R_ptr, n, h, w, offs_c, srn, src, srh, srw), mask=mask,
+                         other=0.0).to(acc_dtype)
+        if RELU:
+            y = tl.maximum(y, 0.0)
+        tl.store(_at(Y_ptr, n, h, w, offs_c, syn, syc, syh, syw), y.to(Y_ptr.dtype.element_ty),
+                 mask=mask)
 
 
 @triton.jit
@@ -228,18 +251,26 @@ def _bwd_reduce_kernel(
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
-    n, h, w, offs_c, m_mask, c_mask, mask = _tile(M, C, HW, W, BLOCK_M, BLOCK_C)
     acc_dtype = tl.float64 if ACC_F64 else tl.float32
-    g = _grad_tile(DY_ptr, DY2_ptr, Y_ptr, n, h, w, offs_c, mask, sdn, sdc, sdh, sdw, s2n, s2c, s2h, s2w,
-                   syn, syc, syh, syw, HAS_DY2, RELU, acc_dtype)
-    z = tl.load(_at(Z_ptr, n, h, w, offs_c, szn, szc, szh, szw), mask=mask,
-                other=0.0).to(acc_dtype)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = offs_c < C
     mean = tl.load(MEAN_ptr + offs_c, mask=c_mask, other=0.0).to(acc_dtype)
     invstd = tl.load(INVSTD_ptr + offs_c, mask=c_mask, other=0.0).to(acc_dtype)
-    xhat = (z - mean[None, :]) * invstd[None, :]
+    # the tile's sums of g and g * xhat, SUB_M rows at a time
+    s_g = tl.zeros((BLOCK_C,), dtype=acc_dtype)
+    s_gx = tl.zeros((BLOCK_C,), dtype=acc_dtype)
+    for r0 in range(0, BLOCK_M, SUB_M):
+        n, h, w, mask = _tile(r0, M, HW, W, c_mask, SUB_M, BLOCK_M)
+        g = _grad_tile(DY_ptr, DY2_ptr, Y_ptr, n, h, w, offs_c, mask, sdn, sdc, sdh, sdw, s2n, s2c, s2h, s2w,
+                       syn, syc, syh, syw, HAS_DY2, RELU, acc_dtype)
+        z = tl.load(_at(Z_ptr, n, h, w, offs_c, szn, szc, szh, szw), mask=mask,
+                    other=0.0).to(acc_dtype)
+        xhat = (z - mean[None, :]) * invstd[None, :]
+        s_g += tl.sum(g, axis=0)
+        s_gx += tl.sum(tl.where(mask, g * xhat, 0.0), axis=0)
     row = pid_m.to(tl.int64) * C
-    tl.store(PG_ptr + row + offs_c, tl.sum(g, axis=0), mask=c_mask)
-    tl.store(PGX_ptr + row + offs_c, tl.sum(tl.where(mask, g * xhat, 0.0), axis=0), mask=c_mask)
+    tl.store(PG_ptr + row + offs_c, s_g, mask=c_mask)
+    tl.store(PGX_ptr + row + offs_c, s_gx, mask=c_mask)
 
 
 @triton.jit
@@ -256,30 +287,34 @@ def _bwd_apply_kernel(
     WRITE_DR: tl.constexpr, ACC_F64: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    n, h, w, offs_c, m_mask, c_mask, mask = _tile(M, C, HW, W, BLOCK_M, BLOCK_C)
     acc_dtype = tl.float64 if ACC_F64 else tl.float32
-    g = _grad_tile(DY_ptr, DY2_ptr, Y_ptr, n, h, w, offs_c, mask, sdn, sdc, sdh, sdw, s2n, s2c, s2h, s2w,
-                   syn, syc, syh, syw, HAS_DY2, RELU, acc_dtype)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = offs_c < C
     invstd = tl.load(INVSTD_ptr + offs_c, mask=c_mask, other=0.0).to(acc_dtype)
     a = invstd
     if HAS_WEIGHT:
         a = a * tl.load(G_ptr + offs_c, mask=c_mask, other=0.0).to(acc_dtype)
     if BATCH_STATS:
-        z = tl.load(_at(Z_ptr, n, h, w, offs_c, szn, szc, szh, szw), mask=mask,
-                    other=0.0).to(acc_dtype)
         mean = tl.load(MEAN_ptr + offs_c, mask=c_mask, other=0.0).to(acc_dtype)
-        xhat = (z - mean[None, :]) * invstd[None, :]
         Mf = M.to(acc_dtype)
         sg = tl.load(SG_ptr + offs_c, mask=c_mask, other=0.0).to(acc_dtype) / Mf
         sgx = tl.load(SGX_ptr + offs_c, mask=c_mask, other=0.0).to(acc_dtype) / Mf
-        dz = (g - sg[None, :] - xhat * sgx[None, :]) * a[None, :]
-    else:
-        dz = g * a[None, :]
-    tl.store(_at(DZ_ptr, n, h, w, offs_c, son, soc, soh, sow),
-             dz.to(DZ_ptr.dtype.element_ty), mask=mask)
-    if WRITE_DR:
-        tl.store(_at(DR_ptr, n, h, w, offs_c, srn, src, srh, srw),
-                 g.to(DR_ptr.dtype.element_ty), mask=mask)
+    for r0 in range(0, BLOCK_M, SUB_M):
+        n, h, w, mask = _tile(r0, M, HW, W, c_mask, SUB_M, BLOCK_M)
+        g = _grad_tile(DY_ptr, DY2_ptr, Y_ptr, n, h, w, offs_c, mask, sdn, sdc, sdh, sdw, s2n, s2c, s2h, s2w,
+                       syn, syc, syh, syw, HAS_DY2, RELU, acc_dtype)
+        if BATCH_STATS:
+            z = tl.load(_at(Z_ptr, n, h, w, offs_c, szn, szc, szh, szw), mask=mask,
+                        other=0.0).to(acc_dtype)
+            xhat = (z - mean[None, :]) * invstd[None, :]
+            dz = (g - sg[None, :] - xhat * sgx[None, :]) * a[None, :]
+        else:
+            dz = g * a[None, :]
+        tl.store(_at(DZ_ptr, n, h, w, offs_c, son, soc, soh, sow),
+                 dz.to(DZ_ptr.dtype.element_ty), mask=mask)
+        if WRITE_DR:
+            tl.store(_at(DR_ptr, n, h, w, offs_c, srn, src, srh, srw),
+                     g.to(DR_ptr.dtype.element_ty), mask=mask)
 
 
 # Elementwise tiles: one shape on the GPU and under the interpreter alike (the statistics' tile height is fixed by
@@ -288,9 +323,9 @@ _NUM_WARPS = 4
 
 
 def _launch(kernel, grid, *args, **meta):
-    """Every launch of this module goes through here (tests wrap it to count launches); wrap_triton as in
-    conv._launch."""
-    wrap_triton(kernel)[grid](*args, **meta, num_warps=_NUM_WARPS)
+    """Every launch of this module goes through here (tests wrap it to count launches), through
+    common.launcher."""
+    launcher(kernel)[grid](*args, **meta, num_warps=_NUM_WARPS)
 
 
 def _grid(M: int, C: int, block_c: int):

@@ -25,16 +25,17 @@ The idea is the implicit-GEMM convolution of cuDNN/CUTLASS and inductor's Triton
 
 from __future__ import annotations
 
+import os
+import warnings
 from typing import NamedTuple, Optional
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.library import wrap_triton
 
-from .batchnorm import STATS_BLOCK_M, tile_moments
-from .common import _is_fake, interpreting  # noqa: F401  (re-exported: the ops' modules import them from here)
+from .batchnorm import STATS_BLOCK_M, pixel_rows, tile_moments
+from .common import _is_fake, interpreting, launcher  # noqa: F401  (re-exported: the ops' modules import them from here)
 
 
 @triton.jit
@@ -68,60 +69,61 @@ def _passthrough_tile(
     AvgPool2d(3, pool_stride, padding=1) with count_include_pad=True (always divided by 9, as timm's).
     PRE_BN_RELU: the split is first normalised, ``relu((p - QM) * QS + QB)`` (training BatchNorm of the conv before
     the chain, whose output is then never written), each value rounded to the split's dtype before pooling."""
-    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
-    offs_c = (pid_c * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)
-    m_mask = offs_m < N * H_out * W_out
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = offs_c < C
-    ow = offs_m % W_out
-    oh = (offs_m // W_out) % H_out
-    on = offs_m // (W_out * H_out)
-    out_mask = m_mask[:, None] & c_mask[None, :]
-    if POOL:
-        acc_dtype = tl.float64 if ACC_F64 else tl.float32
-        acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=acc_dtype)
-        for t in tl.static_range(9):
-            ih = oh * pool_stride - 1 + t // 3
-            iw = ow * pool_stride - 1 + t % 3
-            ok = m_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-            p_ptrs = P_ptr + on[:, None] * spn + offs_c[None, :] * spc + (ih * sph)[:, None] + (iw * spw)[:, None]
-            tap_mask = ok[:, None] & c_mask[None, :]
-            v = tl.load(p_ptrs, mask=tap_mask, other=0.0)
+    p_col = (offs_c.to(tl.int64) * spc)[None, :]
+    q_col = (offs_c.to(tl.int64) * sqc)[None, :]
+    # PT_ROWS rows at a time: the tile is elementwise, and a whole (BLOCK_M x BLOCK_C) tile per step would hold
+    # BLOCK_M * BLOCK_C / threads values, pointers and partial sums per thread (spilled at BLOCK_M = 128)
+    PT_ROWS: tl.constexpr = min(BLOCK_M, 8)
+    for r0 in range(0, BLOCK_M, PT_ROWS):
+        on, oh, ow, m_mask = pixel_rows(pid_m.to(tl.int64) * BLOCK_M + r0, tl.cast(N, tl.int64) * H_out * W_out,
+                                        H_out, W_out, PT_ROWS)
+        out_mask = m_mask[:, None] & c_mask[None, :]
+        if POOL:
+            acc_dtype = tl.float64 if ACC_F64 else tl.float32
+            acc = tl.zeros((PT_ROWS, BLOCK_C), dtype=acc_dtype)
+            p_n = on.to(tl.int64) * spn
+            for t in tl.range(9, loop_unroll_factor=1):
+                ih = oh * pool_stride - 1 + t // 3
+                iw = ow * pool_stride - 1 + t % 3
+                ok = m_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+                p_row = p_n + ih.to(tl.int64) * sph + iw.to(tl.int64) * spw
+                tap_mask = ok[:, None] & c_mask[None, :]
+                v = tl.load(P_ptr + p_row[:, None] + p_col, mask=tap_mask, other=0.0)
+                if PRE_BN_RELU:
+                    v = _bn_relu_cols(v, tap_mask, QM_ptr, QS_ptr, QB_ptr, offs_c, c_mask, P_ptr.dtype.element_ty,
+                                      ACC_F64)
+                acc += v.to(acc_dtype)
+            val = acc / 9.0
+        else:
+            p_row = on.to(tl.int64) * spn + oh.to(tl.int64) * sph + ow.to(tl.int64) * spw
+            val = tl.load(P_ptr + p_row[:, None] + p_col, mask=out_mask, other=0.0)
             if PRE_BN_RELU:
-                v = _bn_relu_cols(v, tap_mask, QM_ptr, QS_ptr, QB_ptr, offs_c, c_mask, P_ptr.dtype.element_ty,
-                                  ACC_F64)
-            acc += v.to(acc_dtype)
-        val = acc / 9.0
-    else:
-        p_ptrs = P_ptr + on[:, None] * spn + offs_c[None, :] * spc + (oh * sph)[:, None] + (ow * spw)[:, None]
-        val = tl.load(p_ptrs, mask=out_mask, other=0.0)
-        if PRE_BN_RELU:
-            val = _bn_relu_cols(val, out_mask, QM_ptr, QS_ptr, QB_ptr, offs_c, c_mask, P_ptr.dtype.element_ty,
-                                ACC_F64)
-    q_ptrs = Q_ptr + on[:, None] * sqn + offs_c[None, :] * sqc + (oh * sqh)[:, None] + (ow * sqw)[:, None]
-    tl.store(q_ptrs, val.to(Q_ptr.dtype.element_ty), mask=out_mask)
+                val = _bn_relu_cols(val, out_mask, QM_ptr, QS_ptr, QB_ptr, offs_c, c_mask, P_ptr.dtype.element_ty,
+                                    ACC_F64)
+        q_row = on.to(tl.int64) * sqn + oh.to(tl.int64) * sqh + ow.to(tl.int64) * sqw
+        tl.store(Q_ptr + q_row[:, None] + q_col, val.to(Q_ptr.dtype.element_ty), mask=out_mask)
 
 
 @triton.jit
 def _load_input(
-    X_ptr, A_ptr, PS_ptr, PT_ptr, PC_ptr, AM_ptr, AS_ptr, AB_ptr, on, cin, ih, iw, mask, c_mask,
-    sxn, sxc, sxh, sxw, san, sac, sah, saw,
+    X_ptr, A_ptr, PS_ptr, PT_ptr, PC_ptr, AM_ptr, AS_ptr, AB_ptr, x_row, a_row, cin, mask, c_mask, sxc, sac,
     HAS_ADD: tl.constexpr, PRE_BN_RELU: tl.constexpr, ADD_BN_RELU: tl.constexpr, ACC_F64: tl.constexpr,
 ):
-    """The conv input at pixels (on, ih, iw) [rows] and channels cin [columns], zero where ~mask, with the
-    prologues: ``relu(x * ps + pt)`` (PRE_BN_RELU 1: pre-activation with eval BatchNorm folded) or
-    ``relu((x - pc) * ps + pt)`` (2: with batch statistics), then ``+ A`` (Res2Net adds the previous split's output;
-    never stored), itself ``relu((A - am) * as + ab)`` with ADD_BN_RELU (the previous split's raw conv output and its
-    training BatchNorm: the chain's outputs are then never written). Each term is rounded to x's dtype before the
-    add, as eager stores them; padding stays zero."""
-    cin = cin.to(tl.int64)
-    ih = ih.to(tl.int64)
-    iw = iw.to(tl.int64)
-    a = tl.load(X_ptr + on[:, None] * sxn + cin[None, :] * sxc + ih * sxh + iw * sxw, mask=mask, other=0.0)
+    """The conv input at the pixels whose int64 offsets in X and A are ``x_row``/``a_row`` [rows] and channels
+    ``cin`` [columns], zero where ~mask, with the prologues: ``relu(x * ps + pt)`` (PRE_BN_RELU 1: pre-activation
+    with eval BatchNorm folded) or ``relu((x - pc) * ps + pt)`` (2: with batch statistics), then ``+ A`` (Res2Net
+    adds the previous split's output; never stored), itself ``relu((A - am) * as + ab)`` with ADD_BN_RELU (the
+    previous split's raw conv output and its training BatchNorm: the chain's outputs are then never written). Each
+    term is rounded to x's dtype before the add, as eager stores them; padding stays zero.
+    Pointers are a row vector plus a column vector (no index math per element)."""
+    a = tl.load(X_ptr + x_row[:, None] + (cin.to(tl.int64) * sxc)[None, :], mask=mask, other=0.0)
     if PRE_BN_RELU:
         a = _bn_relu_cols(a, mask, PC_ptr, PS_ptr, PT_ptr, cin, c_mask, X_ptr.dtype.element_ty, ACC_F64,
                           PRE_BN_RELU == 2)
     if HAS_ADD:
-        b = tl.load(A_ptr + on[:, None] * san + cin[None, :] * sac + ih * sah + iw * saw, mask=mask, other=0.0)
+        b = tl.load(A_ptr + a_row[:, None] + (cin.to(tl.int64) * sac)[None, :], mask=mask, other=0.0)
         if ADD_BN_RELU:
             b = _bn_relu_cols(b, mask, AM_ptr, AS_ptr, AB_ptr, cin, c_mask, X_ptr.dtype.element_ty, ACC_F64)
         a += b
@@ -145,14 +147,17 @@ def _conv_tile(
     INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """One (BLOCK_M output pixels x BLOCK_N output channels) tile of the convolution with its epilogue."""
-    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
-    m_mask = offs_m < N * H_out * W_out
-    ow = offs_m % W_out
-    oh = (offs_m // W_out) % H_out
-    on = offs_m // (W_out * H_out)
+    """One (BLOCK_M output pixels x BLOCK_N output channels) tile of the convolution with its epilogue.
+
+    Index math stays off the (rows x columns) tiles: a row's pixel (n, oh, ow) is decomposed once per tile, its
+    input pixel (ih, iw), padding mask and int64 offset once per tap, a column's channel offset once per K chunk;
+    every pointer is a row vector plus a column vector."""
+    M = tl.cast(N, tl.int64) * H_out * W_out
+    on, oh, ow, m_mask = pixel_rows(pid_m.to(tl.int64) * BLOCK_M, M, H_out, W_out, BLOCK_M)
     acc_dtype = tl.float64 if ACC_F64 else tl.float32
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=acc_dtype)
+    x_n = on.to(tl.int64) * sxn
+    a_n = on.to(tl.int64) * san
 
     if DIRECT:
         # one input channel per output channel (depthwise, or a channel multiplier): a GEMM would have K = kH*kW
@@ -165,9 +170,11 @@ def _conv_tile(
             ih = oh * stride_h - pad_h + (t // KW) * dil_h
             iw = ow * stride_w - pad_w + (t % KW) * dil_w
             ok = m_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-            a = _load_input(X_ptr, A_ptr, PS_ptr, PT_ptr, PC_ptr, AM_ptr, AS_ptr, AB_ptr, on, cin, ih[:, None],
-                            iw[:, None], ok[:, None] & n_mask[None, :], n_mask,
-                            sxn, sxc, sxh, sxw, san, sac, sah, saw, HAS_ADD, PRE_BN_RELU, ADD_BN_RELU, ACC_F64)
+            x_row = x_n + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw
+            a_row = a_n + ih.to(tl.int64) * sah + iw.to(tl.int64) * saw
+            a = _load_input(X_ptr, A_ptr, PS_ptr, PT_ptr, PC_ptr, AM_ptr, AS_ptr, AB_ptr, x_row, a_row, cin,
+                            ok[:, None] & n_mask[None, :], n_mask, sxc, sac, HAS_ADD, PRE_BN_RELU, ADD_BN_RELU,
+                            ACC_F64)
             # packed weights with CIN_G == 1: row t = (kh, kw), column = output channel
             wv = tl.load(W_ptr + t * C_out + cout.to(tl.int64), mask=n_mask, other=0.0)
             acc += a.to(acc_dtype) * wv.to(acc_dtype)[None, :]
@@ -182,68 +189,77 @@ def _conv_tile(
         offs_cn = (pid_n % n_tiles_per_gt) * BLOCK_N + tl.arange(0, BLOCK_N)  # channel within the group tile
         cout = gt * TILE_CO + offs_cn
         n_mask = (offs_cn < TILE_CO) & (cout < C_out)
-        K_TOTAL: tl.constexpr = KH * KW * TILE_CI
-        for k0 in range(0, K_TOTAL, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            # k -> (kh, kw, c) with c fastest: consecutive k read consecutive channels (contiguous in NHWC)
-            cl = offs_k % TILE_CI
-            kw_ = (offs_k // TILE_CI) % KW
-            kh_ = offs_k // (TILE_CI * KW)
+        co_w = cout.to(tl.int64)[None, :]
+        # K runs tap by tap (kh, kw), each tap over the group tile's channels in chunks of BLOCK_K (contiguous in
+        # NHWC): one flat loop of KH * KW * N_CB steps, decomposed by scalar arithmetic, so a step's rows share
+        # their tap (ih, iw, the padding mask and the row offset: per row, not per element)
+        N_CB: tl.constexpr = (TILE_CI + BLOCK_K - 1) // BLOCK_K
+        # per row, once: the tap (0, 0)'s input pixel and its int64 offset; rows past M get an input row far
+        # below 0, so the padding test masks them too. A tap adds scalars: (kh * dil_h, kw * dil_w) to the pixel,
+        # their offset to the row's.
+        ih0 = tl.where(m_mask, oh * stride_h - pad_h, -(1 << 30))
+        iw0 = ow * stride_w - pad_w
+        x_base = x_n + ih0.to(tl.int64) * sxh + iw0.to(tl.int64) * sxw
+        a_base = a_n + ih0.to(tl.int64) * sah + iw0.to(tl.int64) * saw
+        for step in range(KH * KW * N_CB):
+            t = step // N_CB
+            cl = (step % N_CB) * BLOCK_K + tl.arange(0, BLOCK_K)  # channel within the group tile
+            dh = (t // KW) * dil_h
+            dw = (t % KW) * dil_w
+            row_ok = (ih0 >= -dh) & (ih0 < H - dh) & (iw0 >= -dw) & (iw0 < W - dw)
+            x_row = x_base + (dh.to(tl.int64) * sxh + dw.to(tl.int64) * sxw)
+            a_row = a_base + (dh.to(tl.int64) * sah + dw.to(tl.int64) * saw)
             cin = gt * TILE_CI + cl
-            k_mask = (offs_k < K_TOTAL) & (cin < C_in)
-            ih = oh[:, None] * stride_h - pad_h + kh_[None, :] * dil_h
-            iw = ow[:, None] * stride_w - pad_w + kw_[None, :] * dil_w
-            a_mask = m_mask[:, None] & k_mask[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-            a = _load_input(X_ptr, A_ptr, PS_ptr, PT_ptr, PC_ptr, AM_ptr, AS_ptr, AB_ptr, on, cin, ih, iw, a_mask,
-                            k_mask, sxn, sxc, sxh, sxw, san, sac, sah, saw, HAS_ADD, PRE_BN_RELU, ADD_BN_RELU,
-                            ACC_F64)
+            k_mask = (cl < TILE_CI) & (cin < C_in)
+            a = _load_input(X_ptr, A_ptr, PS_ptr, PT_ptr, PC_ptr, AM_ptr, AS_ptr, AB_ptr, x_row, a_row, cin,
+                            row_ok[:, None] & k_mask[None, :], k_mask, sxc, sac, HAS_ADD, PRE_BN_RELU,
+                            ADD_BN_RELU, ACC_F64)
             # packed weights: [KH * KW * CIN_G, C_out], row (kh, kw, c within the group), column = output channel
-            row = (kh_ * KW + kw_) * CIN_G + cl % CIN_G
+            w_row = (t * CIN_G + cl % CIN_G).to(tl.int64) * C_out
             b_mask = k_mask[:, None] & n_mask[None, :]
             if G_TILE > 1:
                 b_mask = b_mask & ((cl // CIN_G)[:, None] == (offs_cn // COUT_G)[None, :])
-            b = tl.load(W_ptr + row.to(tl.int64)[:, None] * C_out + cout.to(tl.int64)[None, :], mask=b_mask,
-                        other=0.0)
+            b = tl.load(W_ptr + w_row[:, None] + co_w, mask=b_mask, other=0.0)
             acc += tl.dot(a, b, input_precision=INPUT_PRECISION, out_dtype=acc_dtype)
 
+    co64 = cout.to(tl.int64)
     if HAS_DS:
         # the projection shortcut: a dense 1x1 GEMM over x' sampled at (oh, ow) * stride into the same accumulator
         # (its BatchNorm scale is folded into WD, its shift into B), so the residual never goes through memory;
         # DS_BN_RELU: x' is first normalised, relu((x' - DM) * DS + DB) (a pre-activation block's shortcut)
-        d_row = on * sdn + (oh * ds_stride_h) * sdh + (ow * ds_stride_w) * sdw
-        co_d = cout.to(tl.int64)
+        d_row = on.to(tl.int64) * sdn + (oh * ds_stride_h).to(tl.int64) * sdh + (ow * ds_stride_w).to(tl.int64) * sdw
         for k0 in range(0, C_d, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             k_mask = offs_k < C_d
             ck = offs_k.to(tl.int64)
             d_mask = m_mask[:, None] & k_mask[None, :]
-            a = tl.load(D_ptr + d_row[:, None] + ck[None, :] * sdc, mask=d_mask, other=0.0)
+            a = tl.load(D_ptr + d_row[:, None] + (ck * sdc)[None, :], mask=d_mask, other=0.0)
             if DS_BN_RELU:  # the shortcut reads relu(bn(x')) (timm's pre-activation downsample), never written
-                a = _bn_relu_cols(a, d_mask, DM_ptr, DS_ptr, DB_ptr, ck, k_mask, D_ptr.dtype.element_ty, ACC_F64)
-            b = tl.load(WD_ptr + ck[:, None] * C_out + co_d[None, :], mask=k_mask[:, None] & n_mask[None, :],
+                a = _bn_relu_cols(a, d_mask, DM_ptr, DS_ptr, DB_ptr, offs_k, k_mask, D_ptr.dtype.element_ty,
+                                  ACC_F64)
+            b = tl.load(WD_ptr + (ck * C_out)[:, None] + co64[None, :], mask=k_mask[:, None] & n_mask[None, :],
                         other=0.0)
             acc += tl.dot(a, b, input_precision=INPUT_PRECISION, out_dtype=acc_dtype)
 
     bias = tl.load(B_ptr + cout, mask=n_mask, other=0.0).to(acc_dtype)
     acc = acc + bias[None, :]
     out_mask = m_mask[:, None] & n_mask[None, :]
-    co64 = cout.to(tl.int64)
     if STATS:
         # training BatchNorm: this tile's per-channel mean and variance, from the accumulator (the
         # raw conv output + bias, before any rounding to the output dtype), row pid_m of the partial buffers
         # (the launch runs BLOCK_M == batchnorm.STATS_BLOCK_M); batchnorm.finalize merges the rows
-        n_valid = tl.minimum(N * H_out * W_out - pid_m.to(tl.int64) * BLOCK_M, BLOCK_M).to(acc_dtype)
+        n_valid = tl.minimum(M - pid_m.to(tl.int64) * BLOCK_M, BLOCK_M).to(acc_dtype)
         t_mean, t_m2 = tile_moments(acc, m_mask, n_valid)
         p_off = pid_m.to(tl.int64) * C_out + co64
         tl.store(PM_ptr + p_off, t_mean, mask=n_mask)
         tl.store(PV_ptr + p_off, t_m2, mask=n_mask)
     if HAS_RES:
-        r_ptrs = R_ptr + on[:, None] * srn + co64[None, :] * src + oh[:, None] * srh + ow[:, None] * srw
-        acc += tl.load(r_ptrs, mask=out_mask, other=0.0).to(acc_dtype)
+        r_row = on.to(tl.int64) * srn + oh.to(tl.int64) * srh + ow.to(tl.int64) * srw
+        acc += tl.load(R_ptr + r_row[:, None] + (co64 * src)[None, :], mask=out_mask, other=0.0).to(acc_dtype)
     if RELU:
         acc = tl.maximum(acc, 0.0)
-    y_ptrs = Y_ptr + on[:, None] * syn + co64[None, :] * syc + oh[:, None] * syh + ow[:, None] * syw
-    tl.store(y_ptrs, acc.to(Y_ptr.dtype.element_ty), mask=out_mask)
+    y_row = on.to(tl.int64) * syn + oh.to(tl.int64) * syh + ow.to(tl.int64) * syw
+    tl.store(Y_ptr + y_row[:, None] + (co64 * syc)[None, :], acc.to(Y_ptr.dtype.element_ty), mask=out_mask)
 
 
 @triton.jit
@@ -421,7 +437,45 @@ CONFIGS = [
     triton.Config({"BLOCK_M": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
     triton.Config({"BLOCK_M": 64, "BLOCK_K": 16}, num_warps=4, num_stages=4),
     triton.Config({"BLOCK_M": 32, "BLOCK_K": 32}, num_warps=2, num_stages=3),
+    # for inputs Triton cannot load in 16-byte vectors (_vector_loads): at most 8 rows of the A tile per thread
+    triton.Config({"BLOCK_M": 64, "BLOCK_K": 32}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_K": 16}, num_warps=8, num_stages=4),
+    triton.Config({"BLOCK_M": 64, "BLOCK_K": 16}, num_warps=8, num_stages=4),  # STATS launches need BLOCK_M 64
 ]
+# the configs only unaligned inputs try (the last three above; see _rows_per_thread)
+_UNALIGNED_ONLY = 3
+
+
+def _vector_loads(t, *strides) -> bool:
+    """Whether Triton's specialisation lets a kernel load t's channels (stride 1) in 16-byte vectors: its address a
+    multiple of 16 bytes and its pixel strides multiples of 16 elements (what triton.jit specialises on). Res2Net's
+    splits (26 or 14 channels at a channel offset) are not: each element is then a load of its own."""
+    return t.data_ptr() % 16 == 0 and all(s % 16 == 0 for s in strides)
+
+
+def _rows_per_thread(c) -> int:
+    """The rows of the (BLOCK_M x BLOCK_K) input tile each thread holds when its loads are scalar: Triton lays the
+    32 threads of a warp along the (contiguous) channels, so a thread gets BLOCK_M / (warps * (32 / BLOCK_K)) rows,
+    each with its own 64-bit address, mask and value. More than 8 fill 255 registers or spill on sm_90."""
+    return c.kwargs["BLOCK_M"] // (c.num_warps * max(1, 32 // c.kwargs["BLOCK_K"]))
+
+
+def _prune_alignment(configs, aligned: bool, elem_bytes: int, block_n: int):
+    """16-bit inputs: aligned ones try all but the unaligned-only configs, unaligned ones the configs with at most 8
+    rows per thread (_rows_per_thread). fp32 with 64 output channels per tile: the configs with at most 16 input
+    elements per thread (the 128-row tiles spill on sm_90), not the unaligned-only ones. Otherwise (fp32 with
+    narrower tiles, float64: the interpreter's) all but the unaligned-only."""
+    if elem_bytes == 2 and not aligned:
+        return [c for c in configs if _rows_per_thread(c) <= 8]
+    if elem_bytes == 4 and block_n >= 64:
+        configs = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_K"] <= 16 * 32 * c.num_warps]
+    return _without_unaligned_only(configs)
+
+
+def _without_unaligned_only(configs):
+    return [c for c in configs if not any(c is u for u in CONFIGS[-_UNALIGNED_ONLY:])]
+
+
 # the shape and the structure of the launch; Triton adds every tensor's dtype
 AUTOTUNE_KEY = ["N", "C_in", "H", "W", "C_out", "H_out", "W_out", "stride_h", "stride_w", "dil_h", "dil_w", "C_pt",
                 "C_d", "CIN_G", "COUT_G", "KH", "KW", "G_TILE", "DIRECT", "HAS_CONV", "HAS_ADD", "PRE_BN_RELU",
@@ -429,8 +483,9 @@ AUTOTUNE_KEY = ["N", "C_in", "H", "W", "C_out", "H_out", "W_out", "stride_h", "s
 
 
 def _prune_configs(configs, named_args, **kwargs):
-    """Drop tiles larger than the problem (BLOCK_M beyond the output pixels, BLOCK_K beyond the reduction) and,
-    where no tl.dot reduces over K (DIRECT, pass-through only), configs that differ only in BLOCK_K."""
+    """Drop tiles larger than the problem (BLOCK_M beyond the output pixels, BLOCK_K beyond the reduction), tiles
+    that do not fit the input's alignment and dtype in registers (_prune_alignment) and, where no tl.dot reduces
+    over K (DIRECT, pass-through only), configs that differ only in BLOCK_K."""
     a = {**named_args, **kwargs}
     if a["STATS"]:  # the statistics partials have one row per STATS_BLOCK_M output pixels
         configs = [c for c in configs if c.kwargs["BLOCK_M"] == STATS_BLOCK_M]
@@ -439,7 +494,11 @@ def _prune_configs(configs, named_args, **kwargs):
     if a["HAS_CONV"] and not a["DIRECT"]:
         max_k = max(16, triton.next_power_of_2(a["KH"] * a["KW"] * a["G_TILE"] * a["CIN_G"]))
         kept = [c for c in kept if c.kwargs["BLOCK_K"] <= max_k]
+        aligned = a["sxc"] == 1 and _vector_loads(a["X_ptr"], a["sxn"], a["sxh"], a["sxw"]) and (
+            not a["HAS_ADD"] or (a["sac"] == 1 and _vector_loads(a["A_ptr"], a["san"], a["sah"], a["saw"])))
+        kept = _prune_alignment(kept, aligned, a["X_ptr"].element_size(), a["BLOCK_N"])
     else:
+        kept = _without_unaligned_only(kept)
         seen: set = set()
         kept = [c for c in kept if not ((c.kwargs["BLOCK_M"], c.num_warps, c.num_stages) in seen
                                         or seen.add((c.kwargs["BLOCK_M"], c.num_warps, c.num_stages)))]
@@ -453,11 +512,30 @@ def make_tuned_kernel(configs, do_bench=None):
                            do_bench=do_bench)(_conv_bn_act_fwd_kernel)
 
 
-def tuning_configs():
-    """The configs the launches try: all of CONFIGS on a GPU; exactly one under TRITON_INTERPRET=1, where
-    benchmarking would be slow and would time numpy, not a GPU (with one config Triton's autotuner runs it
-    without benchmarking)."""
-    return CONFIGS[:1] if interpreting() else CONFIGS
+# RESFAST_TUNE, read at import: "full" (default) autotunes over every config of each list on a GPU; "quick" over its
+# first QUICK_CONFIGS only, bounding compile time (each config of each shape is a compile and a benchmark), as
+# scripts/gpu_check.sh does on a time-limited GPU. The interpreter always runs one config.
+TUNE_MODES = ("full", "quick")
+QUICK_CONFIGS = 2
+
+
+def tuning_mode() -> str:
+    mode = os.environ.get("RESFAST_TUNE", "full").strip().lower() or "full"
+    if mode not in TUNE_MODES:
+        warnings.warn(f"RESFAST_TUNE={mode!r} is not one of {TUNE_MODES}; using 'full'", RuntimeWarning, stacklevel=2)
+        return "full"
+    return mode
+
+
+def tuning_configs(configs=None):
+    """The configs the launches try (``configs``: a list of triton.Config, default CONFIGS): all of them on a GPU,
+    the first QUICK_CONFIGS with RESFAST_TUNE=quick; exactly one under TRITON_INTERPRET=1, where benchmarking
+    would be slow and would time numpy, not a GPU (with one config Triton's autotuner runs it without
+    benchmarking)."""
+    configs = CONFIGS if configs is None else configs
+    if interpreting():
+        return configs[:1]
+    return configs[:QUICK_CONFIGS] if tuning_mode() == "quick" else configs
 
 
 _tuned_kernel = make_tuned_kernel(tuning_configs())
@@ -465,10 +543,9 @@ _tuned_kernel = make_tuned_kernel(tuning_configs())
 
 def _launch(M, n_cols, *args, **meta):
     """Every launch of the kernel goes through here (tests wrap it to count launches): the autotuned kernel over
-    a grid of (M-tiles of the chosen BLOCK_M, n_cols program columns). wrap_triton makes the launch visible to
-    torch.compile when the resfast_triton ops are decomposed (GPU); in eager mode and under the interpreter it
-    hands back the kernel itself."""
-    wrap_triton(_tuned_kernel)[lambda cfg: (triton.cdiv(M, cfg["BLOCK_M"]), n_cols)](*args, **meta)
+    a grid of (M-tiles of the chosen BLOCK_M, n_cols program columns), through common.launcher (wrap_triton on a
+    GPU, so torch.compile sees the launch when the resfast_triton ops are decomposed)."""
+    launcher(_tuned_kernel)[lambda cfg: (triton.cdiv(M, cfg["BLOCK_M"]), n_cols)](*args, **meta)
 
 
 def passthrough_fwd(pt: PassThrough) -> None:

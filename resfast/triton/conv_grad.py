@@ -32,10 +32,10 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.library import wrap_triton
 
-from .common import _is_fake, interpreting
-from .conv import CONFIGS, conv_tiling
+from .batchnorm import pixel_rows
+from .common import _is_fake, launcher
+from .conv import CONFIGS, _prune_alignment, _vector_loads, conv_tiling, tuning_configs
 
 BACKENDS = ("aten", "triton")
 
@@ -66,11 +66,11 @@ def _dgrad_kernel(
     pw = phase % stride_w
     Hp = (H - ph + stride_h - 1) // stride_h  # rows of this phase: ih = ph + stride_h * i
     Wp = (W - pw + stride_w - 1) // stride_w
-    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
-    m_mask = offs_m < N * Hp * Wp
-    iw = (offs_m % Wp) * stride_w + pw
-    ih = ((offs_m // Wp) % Hp) * stride_h + ph
-    on = offs_m // (Wp * Hp)
+    # the rows' (n, i, j) in int32 from one int64 tile start (int64 offsets per row below: the tensors may pass 2^31)
+    on, i_p, j_p, m_mask = pixel_rows(pid_m.to(tl.int64) * BLOCK_M, tl.cast(N, tl.int64) * Hp * Wp, Hp, Wp,
+                                      BLOCK_M)
+    iw = j_p * stride_w + pw
+    ih = i_p * stride_h + ph
     acc_dtype = tl.float64 if ACC_F64 else tl.float32
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=acc_dtype)
 
@@ -82,16 +82,21 @@ def _dgrad_kernel(
     offs_cn = (pid_n % n_tiles_per_gt) * BLOCK_N + tl.arange(0, BLOCK_N)  # input channel within the group tile
     cin = gt * TILE_CI + offs_cn
     n_mask = (offs_cn < TILE_CI) & (cin < C_in)
+    # per row, once: the int64 offset of dy at (n, i, j); a tap adds the scalar offset of (qh, qw) below. Rows past
+    # M get a row far below 0, so the tap's range test masks them too.
+    i_m = tl.where(m_mask, i_p, -(1 << 30))
+    dy_base = on.to(tl.int64) * sdn + i_p.to(tl.int64) * sdh + j_p.to(tl.int64) * sdw
     for t in range(KH * KW):
         kh = t // KW
         kw = t % KW
         num_h = ph + pad_h - kh * dil_h  # + stride_h * i: divisible by stride_h for all rows or for none
         num_w = pw + pad_w - kw * dil_w
         if (num_h % stride_h == 0) & (num_w % stride_w == 0):
-            oh = (ih + pad_h - kh * dil_h) // stride_h  # exact: the numerator is a multiple of the stride
-            ow = (iw + pad_w - kw * dil_w) // stride_w
-            row_ok = m_mask & (oh >= 0) & (oh < H_out) & (ow >= 0) & (ow < W_out)
-            dy_row = on * sdn + oh * sdh + ow * sdw
+            # exact: oh = (ih + pad_h - kh * dil_h) / stride_h = i + qh, ow = j + qw for every row of the phase
+            qh = num_h // stride_h
+            qw = num_w // stride_w
+            row_ok = (i_m >= -qh) & (i_m < H_out - qh) & (j_p >= -qw) & (j_p < W_out - qw)
+            dy_row = dy_base + (qh.to(tl.int64) * sdh + qw.to(tl.int64) * sdw)
             for k0 in range(0, TILE_CO, BLOCK_K):
                 offs_k = k0 + tl.arange(0, BLOCK_K)  # output channel within the group tile
                 cout = gt * TILE_CO + offs_k
@@ -102,12 +107,13 @@ def _dgrad_kernel(
                 b_mask = k_mask[:, None] & n_mask[None, :]
                 if G_TILE > 1:
                     b_mask = b_mask & ((offs_k // COUT_G)[:, None] == (offs_cn // CIN_G)[None, :])
-                w_off = (t * C_out + cout.to(tl.int64))[:, None] * CIN_G + (offs_cn % CIN_G)[None, :]
+                w_off = ((t * C_out + cout.to(tl.int64)) * CIN_G)[:, None] + (offs_cn % CIN_G)[None, :]
                 b = tl.load(W_ptr + w_off, mask=b_mask, other=0.0)
                 acc += tl.dot(a, b, input_precision=INPUT_PRECISION, out_dtype=acc_dtype)
 
     out_mask = m_mask[:, None] & n_mask[None, :]
-    x_ptrs = DX_ptr + (on * sxn + ih * sxh + iw * sxw)[:, None] + cin.to(tl.int64)[None, :] * sxc
+    x_row = on.to(tl.int64) * sxn + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw
+    x_ptrs = DX_ptr + x_row[:, None] + (cin.to(tl.int64) * sxc)[None, :]
     tl.store(x_ptrs, acc.to(DX_ptr.dtype.element_ty), mask=out_mask)
 
 
@@ -141,22 +147,21 @@ def _wgrad_kernel(
     kw = t % KW
     acc_dtype = tl.float64 if ACC_F64 else tl.float32
     acc = tl.zeros((BLOCK_N, BLOCK_C), dtype=acc_dtype)
-    M = N * H_out * W_out
+    M = tl.cast(N, tl.int64) * H_out * W_out  # may pass 2^31
     start = split.to(tl.int64) * chunk
     end = tl.minimum(start + chunk, M)
+    dy_col = cout.to(tl.int64) * sdc
+    x_col = cin.to(tl.int64) * sxc
     for m0 in range(start, end, BLOCK_M):
-        offs_m = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
-        m_mask = offs_m < end
-        ow = offs_m % W_out
-        oh = (offs_m // W_out) % H_out
-        on = offs_m // (W_out * H_out)
-        dy = tl.load(DY_ptr + (on * sdn + oh * sdh + ow * sdw)[:, None] + cout.to(tl.int64)[None, :] * sdc,
-                     mask=m_mask[:, None] & n_mask[None, :], other=0.0)
+        # the rows' (n, oh, ow) in int32 from the int64 chunk position; int64 offsets per row and per column
+        on, oh, ow, m_mask = pixel_rows(m0, end, H_out, W_out, BLOCK_M)
+        dy_row = on.to(tl.int64) * sdn + oh.to(tl.int64) * sdh + ow.to(tl.int64) * sdw
+        dy = tl.load(DY_ptr + dy_row[:, None] + dy_col[None, :], mask=m_mask[:, None] & n_mask[None, :], other=0.0)
         ih = oh * stride_h - pad_h + kh * dil_h
         iw = ow * stride_w - pad_w + kw * dil_w
         ok = m_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        x = tl.load(X_ptr + (on * sxn + ih * sxh + iw * sxw)[:, None] + cin.to(tl.int64)[None, :] * sxc,
-                    mask=ok[:, None] & c_mask[None, :], other=0.0)
+        x_row = on.to(tl.int64) * sxn + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw
+        x = tl.load(X_ptr + x_row[:, None] + x_col[None, :], mask=ok[:, None] & c_mask[None, :], other=0.0)
         acc += tl.dot(tl.trans(dy), x, input_precision=INPUT_PRECISION, out_dtype=acc_dtype)
 
     # this chunk's partial of dweight, packed (KH, KW, CIN_G, C_out): only the block diagonal (a group's own
@@ -188,11 +193,14 @@ def _prune_dgrad(configs, named_args, **kwargs):
     max_m = max(32, triton.next_power_of_2(a["N"] * a["H"] * a["W"]))
     max_k = max(16, triton.next_power_of_2(a["G_TILE"] * a["COUT_G"]))
     kept = [c for c in configs if c.kwargs["BLOCK_M"] <= max_m and c.kwargs["BLOCK_K"] <= max_k]
+    # dy is the GEMM's A operand: tiles that fit its alignment (conv._prune_alignment)
+    kept = _prune_alignment(kept, a["sdc"] == 1 and _vector_loads(a["DY_ptr"], a["sdn"], a["sdh"], a["sdw"]),
+                            a["DY_ptr"].element_size(), a["BLOCK_N"])
     return kept or configs[:1]
 
 
 def _tuned(kernel, configs, key, prune=None):
-    use = configs[:1] if interpreting() else configs
+    use = tuning_configs(configs)  # one under the interpreter, fewer with RESFAST_TUNE=quick
     kw = {"prune_configs_by": {"early_config_prune": prune}} if prune is not None else {}
     return triton.autotune(configs=use, key=key, **kw)(kernel)
 
@@ -257,7 +265,7 @@ def conv_dgrad(dy: Tensor, x_shape, weight: Tensor, stride, padding, dilation, g
     w_packed = weight.permute(2, 3, 0, 1).contiguous()  # (KH, KW, C_out, C_in/g)
     sh, sw = int(stride[0]), int(stride[1])
     m_max = N * triton.cdiv(H, sh) * triton.cdiv(W, sw)
-    wrap_triton(_dgrad)[lambda cfg: (triton.cdiv(m_max, cfg["BLOCK_M"]), n_cols, sh * sw)](
+    launcher(_dgrad)[lambda cfg: (triton.cdiv(m_max, cfg["BLOCK_M"]), n_cols, sh * sw)](
         dy, w_packed, dx, N, C_in, H, W, C_out, dy.shape[2], dy.shape[3], *dy.stride(), *dx.stride(),
         sh, sw, int(padding[0]), int(padding[1]), int(dilation[0]), int(dilation[1]),
         CIN_G=cin_g, COUT_G=cout_g, KH=kh, KW=kw, G_TILE=g_tile, ACC_F64=dy.dtype == torch.float64,
@@ -282,7 +290,7 @@ def conv_wgrad(dy: Tensor, x: Tensor, weight_shape, stride, padding, dilation, g
     n_ci_tiles = triton.cdiv(g_tile * cin_g, block_c)
     chunk, chunks = _wgrad_split(M, n_cols * kh * kw * n_ci_tiles, x.device)
     partial = torch.empty((chunks, kh * kw * cin_g, C_out), device=x.device, dtype=acc)
-    wrap_triton(_wgrad)[(n_cols, kh * kw * n_ci_tiles, chunks)](
+    launcher(_wgrad)[(n_cols, kh * kw * n_ci_tiles, chunks)](
         dy, x, partial, N, C_in, x.shape[2], x.shape[3], C_out, H_out, W_out, *dy.stride(), *x.stride(),
         int(stride[0]), int(stride[1]), int(padding[0]), int(padding[1]), int(dilation[0]), int(dilation[1]),
         chunk, n_ci_tiles,

@@ -17,9 +17,10 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.library import wrap_triton
 
-from .conv import _is_fake, interpreting
+from .batchnorm import pixel_rows
+from .common import _is_fake, launcher
+from .conv import tuning_configs
 
 
 @triton.jit
@@ -33,35 +34,36 @@ def _scale_add_relu_fwd_kernel(
     HAS_RES: tl.constexpr, RELU: tl.constexpr, ACC_F64: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    # (n, h, w) per row in int32 from one int64 tile start; int64 offsets per row and per column (no per-element
+    # index math)
+    n, h, w, m_mask = pixel_rows(tl.program_id(0).to(tl.int64) * BLOCK_M, M, HW // W, W, BLOCK_M)
     offs_c = (tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)
-    n = offs_m // HW
-    hw = offs_m % HW
-    h = hw // W
-    w = hw % W
-    mask = (offs_m < M)[:, None] & (offs_c < C)[None, :]
+    mask = m_mask[:, None] & (offs_c < C)[None, :]
+    n = n.to(tl.int64)
+    h = h.to(tl.int64)
+    w = w.to(tl.int64)
     acc_dtype = tl.float64 if ACC_F64 else tl.float32
-    x = tl.load(X_ptr + (n * sxn + h * sxh + w * sxw)[:, None] + offs_c[None, :] * sxc, mask=mask, other=0.0)
-    g = tl.load(G_ptr + n[:, None] * sgn + offs_c[None, :] * sgc, mask=mask, other=0.0)
+    x = tl.load(X_ptr + (n * sxn + h * sxh + w * sxw)[:, None] + (offs_c * sxc)[None, :], mask=mask, other=0.0)
+    g = tl.load(G_ptr + (n * sgn)[:, None] + (offs_c * sgc)[None, :], mask=mask, other=0.0)
     y = x.to(acc_dtype) * g.to(acc_dtype)
     if HAS_RES:
-        y += tl.load(R_ptr + (n * srn + h * srh + w * srw)[:, None] + offs_c[None, :] * src, mask=mask,
+        y += tl.load(R_ptr + (n * srn + h * srh + w * srw)[:, None] + (offs_c * src)[None, :], mask=mask,
                      other=0.0).to(acc_dtype)
     if RELU:
         y = tl.maximum(y, 0.0)
-    tl.store(Y_ptr + (n * syn + h * syh + w * syw)[:, None] + offs_c[None, :] * syc, y.to(Y_ptr.dtype.element_ty),
-             mask=mask)
+    tl.store(Y_ptr + (n * syn + h * syh + w * syw)[:, None] + (offs_c * syc)[None, :],
+             y.to(Y_ptr.dtype.element_ty), mask=mask)
 
 
 # two tile heights on the GPU, tuned per (M, C); one under the interpreter (no benchmarking there)
 _CONFIGS = [triton.Config({"BLOCK_M": 64}, num_warps=4), triton.Config({"BLOCK_M": 128}, num_warps=8)]
-_tuned_kernel = triton.autotune(configs=_CONFIGS[:1] if interpreting() else _CONFIGS, key=["M", "C"])(
+_tuned_kernel = triton.autotune(configs=tuning_configs(_CONFIGS), key=["M", "C"])(
     _scale_add_relu_fwd_kernel)
 
 
 def _launch(grid, *args, **meta):
-    """Every launch goes through here (tests wrap it to count launches); wrap_triton as in conv._launch."""
-    wrap_triton(_tuned_kernel)[grid](*args, **meta)
+    """Every launch goes through here (tests wrap it to count launches), through common.launcher."""
+    launcher(_tuned_kernel)[grid](*args, **meta)
 
 
 def scale_add_relu_fwd(x: Tensor, gate: Tensor, residual: Optional[Tensor], relu: bool) -> Tensor:
@@ -101,10 +103,10 @@ def _scale_add_relu_bwd_kernel(
     pid = tl.program_id(0).to(tl.int64)
     n = pid // T
     pid_t = pid % T
-    hw = pid_t.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    hw = pid_t.to(tl.int32) * BLOCK_M + tl.arange(0, BLOCK_M)  # < H * W + BLOCK_M: int32
     offs_c = (tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)
-    h = hw // W
-    w = hw % W
+    h = (hw // W).to(tl.int64)
+    w = (hw % W).to(tl.int64)
     c_mask = offs_c < C
     mask = (hw < HW)[:, None] & c_mask[None, :]
     acc_dtype = tl.float64 if ACC_F64 else tl.float32
@@ -146,7 +148,7 @@ def scale_add_relu_bwd(dy: Tensor, x: Tensor, gate: Tensor, y: Optional[Tensor],
         e = dx if need_dx else x
         r = dr if need_dres else x
         block_c = max(16, min(64, triton.next_power_of_2(C)))
-        wrap_triton(_scale_add_relu_bwd_kernel)[(N * T, triton.cdiv(C, block_c))](
+        launcher(_scale_add_relu_bwd_kernel)[(N * T, triton.cdiv(C, block_c))](
             dy, x, gate, yy, e, r, pg if pg is not None else x, C, HW, W, T,
             *dy.stride(), *x.stride(), *gate.stride(), *yy.stride(), *e.stride(), *r.stride(),
             RELU=y is not None, NEED_DX=need_dx, NEED_DG=need_dgate, NEED_DR=need_dres,
