@@ -1,7 +1,8 @@
 """GPU-only checks of the fused GPU backends, `triton` and `cuda` (the `backend` fixture; skipped without CUDA;
-`bash scripts/gpu_check.sh` runs them on a lent GPU): fp16/bf16 at real ResNet-50-family shapes under the accuracy
-rule err(fused) <= 2 x err(eager same dtype) + floor, both against float64, in eval and in training (every
-gradient); whole converted models' logits; a 200-step AMP training run whose loss curve follows eager's."""
+`bash scripts/gpu_check.sh` runs the same checks, time-boxed, through scripts/gpu_check.py on a lent GPU):
+fp16/bf16 at real ResNet-50-family shapes under the accuracy rule err(fused) <= 2 x err(eager same dtype) + floor,
+both against float64, in eval and in training (every gradient); whole converted models' logits; a 200-step AMP
+training run whose loss curve follows eager's."""
 
 import copy
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import json
 import os
 import warnings
 from typing import Callable, Iterator
@@ -26,6 +27,27 @@ from .reference import EAGER_IMPLS
 OPS = ("res2net_chain", "conv_bn_relu", "bn_relu_conv", "scale_add_relu")
 BACKENDS = ("cuda", "triton", "cpu", "eager")
 CHOICES = ("auto",) + BACKENDS
+
+
+VERIFIED_FILE = os.path.join(os.path.dirname(__file__), "gpu_verified.json")
+
+
+def read_verified_ops(backend: str, path: str = VERIFIED_FILE) -> tuple[str, ...]:
+    """The ops of `backend` that passed scripts/gpu_check.sh on a GPU (its correctness, smoke and whole-model
+    steps), as recorded in resfast/ops/gpu_verified.json by benchmarks/import_gpu_results.py; empty when the file is
+    absent or names none. Read once at import."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        return ()
+    except (OSError, ValueError) as e:
+        warnings.warn(f"resfast: cannot read {path} ({e}); no backend counts as verified on a GPU", RuntimeWarning,
+                      stacklevel=2)
+        return ()
+    entry = data.get(backend) if isinstance(data, dict) else None
+    ops = entry.get("ops", []) if isinstance(entry, dict) else []
+    return tuple(op for op in ops if op in OPS)
 
 
 class BackendUnavailableError(RuntimeError):
@@ -89,9 +111,10 @@ class TritonBackend(Backend):
     name = "triton"
     # ops with a Triton implementation (resfast/triton/ops.py, imported on first use, not at `import resfast`)
     implemented = ("conv_bn_relu", "bn_relu_conv", "res2net_chain", "scale_add_relu")
-    # Kernels tested only under TRITON_INTERPRET=1 so far: `auto` does not pick them until they have been
-    # verified on a GPU; an explicit `resfast.backend("triton")` does.
-    verified_on_gpu = False
+    # Kernels tested only under TRITON_INTERPRET=1 so far: `auto` does not pick an op until it has been verified on
+    # a GPU (verified_ops: resfast/ops/gpu_verified.json); an explicit `resfast.backend("triton")` does.
+    verified_ops = read_verified_ops("triton")
+    verified_on_gpu = set(implemented) <= set(verified_ops)
 
     def _static_reasons(self, op):
         reasons = []
@@ -108,7 +131,7 @@ class TritonBackend(Backend):
         return []
 
     def auto_reasons(self, op):
-        return [] if self.verified_on_gpu else [
+        return [] if self.verified_on_gpu or op in self.verified_ops else [
             "the Triton kernels are not verified on a GPU yet: auto does not use them; select backend 'triton'"]
 
     def _input_reasons(self, op, args):
@@ -135,9 +158,10 @@ class CudaBackend(Backend):
 
     name = "cuda"
     implemented = ("conv_bn_relu", "bn_relu_conv", "res2net_chain")
-    # Compiled in CI, never run there: `auto` does not pick the cuda backend until its kernels have been verified on
-    # a GPU (tests/ops/test_cuda_gpu.py); an explicit `resfast.backend("cuda")` does.
-    verified_on_gpu = False
+    # Compiled in CI, never run there: `auto` does not pick an op of the cuda backend until it has been verified on
+    # a GPU (verified_ops: resfast/ops/gpu_verified.json); an explicit `resfast.backend("cuda")` does.
+    verified_ops = read_verified_ops("cuda")
+    verified_on_gpu = set(implemented) <= set(verified_ops)
 
     def _static_reasons(self, op):
         reasons = []
@@ -160,7 +184,7 @@ class CudaBackend(Backend):
         return reasons
 
     def auto_reasons(self, op):
-        return [] if self.verified_on_gpu else [
+        return [] if self.verified_on_gpu or op in self.verified_ops else [
             "the CUDA kernels are not verified on a GPU yet: auto does not use them; select backend 'cuda'"]
 
     def _input_reasons(self, op, args):
