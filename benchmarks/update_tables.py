@@ -53,6 +53,44 @@ def ops_table(r: dict) -> list[str]:
     return out
 
 
+def aot_table(r: dict) -> list[str]:
+    """The ahead-of-time compile report (results/aot/aot.json, python -m resfast.triton.aot): one row per kernel and
+    architecture over every specialisation and config it compiled."""
+    h = r["header"]
+    rows: dict = {}
+    for c in r["compiles"]:
+        if "error" in c:
+            continue
+        k = rows.setdefault((c["kernel"], c["arch"]), {"n": 0, "configs": set(), "regs": [], "st": 0, "ld": 0,
+                                                      "smem": 0, "warps": [], "mma": set()})
+        k["n"] += 1
+        k["configs"].add(c["config"])
+        k["regs"].append(c["registers"])
+        k["st"], k["ld"] = max(k["st"], c["spill_stores"]), max(k["ld"], c["spill_loads"])
+        k["smem"] = max(k["smem"], c["shared"])
+        k["warps"].append(c["occupancy"]["warps"])
+        if c["dot"]:
+            k["mma"].add("wgmma" if c["wgmma"] else "mma" if c["mma"] else "fma")
+    misses: dict = {}
+    for m in r["misses"]:
+        misses[m["kernel"]] = misses.get(m["kernel"], 0) + 1
+    out = [f"`{h['command']}` — {h['date']}, resfast {h.get('git', '?')}, triton {h['versions']['triton']}, "
+           f"torch {h['versions']['torch']}, no GPU "
+           f"(compiled for the targets); {h['seconds']['total']:.0f} s on {h['cpus']} cores. {len(r['launches'])} "
+           f"distinct launches, {len(r['compiles'])} compiles, {len(r['errors'])} compile errors, "
+           f"{len(r['overflows'])} shared-memory overflows, {len(r['misses'])} target misses. "
+           "Details: [`results/aot/aot.md`](results/aot/aot.md).", "",
+           "| kernel | arch | compiles | configs | registers | max spill B (st/ld) | max smem B | warps/SM | "
+           "tl.dot as | target misses (both archs) |",
+           "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |"]
+    for (kernel, arch), k in sorted(rows.items(), key=lambda kv: (kv[0][0], -kv[0][1])):
+        out.append(f"| {kernel.split('.')[-1]} | sm_{arch} | {k['n']} | {len(k['configs'])} | "
+                   f"{min(k['regs'])}-{max(k['regs'])} | {k['st']}/{k['ld']} | {k['smem']} | "
+                   f"{min(k['warps'])}-{max(k['warps'])} | {'/'.join(sorted(k['mma'])) or '-'} | "
+                   f"{misses.get(kernel, 0) if arch == h['archs'][0] else ''} |")
+    return out
+
+
 def section(results_dir: Path) -> str:
     files = sorted(results_dir.glob("*.json"), key=lambda p: (json.loads(p.read_text()).get("date", ""), p.name))
     latest = {}
@@ -74,6 +112,10 @@ def section(results_dir: Path) -> str:
                      else "") + ".", ""]
         lines += models_table(r) if kind == "models" else ops_table(r)
         lines.append("")
+    aot = results_dir / "aot" / "aot.json"
+    if aot.exists():
+        lines += ["### Triton kernels compiled ahead of time (python -m resfast.triton.aot)", "",
+                  *aot_table(json.loads(aot.read_text())), ""]
     lines.append(END)
     return "\n".join(lines)
 
