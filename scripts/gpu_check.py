@@ -199,20 +199,13 @@ def check_all(pairs: dict, floor: float) -> dict:
 
 
 def randomize_bn(model, seed: int = 0):
-    import torch
-    from torch import nn
+    """The tests' BatchNorm randomiser (tests/helpers.py), so the GPU check builds the same blocks as the tests."""
+    tests = str(Path(__file__).resolve().parent.parent / "tests")
+    if tests not in sys.path:
+        sys.path.insert(0, tests)
+    from helpers import randomize_bn as randomize
 
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                if m.weight is not None:
-                    m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
-                    m.bias.copy_(torch.rand(m.bias.shape, generator=g) - 0.5)
-                if m.running_mean is not None:
-                    m.running_mean.copy_(torch.rand(m.running_mean.shape, generator=g) - 0.5)
-                    m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
-    return model
+    return randomize(model, seed)
 
 
 def make_blocks(small: bool) -> dict:
