@@ -74,6 +74,9 @@ def _rows(pid_m, M, HW, W, BLOCK_M: tl.constexpr):
 # BLOCK_M * BLOCK_C / threads values of every operand, and a pointer each where the channels are not aligned for
 # vector loads (Res2Net's splits), per thread; SUB_M rows at a time keep them within 64 registers
 SUB_M = tl.constexpr(8)
+# the data-gradient pass reads up to four operands and writes two per row: 4 rows per step keep it within 64
+# registers (8 took 72-78 on sm_90)
+BWD_SUB_M = tl.constexpr(4)
 
 
 @triton.jit
@@ -299,8 +302,8 @@ def _bwd_apply_kernel(
         Mf = M.to(acc_dtype)
         sg = tl.load(SG_ptr + offs_c, mask=c_mask, other=0.0).to(acc_dtype) / Mf
         sgx = tl.load(SGX_ptr + offs_c, mask=c_mask, other=0.0).to(acc_dtype) / Mf
-    for r0 in range(0, BLOCK_M, SUB_M):
-        n, h, w, mask = _tile(r0, M, HW, W, c_mask, SUB_M, BLOCK_M)
+    for r0 in range(0, BLOCK_M, BWD_SUB_M):
+        n, h, w, mask = _tile(r0, M, HW, W, c_mask, BWD_SUB_M, BLOCK_M)
         g = _grad_tile(DY_ptr, DY2_ptr, Y_ptr, n, h, w, offs_c, mask, sdn, sdc, sdh, sdw, s2n, s2c, s2h, s2w,
                        syn, syc, syh, syw, HAS_DY2, RELU, acc_dtype)
         if BATCH_STATS:
@@ -366,7 +369,7 @@ def finalize(pm: Tensor, pv: Tensor, M: int, weight: Optional[Tensor], eps: floa
     bc = _block_c(C)
     _launch(_finalize_kernel, (triton.cdiv(C, bc),), pm, pv, weight if weight is not None else pm,
             *outs, M, T, C, float(eps), HAS_WEIGHT=weight is not None, ACC_F64=pm.dtype == torch.float64,
-            TILE_M=STATS_BLOCK_M, BLOCK_T=32, BLOCK_C=bc)
+            TILE_M=STATS_BLOCK_M, BLOCK_T=16, BLOCK_C=bc)  # BLOCK_T 32 took 66 registers on sm_90
     return outs
 
 

@@ -460,16 +460,28 @@ def _rows_per_thread(c) -> int:
     return c.kwargs["BLOCK_M"] // (c.num_warps * max(1, 32 // c.kwargs["BLOCK_K"]))
 
 
-def _prune_alignment(configs, aligned: bool, elem_bytes: int, block_n: int):
+def _prune_alignment(configs, aligned: bool, elem_bytes: int, block_n: int, eight_warps: bool = False):
     """16-bit inputs: aligned ones try all but the unaligned-only configs, unaligned ones the configs with at most 8
     rows per thread (_rows_per_thread). fp32 with 64 output channels per tile: the configs with at most 16 input
     elements per thread (the 128-row tiles spill on sm_90), not the unaligned-only ones. Otherwise (fp32 with
-    narrower tiles, float64: the interpreter's) all but the unaligned-only."""
+    narrower tiles, float64: the interpreter's) all but the unaligned-only. ``eight_warps``: keep the
+    unaligned-only configs too (8 warps over a 64-row tile: the launches whose 4-warp tiles need more than 128
+    registers, so fewer than 16 warps per SM on sm_90: a statistics epilogue, an output stored element by
+    element)."""
     if elem_bytes == 2 and not aligned:
         return [c for c in configs if _rows_per_thread(c) <= 8]
     if elem_bytes == 4 and block_n >= 64:
         configs = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_K"] <= 16 * 32 * c.num_warps]
-    return _without_unaligned_only(configs)
+    return configs if eight_warps else _without_unaligned_only(configs)
+
+
+def _prune_store(configs, aligned: bool, block_n: int):
+    """An output tile stored without 16-byte vectors (Res2Net's 26/52/104-channel splits and outputs: each element
+    a store of its own, with its own 64-bit address): the configs with at most 32 output elements per thread. The
+    128 x 64 tile on 4 warps (64 per thread) fills 255 registers and spills 600 bytes on sm_90 there."""
+    if aligned:
+        return configs
+    return [c for c in configs if c.kwargs["BLOCK_M"] * block_n <= 32 * 32 * c.num_warps]
 
 
 def _without_unaligned_only(configs):
@@ -496,7 +508,12 @@ def _prune_configs(configs, named_args, **kwargs):
         kept = [c for c in kept if c.kwargs["BLOCK_K"] <= max_k]
         aligned = a["sxc"] == 1 and _vector_loads(a["X_ptr"], a["sxn"], a["sxh"], a["sxw"]) and (
             not a["HAS_ADD"] or (a["sac"] == 1 and _vector_loads(a["A_ptr"], a["san"], a["sah"], a["saw"])))
-        kept = _prune_alignment(kept, aligned, a["X_ptr"].element_size(), a["BLOCK_N"])
+        y_aligned = a["syc"] == 1 and _vector_loads(a["Y_ptr"], a["syn"], a["syh"], a["syw"])
+        kept = _prune_alignment(kept, aligned, a["X_ptr"].element_size(), a["BLOCK_N"],
+                                eight_warps=bool(a["STATS"]) or not y_aligned)
+        kept = _prune_store(kept, y_aligned, a["BLOCK_N"])
+        if a["HAS_PT"]:  # with the pass-through's programs, 2 warps spill (4 B on sm_90 at a 3x3 Res2Net conv)
+            kept = [c for c in kept if c.num_warps > 2]
     else:
         kept = _without_unaligned_only(kept)
         seen: set = set()
@@ -508,13 +525,15 @@ def _prune_configs(configs, named_args, **kwargs):
 def make_tuned_kernel(configs, do_bench=None):
     """_conv_bn_act_fwd_kernel under triton.autotune over `configs`, keyed by AUTOTUNE_KEY (``do_bench``: Triton's
     benchmark function, replaceable so tests can count benchmarks on the CPU)."""
-    return triton.autotune(configs=configs, key=AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune_configs},
+    return triton.autotune(configs=configs, key=AUTOTUNE_KEY,
+                           prune_configs_by={"early_config_prune": capped(_prune_configs)},
                            do_bench=do_bench)(_conv_bn_act_fwd_kernel)
 
 
-# RESFAST_TUNE, read at import: "full" (default) autotunes over every config of each list on a GPU; "quick" over its
-# first QUICK_CONFIGS only, bounding compile time (each config of each shape is a compile and a benchmark), as
-# scripts/gpu_check.sh does on a time-limited GPU. The interpreter always runs one config.
+# RESFAST_TUNE, read at import: "full" (default) autotunes over every config of each list on a GPU; "quick" over
+# the first QUICK_CONFIGS only, bounding compile time (each config of each shape is a compile and a benchmark), as
+# scripts/gpu_check.sh does on a time-limited GPU: the first of the configs the launch's prune function keeps where
+# a kernel has one (capped), else of the list (tuning_configs). The interpreter always runs one config.
 TUNE_MODES = ("full", "quick")
 QUICK_CONFIGS = 2
 
@@ -527,18 +546,31 @@ def tuning_mode() -> str:
     return mode
 
 
-def tuning_configs(configs=None):
+def tuning_configs(configs=None, pruned: bool = False):
     """The configs the launches try (``configs``: a list of triton.Config, default CONFIGS): all of them on a GPU,
-    the first QUICK_CONFIGS with RESFAST_TUNE=quick; exactly one under TRITON_INTERPRET=1, where benchmarking
-    would be slow and would time numpy, not a GPU (with one config Triton's autotuner runs it without
-    benchmarking)."""
+    the first QUICK_CONFIGS with RESFAST_TUNE=quick (all of them if ``pruned``: the kernel's prune function,
+    wrapped in capped, takes the first of those it keeps, so quick tuning never falls back to a config the prune
+    rejects); exactly one under TRITON_INTERPRET=1, where benchmarking would be slow and would time numpy, not a
+    GPU (with one config Triton's autotuner runs it without benchmarking)."""
     configs = CONFIGS if configs is None else configs
     if interpreting():
         return configs[:1]
-    return configs[:QUICK_CONFIGS] if tuning_mode() == "quick" else configs
+    return configs[:QUICK_CONFIGS] if tuning_mode() == "quick" and not pruned else configs
 
 
-_tuned_kernel = make_tuned_kernel(tuning_configs())
+def capped(prune):
+    """An early_config_prune function that keeps at most QUICK_CONFIGS of what ``prune`` keeps with
+    RESFAST_TUNE=quick (read now, at import, as tuning_configs does), all of them otherwise."""
+    if tuning_mode() != "quick":
+        return prune
+
+    def prune_quick(configs, named_args, **kwargs):
+        return prune(configs, named_args, **kwargs)[:QUICK_CONFIGS]
+    prune_quick.__doc__ = prune.__doc__
+    return prune_quick
+
+
+_tuned_kernel = make_tuned_kernel(tuning_configs(pruned=True))
 
 
 def _launch(M, n_cols, *args, **meta):

@@ -35,7 +35,7 @@ from torch import Tensor
 
 from .batchnorm import pixel_rows
 from .common import _is_fake, launcher
-from .conv import CONFIGS, _prune_alignment, _vector_loads, conv_tiling, tuning_configs
+from .conv import CONFIGS, _prune_alignment, _prune_store, _vector_loads, capped, conv_tiling, tuning_configs
 
 BACKENDS = ("aten", "triton")
 
@@ -181,7 +181,13 @@ _WGRAD_CONFIGS = [
     triton.Config({"BLOCK_M": 128}, num_warps=4, num_stages=3),
     triton.Config({"BLOCK_M": 128}, num_warps=8, num_stages=4),
     triton.Config({"BLOCK_M": 32}, num_warps=2, num_stages=3),
+    # for dy or x that Triton cannot load in 16-byte vectors: at most 16 elements of each operand per thread
+    triton.Config({"BLOCK_M": 64}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 32}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 32}, num_warps=8, num_stages=3),
 ]
+# the configs only unaligned operands try (the last three above; see _prune_wgrad)
+_WGRAD_UNALIGNED_ONLY = 3
 _KEY = ["N", "C_in", "H", "W", "C_out", "H_out", "W_out", "stride_h", "stride_w", "pad_h", "pad_w", "dil_h", "dil_w",
         "CIN_G", "COUT_G", "KH", "KW", "G_TILE"]
 # wgrad chunks of the output pixels are multiples of the largest BLOCK_M, so every config tiles a chunk exactly
@@ -194,19 +200,39 @@ def _prune_dgrad(configs, named_args, **kwargs):
     max_k = max(16, triton.next_power_of_2(a["G_TILE"] * a["COUT_G"]))
     kept = [c for c in configs if c.kwargs["BLOCK_M"] <= max_m and c.kwargs["BLOCK_K"] <= max_k]
     # dy is the GEMM's A operand: tiles that fit its alignment (conv._prune_alignment)
+    # dx is the output tile: where it is stored element by element, at most 32 elements per thread, and the 8-warp
+    # tiles are tried too
+    dx_aligned = a["sxc"] == 1 and _vector_loads(a["DX_ptr"], a["sxn"], a["sxh"], a["sxw"])
     kept = _prune_alignment(kept, a["sdc"] == 1 and _vector_loads(a["DY_ptr"], a["sdn"], a["sdh"], a["sdw"]),
-                            a["DY_ptr"].element_size(), a["BLOCK_N"])
+                            a["DY_ptr"].element_size(), a["BLOCK_N"], eight_warps=not dx_aligned)
+    kept = _prune_store(kept, dx_aligned, a["BLOCK_N"])
     return kept or configs[:1]
 
 
-def _tuned(kernel, configs, key, prune=None):
-    use = tuning_configs(configs)  # one under the interpreter, fewer with RESFAST_TUNE=quick
-    kw = {"prune_configs_by": {"early_config_prune": prune}} if prune is not None else {}
-    return triton.autotune(configs=use, key=key, **kw)(kernel)
+def _prune_wgrad(configs, named_args, **kwargs):
+    """Both operands (dy: BLOCK_M x BLOCK_N, x: BLOCK_M x BLOCK_C) are loaded in 16-byte vectors: the configs but the
+    unaligned-only ones. Otherwise each element is a load with its own 64-bit address: the configs with at most 16
+    elements of an operand per thread (with 32 or 64, as the 128-row tiles on 4 warps have, 255 registers and up
+    to 2.3 KB of spills on sm_90)."""
+    a = {**named_args, **kwargs}
+    aligned = (a["sdc"] == 1 and _vector_loads(a["DY_ptr"], a["sdn"], a["sdh"], a["sdw"])
+               and a["sxc"] == 1 and _vector_loads(a["X_ptr"], a["sxn"], a["sxh"], a["sxw"]))
+    if aligned:
+        kept = [c for c in configs if not any(c is u for u in _WGRAD_CONFIGS[-_WGRAD_UNALIGNED_ONLY:])]
+    else:
+        width = max(a["BLOCK_N"], a["BLOCK_C"])
+        kept = [c for c in configs if c.kwargs["BLOCK_M"] * width <= 16 * 32 * c.num_warps]
+    return kept or configs[:1]
+
+
+def _tuned(kernel, configs, key, prune):
+    # one config under the interpreter; with RESFAST_TUNE=quick the first few that the prune keeps (capped)
+    use = tuning_configs(configs, pruned=True)
+    return triton.autotune(configs=use, key=key, prune_configs_by={"early_config_prune": capped(prune)})(kernel)
 
 
 _dgrad = _tuned(_dgrad_kernel, CONFIGS, _KEY, _prune_dgrad)
-_wgrad = _tuned(_wgrad_kernel, _WGRAD_CONFIGS, _KEY + ["chunk"])
+_wgrad = _tuned(_wgrad_kernel, _WGRAD_CONFIGS, _KEY + ["chunk"], _prune_wgrad)
 
 
 def _precision(t: Tensor):

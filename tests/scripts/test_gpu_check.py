@@ -175,3 +175,20 @@ def test_resfast_tune_quick_bounds_the_config_lists(monkeypatch):
         assert conv.tuning_configs() == conv.CONFIGS
     monkeypatch.setattr(conv, "interpreting", lambda: True)
     assert conv.tuning_configs([1, 2, 3]) == [1]
+
+
+def test_resfast_tune_quick_caps_what_the_prune_keeps(monkeypatch):
+    """With a prune function, quick tuning takes the first QUICK_CONFIGS of the configs the prune keeps (never a
+    config it rejected because the first ones of the list did not fit), full tuning all of them."""
+    pytest.importorskip("triton")
+    from resfast.triton import conv
+
+    def prune(configs, named_args, **kwargs):
+        return [c for c in configs if c % 2 == 1]
+
+    monkeypatch.setattr(conv, "interpreting", lambda: False)
+    monkeypatch.setenv("RESFAST_TUNE", "quick")
+    assert conv.tuning_configs([0, 1, 2, 3, 5, 7], pruned=True) == [0, 1, 2, 3, 5, 7]
+    assert conv.capped(prune)([0, 2, 4, 1, 3, 5, 7], {}) == [1, 3][:conv.QUICK_CONFIGS]
+    monkeypatch.setenv("RESFAST_TUNE", "full")
+    assert conv.capped(prune) is prune

@@ -252,3 +252,41 @@ def test_block_gradcheck_through_triton_conv_grads(name, monkeypatch):
     numeric = ((plus - minus) * u).sum() / (2 * eps)
     torch.testing.assert_close(analytic, numeric, rtol=1e-5, atol=1e-6)
     assert "conv_dgrad" in calls and "conv_wgrad" in calls
+
+
+def _per_thread(c, width):
+    return c.kwargs["BLOCK_M"] * width // (32 * c.num_warps)
+
+
+def test_prunes_keep_unaligned_tiles_within_registers():
+    """Which configs autotuning may pick (the AOT report measured the rest spilling on sm_90): wgrad with operands
+    that cannot be loaded in 16-byte vectors (a 52-channel NHWC tensor: pixel stride 52) only tries tiles with at
+    most 16 elements of an operand per thread, aligned operands never try the unaligned-only ones; dgrad storing
+    dx element by element only tries output tiles with at most 32 elements per thread."""
+    from resfast.triton import conv
+
+    def args(c, dtype=torch.bfloat16):
+        t = torch.empty(2, c, 6, 6, dtype=dtype).contiguous(memory_format=torch.channels_last)
+        return t, t.stride()
+
+    def wgrad_kept(c):
+        (dy, sd), (x, sx) = args(c), args(c)
+        named = dict(DY_ptr=dy, X_ptr=x, sdn=sd[0], sdc=sd[1], sdh=sd[2], sdw=sd[3],
+                     sxn=sx[0], sxc=sx[1], sxh=sx[2], sxw=sx[3])
+        return conv_grad._prune_wgrad(conv_grad._WGRAD_CONFIGS, named, BLOCK_N=64, BLOCK_C=64)
+
+    unaligned = wgrad_kept(52)
+    assert unaligned and all(_per_thread(c, 64) <= 16 for c in unaligned)
+    aligned = wgrad_kept(64)
+    assert aligned == conv_grad._WGRAD_CONFIGS[:-conv_grad._WGRAD_UNALIGNED_ONLY]
+
+    def dgrad_kept(c_in):
+        (dy, sd), (dx, sx) = args(64), args(c_in)
+        named = dict(DY_ptr=dy, DX_ptr=dx, N=256, H=56, W=56, G_TILE=1, COUT_G=64, sdn=sd[0], sdc=sd[1], sdh=sd[2],
+                     sdw=sd[3], sxn=sx[0], sxc=sx[1], sxh=sx[2], sxw=sx[3])
+        return conv_grad._prune_dgrad(conv.CONFIGS, named, BLOCK_N=64)
+
+    narrow = dgrad_kept(104)
+    assert narrow and all(_per_thread(c, 64) <= 32 for c in narrow)
+    wide = dgrad_kept(128)
+    assert any(_per_thread(c, 64) > 32 for c in wide)  # the 128-row tile on 4 warps, where dx is stored in vectors
