@@ -1,14 +1,14 @@
 """resfast.convert: swap every recognised ResNet-family block in a model for its resfast equivalent.
 
 Recognised: torchvision's BasicBlock/Bottleneck (also inside detection backbones, FrozenBatchNorm2d included),
-timm's res2net Bottle2neck and timm's resnetv2 PreActBottleneck/PreActBasic by their exact class; and blocks
-written like the seed articles' (Res2NetBottleneck, Res2Block, ResBlock, BasicBlockV2/BottleneckV2, seed 002's
-BasicBlock/Bottleneck), matched by class name and child modules and then *verified*: a randomised copy of the
-block and of its conversion must give the same outputs and running statistics in eval and in training mode,
-otherwise the block is left alone (a look-alike with other semantics, e.g. a pre-activation block named
-BasicBlock, is never swapped). The replacement takes over the original's parameters, buffers, submodules,
-attributes and hooks (it is the same object state under the resfast class), so weights, outputs and state_dict
-keys are unchanged.
+timm's res2net Bottle2neck and timm's resnetv2 PreActBottleneck/PreActBasic by their exact class; and blocks written
+like the source articles' (docs/sources.md: Res2NetBottleneck, Res2Block, ResBlock, BasicBlockV2/BottleneckV2, the
+ResNeXt article's BasicBlock/Bottleneck), matched by class name and child modules and then *verified*: a randomised
+copy of the block and of its conversion must give the same outputs and running statistics in eval and in training
+mode, otherwise the block is left alone (a look-alike with other semantics, e.g. a pre-activation block named
+BasicBlock, is never swapped). The replacement takes over the original's parameters, buffers, submodules, attributes
+and hooks (it is the same object state under the resfast class), so weights, outputs and state_dict keys are
+unchanged.
 
 Synchronised BatchNorms are kept: resfast's SyncBatchNorm2d (resfast.convert_sync_batchnorm, before or after
 convert) goes on through the fused ops; torch's nn.SyncBatchNorm makes the converted block run its modules. The
@@ -56,7 +56,7 @@ _BY_NAME: dict[str, tuple[Type[nn.Module], tuple[frozenset, ...]]] = {
     ),
     "BasicBlockV2": (PreActBasicBlock, (frozenset({"bn1", "relu", "conv1", "bn2", "conv2"}),)),
     "BottleneckV2": (PreActBottleneck, (frozenset({"bn1", "relu", "conv1", "bn2", "conv2", "bn3", "conv3"}),)),
-    # timm's ResNetV2 blocks (the downsample reads the pre-activated input, unlike seed 004's)
+    # timm's ResNetV2 blocks (the downsample reads the pre-activated input, unlike BottleneckV2's)
     "PreActBottleneck": (
         TimmPreActBottleneck,
         (frozenset({"norm1", "conv1", "norm2", "conv2", "norm3", "conv3"}),),

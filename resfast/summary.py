@@ -1,4 +1,5 @@
-"""Parameter count, weight size and MACs of a model: the question seed 000 asks (Res2Net vs ResNet size)."""
+"""Parameter count, weight size and MACs of a model: the question of the "Res2Net in YOLOv5" Q&A (Res2Net vs
+ResNet weight size; docs/sources.md)."""
 
 from __future__ import annotations
 

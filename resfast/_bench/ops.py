@@ -27,7 +27,7 @@ MODELS = {
     "res2net50_14w_8s": rmodels.res2net50_14w_8s,
     "res2net50_48w_2s": rmodels.res2net50_48w_2s,
     "resnext50_32x4d": rmodels.resnext50_32x4d,
-    "resnetv2_50": rmodels.resnet50_v2,  # seed 004's pre-activation layout, the shapes of timm's resnetv2_50
+    "resnetv2_50": rmodels.resnet50_v2,  # the ResNet50V2 article's layout, the shapes of timm's resnetv2_50
 }
 PROVIDERS = ("resfast-triton", "resfast-cuda", "eager-nchw", "eager-cl", "compile", "compile-max-autotune")
 MODES = ("forward", "backward", "full")

@@ -1,4 +1,5 @@
-"""Seed 004's pre-activation ResNetV2 (resnet18_v2 ... resnet152_v2), built from resfast's PreAct blocks."""
+"""The pre-activation ResNetV2 of the ResNet50V2 article (resnet18_v2 ... resnet152_v2; docs/sources.md), built
+from resfast's PreAct blocks."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from ._load import Weights, load_weights
 
 
 class ResNetV2(nn.Module):
-    """Seed 004's ResNetV2: conv-BN-ReLU-maxpool stem, pre-activation stages, final BN (``bn_last``) + ReLU."""
+    """The ResNet50V2 article's ResNetV2: conv-BN-ReLU-maxpool stem, pre-activation stages, final BN
+    (``bn_last``) + ReLU."""
 
     def __init__(self, block, layers, num_classes: int = 1000):
         super().__init__()

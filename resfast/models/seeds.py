@@ -1,12 +1,19 @@
-"""The source articles' small models, with the same structure and state_dict keys, built from resfast blocks.
+"""The source articles' small models (see docs/sources.md), with the articles' structure and state_dict keys,
+built from resfast blocks.
 
-* :class:`Seed000Res2Net` - seed 000's ``Res2Net`` (Fashion-MNIST, 10 classes) of ``Res2Block``s.
-* :class:`Seed001Res2Net` - seed 001's ``Res2Net`` of ``Res2NetBottleneck``s (returns softmax probabilities,
-  as the seed does).
-* :class:`Seed003ResNet18` - seed 003's ``Model_ResNet18`` of ``ResBlock``s (``use_residual`` switch).
+* :class:`Res2NetFashionMNIST` - the ``Res2Net`` of ``Res2Block``s (Fashion-MNIST, 10 classes) from the
+  "Res2Net in YOLOv5" Q&A.
+* :class:`SERes2Net` - the squeeze-and-excitation ``Res2Net`` of ``Res2NetBottleneck``s from the "Res2Net in
+  PyTorch" article (returns softmax probabilities, as the article does).
+* :class:`ResNet18MNIST` - ``Model_ResNet18`` of ``ResBlock``s (``use_residual`` switch) from the NNDL
+  "ResNet18 on MNIST" lab.
+
+The old names (``Seed000Res2Net``, ``seed000_res2net``, ...) still work and warn (DeprecationWarning).
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -15,9 +22,9 @@ from ..nn import Res2Block, Res2NetBottleneck, ResBlock
 from ._load import Weights, load_weights
 
 
-class Seed000Res2Net(nn.Module):
-    """Seed 000's Res2Net. As in the seed, only the first block of each stage gets ``stride``, and that block
-    uses the default ``scale=4``."""
+class Res2NetFashionMNIST(nn.Module):
+    """The small Fashion-MNIST Res2Net of the "Res2Net in YOLOv5" Q&A. As in the article, only the first block of
+    each stage gets ``stride``, and that block uses the default ``scale=4``."""
 
     def __init__(self, num_classes: int = 10):
         super().__init__()
@@ -43,14 +50,15 @@ class Seed000Res2Net(nn.Module):
         return nn.Sequential(*layers)
 
 
-class Seed001Res2Net(nn.Module):
-    """Seed 001's Res2Net: ``planes = width * scales * 2**i``, SE blocks, biased 1x1 downsample convs."""
+class SERes2Net(nn.Module):
+    """The SE Res2Net of the "Res2Net in PyTorch" article: ``planes = width * scales * 2**i``, SE blocks, biased
+    1x1 downsample convs."""
 
     def __init__(self, layers, num_classes, width=16, scales=4, groups=1, zero_init_residual=True, se=True,
                  norm_layer=True):
         super().__init__()
         if not norm_layer:
-            raise ValueError("norm_layer must be truthy: seed 001's Res2Net always uses nn.BatchNorm2d")
+            raise ValueError("norm_layer must be truthy: SERes2Net always uses nn.BatchNorm2d, as the article does")
         norm_layer = nn.BatchNorm2d
         planes = [int(width * scales * 2**i) for i in range(4)]
         self.inplanes = planes[0]
@@ -111,8 +119,9 @@ def _stage(cin, cout, n, stride, use_residual):
     return nn.Sequential(*blocks)
 
 
-class Seed003ResNet18(nn.Module):
-    """Seed 003's Model_ResNet18 (NNDL): everything in ``self.net`` (stem, four stages, pool, flatten, fc)."""
+class ResNet18MNIST(nn.Module):
+    """Model_ResNet18 of the NNDL "ResNet18 on MNIST" lab: everything in ``self.net`` (stem, four stages, pool,
+    flatten, fc)."""
 
     def __init__(self, in_channels: int = 3, num_classes: int = 10, use_residual: bool = True):
         super().__init__()
@@ -127,15 +136,42 @@ class Seed003ResNet18(nn.Module):
         return self.net(x)
 
 
-def seed000_res2net(num_classes: int = 10, weights: Weights = None) -> Seed000Res2Net:
-    return load_weights(Seed000Res2Net(num_classes), weights)
+def res2net_fashion_mnist(num_classes: int = 10, weights: Weights = None) -> Res2NetFashionMNIST:
+    """The small Res2Net of the "Res2Net in YOLOv5" Q&A (3-channel input, 10 classes, ~0.96 M parameters)."""
+    return load_weights(Res2NetFashionMNIST(num_classes), weights)
 
 
-def seed001_res2net(layers=(3, 4, 6, 3), num_classes: int = 5, weights: Weights = None, **kwargs) -> Seed001Res2Net:
-    """Seed 001's Res2Net (default: its 50-layer layout and ``classes=5``)."""
-    return load_weights(Seed001Res2Net(list(layers), num_classes, **kwargs), weights)
+def se_res2net(layers=(3, 4, 6, 3), num_classes: int = 5, weights: Weights = None, **kwargs) -> SERes2Net:
+    """The SE Res2Net of the "Res2Net in PyTorch" article (default: its 50-layer layout and ``classes=5``)."""
+    return load_weights(SERes2Net(list(layers), num_classes, **kwargs), weights)
 
 
-def seed003_resnet18(in_channels: int = 3, num_classes: int = 10, use_residual: bool = True,
-                     weights: Weights = None) -> Seed003ResNet18:
-    return load_weights(Seed003ResNet18(in_channels, num_classes, use_residual), weights)
+def resnet18_mnist(in_channels: int = 3, num_classes: int = 10, use_residual: bool = True,
+                   weights: Weights = None) -> ResNet18MNIST:
+    """The NNDL lab's ResNet18 (``in_channels=1`` for MNIST; ``use_residual=False``: no shortcuts)."""
+    return load_weights(ResNet18MNIST(in_channels, num_classes, use_residual), weights)
+
+
+# Old names (the articles' internal ids, "seed 000" ... "seed 003"): resolved lazily, with a DeprecationWarning.
+DEPRECATED_NAMES = {
+    "Seed000Res2Net": "Res2NetFashionMNIST",
+    "Seed001Res2Net": "SERes2Net",
+    "Seed003ResNet18": "ResNet18MNIST",
+    "seed000_res2net": "res2net_fashion_mnist",
+    "seed001_res2net": "se_res2net",
+    "seed003_resnet18": "resnet18_mnist",
+}
+
+
+def _deprecated(name: str, stacklevel: int = 3):
+    """The object now called ``DEPRECATED_NAMES[name]``, after a DeprecationWarning naming it."""
+    new = DEPRECATED_NAMES[name]
+    warnings.warn(f"resfast.models.{name} is deprecated; use resfast.models.{new} (the same model)",
+                  DeprecationWarning, stacklevel=stacklevel)
+    return globals()[new]
+
+
+def __getattr__(name: str):
+    if name in DEPRECATED_NAMES:
+        return _deprecated(name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -124,7 +124,7 @@ _SEED_SE_CHILDREN = {"avg_pool": nn.AdaptiveAvgPool2d, "fc1": nn.Conv2d, "relu":
 
 def se_gate(se: Optional[nn.Module], y: Tensor) -> Optional[Tensor]:
     """The gate (N, C, 1, 1) an SE module multiplies `y` by, computed with the module's own layers, for the SE
-    modules whose forward is known to be ``y * gate``: resfast's (seed 001's) SEModule and modules laid out like it
+    modules whose forward is known to be ``y * gate``: resfast's SEModule and modules laid out like it
     (``sigmoid(fc2(relu(fc1(avg_pool(y)))))``; a converted look-alike block must still pass convert's behavioural
     check), and timm's SEModule without add_maxpool (``gate(fc2(act(bn(fc1(y.mean((2, 3)))))))``). None for any
     other module: the block then calls it."""

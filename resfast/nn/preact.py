@@ -1,8 +1,8 @@
-"""Drop-in pre-activation (ResNetV2) blocks: seed 004's BasicBlockV2 and BottleneckV2, and timm's resnetv2
-PreActBottleneck and PreActBasic.
+"""Drop-in pre-activation (ResNetV2) blocks: BasicBlockV2 and BottleneckV2 of the ResNet50V2 article
+(docs/sources.md), and timm's resnetv2 PreActBottleneck and PreActBasic.
 
 Each unit is BN -> ReLU -> conv (resfast.ops.bn_relu_conv); the shortcut is added by the last unit. No ReLU
-after the add. Seed 004 applies its downsample to the raw input; timm applies it to the pre-activated input
+after the add. The article applies its downsample to the raw input; timm applies it to the pre-activated input
 ``relu(norm1(x))``.
 """
 
@@ -22,7 +22,7 @@ from ._common import block_cache, bn_conv, conv_bn, fusable, fusable_conv, fusab
 
 
 class PreActBasicBlock(nn.Module):
-    """Seed 004's BasicBlockV2 (ResNet-18/34 v2)."""
+    """BasicBlockV2 of the ResNet50V2 article (ResNet-18/34 v2)."""
 
     expansion = 1
 
@@ -56,7 +56,7 @@ class PreActBasicBlock(nn.Module):
 
 
 class PreActBottleneck(nn.Module):
-    """Seed 004's BottleneckV2 (ResNet-50/101/152 v2): stride on the 3x3 conv."""
+    """BottleneckV2 of the ResNet50V2 article (ResNet-50/101/152 v2): stride on the 3x3 conv."""
 
     expansion = 4
 

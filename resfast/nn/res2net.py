@@ -1,4 +1,5 @@
-"""Drop-in Res2Net blocks: timm's Bottle2neck, seed 001's Res2NetBottleneck (+ SEModule), seed 000's Res2Block.
+"""Drop-in Res2Net blocks: timm's Bottle2neck, and from two source articles (docs/sources.md) the "Res2Net in
+PyTorch" article's Res2NetBottleneck (+ SEModule) and the "Res2Net in YOLOv5" Q&A's Res2Block.
 
 Same constructors, attribute names and state_dict keys as the originals. The forward runs through
 resfast.ops (conv_bn_relu for the 1x1 convs, res2net_chain for the hierarchical 3x3 chain) when every layer
@@ -196,7 +197,8 @@ class Bottle2neck(nn.Module):
 
 
 class SEModule(nn.Module):
-    """Seed 001's squeeze-and-excitation module: ``input * sigmoid(fc2(relu(fc1(avgpool(input)))))``."""
+    """The squeeze-and-excitation module of the "Res2Net in PyTorch" article (docs/sources.md):
+    ``input * sigmoid(fc2(relu(fc1(avgpool(input)))))``."""
 
     def __init__(self, channels: int, reduction: int = 16):
         super().__init__()
@@ -212,8 +214,9 @@ class SEModule(nn.Module):
 
 
 class Res2NetBottleneck(nn.Module):
-    """Seed 001's Res2NetBottleneck: paper order (split 0 passes through), biased convs, stride on the 1x1
-    conv1, ``groups * planes`` bottleneck channels, optional SE before the residual add."""
+    """Res2NetBottleneck of the "Res2Net in PyTorch" article (docs/sources.md): paper order (split 0 passes
+    through), biased convs, stride on the 1x1 conv1, ``groups * planes`` bottleneck channels, optional SE before
+    the residual add."""
 
     expansion = 4
 
@@ -222,7 +225,7 @@ class Res2NetBottleneck(nn.Module):
         if planes % scales != 0:
             raise ValueError("Planes must be divisible by scales")
         if not norm_layer:
-            raise ValueError("norm_layer must be truthy: seed 001's Res2NetBottleneck always uses nn.BatchNorm2d")
+            raise ValueError("norm_layer must be truthy: Res2NetBottleneck always uses nn.BatchNorm2d (as the article)")
         norm_layer = nn.BatchNorm2d
         bottleneck_planes = groups * planes
         self.scales = scales
@@ -263,7 +266,7 @@ class Res2NetBottleneck(nn.Module):
             cache = block_cache(self)
             out = conv_bn(x, self.conv1, self.bn1, cache=cache)
             out = _chain(out, self.conv2, self.bn2, self.scales, 1, 1, groups, "paper", "normal", cache)
-            downsample = self.downsample if self.downsample else None  # the seed passes an empty Sequential for none
+            downsample = self.downsample if self.downsample else None  # the article passes an empty Sequential for none
             if self.se is None:
                 return conv_bn_shortcut(out, self.conv3, self.bn3, x, downsample, cache)
             identity = shortcut(x, downsample, cache)
@@ -294,8 +297,9 @@ class Res2NetBottleneck(nn.Module):
 
 
 class Res2Block(nn.Module):
-    """Seed 000's Res2Block: 1x1 conv-BN-ReLU, 3x3 conv with ``groups=scale`` -BN-ReLU, 1x1 conv-BN, plus a
-    shortcut (identity, or 1x1 conv + BN when the stride or channels change), then ReLU."""
+    """Res2Block of the "Res2Net in YOLOv5" Q&A (docs/sources.md): 1x1 conv-BN-ReLU, 3x3 conv with
+    ``groups=scale`` -BN-ReLU, 1x1 conv-BN, plus a shortcut (identity, or 1x1 conv + BN when the stride or
+    channels change), then ReLU."""
 
     def __init__(self, in_channels, mid_channels, out_channels, stride=1, scale=4):
         super().__init__()

@@ -1,4 +1,4 @@
-"""Drop-in ResNet / ResNeXt blocks: torchvision's BasicBlock and Bottleneck, and seed 003's ResBlock.
+"""Drop-in ResNet / ResNeXt blocks: torchvision's BasicBlock and Bottleneck, and the NNDL lab's ResBlock.
 
 Same constructors, attribute names and state_dict keys as the originals; the forward runs through
 resfast.ops when every layer is one the ops reproduce (plain Conv2d, BatchNorm2d or FrozenBatchNorm2d,
@@ -137,10 +137,11 @@ class Bottleneck(nn.Module):
 
 
 class ResBlock(nn.Module):
-    """Seed 003's residual unit (NNDL ResNet18): 3x3 conv-BN-ReLU, 3x3 conv-BN, optional 1x1-conv+BN shortcut.
+    """Residual unit of the NNDL "ResNet18 on MNIST" lab (docs/sources.md): 3x3 conv-BN-ReLU, 3x3 conv-BN,
+    optional 1x1-conv+BN shortcut.
 
-    ``use_residual=False`` drops the shortcut (the seed's plain-network experiment); the shortcut layers are
-    still created when the shapes differ, as in the seed, so state_dicts match either way.
+    ``use_residual=False`` drops the shortcut (the lab's plain-network experiment); the shortcut layers are
+    still created when the shapes differ, as in the lab, so state_dicts match either way.
     """
 
     def __init__(self, in_channels: int, out_channels: int, stride: int = 1, use_residual: bool = True) -> None:
@@ -168,7 +169,7 @@ class ResBlock(nn.Module):
             y = conv_bn(inputs, self.conv1, self.bn1, cache=cache)
             if not self.use_residual:
                 return conv_bn(y, self.conv2, self.bn2, cache=cache)
-            if self.use_1x1conv:  # the seed's shortcut conv and bn3 are separate attributes, not a Sequential
+            if self.use_1x1conv:  # the lab's shortcut conv and bn3 are separate attributes, not a Sequential
                 proj = projection(inputs, self.shortcut, self.bn3, self.bn2)
                 if proj is None:
                     return conv_bn(y, self.conv2, self.bn2, cache=cache,

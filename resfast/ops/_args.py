@@ -194,7 +194,7 @@ def chain_layout(scale: int, order: str) -> tuple[tuple[int, ...], Optional[int]
 
     timm/official order: the chain starts at split 0 and the last split passes through; with scale == 1
     there is one conv over the whole input and no pass-through (timm's `num_scales = max(1, scale - 1)`).
-    paper/seed-001 order: split 0 passes through and the chain runs over splits 1..scale-1.
+    paper order (Res2NetBottleneck): split 0 passes through and the chain runs over splits 1..scale-1.
     """
     if order == "timm":
         return (tuple(range(scale - 1)), scale - 1) if scale > 1 else ((0,), None)

@@ -25,7 +25,7 @@ def bn_relu_conv(
     residual: Optional[Tensor] = None,
     fold_cache: Optional[FoldCache] = None,
 ) -> Tensor:
-    """``conv2d(relu(bn(x)), weight, bias) + residual``, the pre-activation unit of ResNetV2 (seed 004).
+    """``conv2d(relu(bn(x)), weight, bias) + residual``, the pre-activation unit of ResNetV2.
 
     Args:
         x: (N, C_in, H, W), contiguous NCHW or channels_last; ``bn`` normalises its C_in channels

@@ -27,7 +27,7 @@ def conv_bn_relu(
     shortcut: Optional[ConvShortcut] = None,
     fold_cache: Optional[FoldCache] = None,
 ) -> Tensor:
-    """``relu(bn(conv2d(x, weight, bias)) + residual)``: ResNeXt's grouped 3x3, ResNet's 1x1/3x3, seed-000's block.
+    """``relu(bn(conv2d(x, weight, bias)) + residual)``: ResNeXt's grouped 3x3, ResNet's 1x1/3x3, Res2Block's.
 
     Args:
         x: (N, C_in, H, W), contiguous NCHW or channels_last.

@@ -33,7 +33,7 @@ def res2net_chain(
     * ``order="timm"`` (official Res2Net, timm): ``y_0 = f_0(x_0)``, ``y_i = f_i(y_{i-1} + x_i)`` for
       ``0 < i < scale - 1``, and the last split passes through. With ``scale == 1`` there is one conv over
       the whole input (timm's ``num_scales = max(1, scale - 1)``).
-    * ``order="paper"`` (the paper's equations, seed 001): split 0 passes through, ``y_1 = f_1(x_1)``,
+    * ``order="paper"`` (the paper's equations, resfast.Res2NetBottleneck): split 0 passes through, ``y_1 = f_1(x_1)``,
       ``y_i = f_i(x_i + y_{i-1})``.
     * ``block_type="normal"`` adds as above (stride must be 1); ``block_type="stage"`` (timm's first block of a
       stage) feeds every conv its own split, the convs carry the stride, and the pass-through split goes through

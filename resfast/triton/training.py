@@ -23,10 +23,10 @@ autograd with ``register_autograd``.
   every BatchNorm (bn1's statistics depend on conv1's output, so no per-op split can do this). Called by the blocks
   through resfast/ops/bottleneck.py.
 * ``preact_block_train``: a whole pre-activation block (BN -> ReLU -> conv units; timm's PreActBottleneck /
-  PreActBasic, seed 004's v2 blocks) in training: the first BatchNorm's statistics from one pass over the input,
-  each later one's from the previous conv's epilogue, each BN + ReLU in the next conv's prologue, timm's downsample
-  (a 1x1 conv of the normalised input) as a second GEMM of the last conv's launch. Called by the blocks through
-  resfast/ops/bottleneck.py.
+  PreActBasic, the ResNet50V2 article's v2 blocks) in training: the first BatchNorm's statistics from one pass over
+  the input, each later one's from the previous conv's epilogue, each BN + ReLU in the next conv's prologue, timm's
+  downsample (a 1x1 conv of the normalised input) as a second GEMM of the last conv's launch. Called by the blocks
+  through resfast/ops/bottleneck.py.
 * ``bn_running_update``: running buffers updated in place (mutates its arguments; no autograd).
 
 Autograd (what is saved, which backward op runs) is resfast/ops/training.py's, shared with the C++ ops.

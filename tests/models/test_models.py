@@ -24,16 +24,19 @@ def _original(name, num_classes=1000):
         return timm.create_model(name, pretrained=False, num_classes=num_classes)
     if name in V2:
         return getattr(seed004, name)(num_classes)
-    if name == "seed000_res2net":
+    if name == "res2net_fashion_mnist":
         return seed000.Res2Net()
-    if name == "seed001_res2net":
+    if name == "se_res2net":
         return seed001.Res2Net([3, 4, 6, 3], 5)
-    if name == "seed003_resnet18":
+    if name == "resnet18_mnist":
         return seed003.Model_ResNet18(3, 10)
     raise KeyError(name)
 
 
-@pytest.mark.parametrize("name", TORCHVISION + TIMM + V2 + ["seed000_res2net", "seed001_res2net", "seed003_resnet18"])
+ARTICLES = ["res2net_fashion_mnist", "se_res2net", "resnet18_mnist"]  # the source articles' small models
+
+
+@pytest.mark.parametrize("name", TORCHVISION + TIMM + V2 + ARTICLES)
 def test_builder_matches_original_in_eval(name):
     orig = randomize_bn(_original(name)).eval()
     new = models.get_model(name, weights=orig.state_dict()).eval()
@@ -42,28 +45,28 @@ def test_builder_matches_original_in_eval(name):
     check_fused_model(orig, new, x)
 
 
-@pytest.mark.parametrize("name", ["resnet18", "resnext50_32x4d", "res2net50_26w_4s", "res2next50", "resnet50_v2",
-                                  "seed000_res2net", "seed001_res2net", "seed003_resnet18"])
+@pytest.mark.parametrize("name", ["resnet18", "resnext50_32x4d", "res2net50_26w_4s", "res2next50", "resnet50_v2"]
+                         + ARTICLES)
 def test_builder_matches_original_in_training(name):
     orig = randomize_bn(_original(name)).double()
     new = models.get_model(name, weights=orig.state_dict()).double()
     compare_modules(orig, new, torch.randn(2, 3, 48, 48, dtype=torch.float64), True, steps=2, rtol=1e-9, atol=1e-9)
 
 
-def test_seed003_without_residual():
+def test_resnet18_mnist_without_residual():
     orig = randomize_bn(seed003.Model_ResNet18(1, 10, use_residual=False)).eval()
-    new = models.seed003_resnet18(1, 10, use_residual=False, weights=orig.state_dict()).eval()
+    new = models.resnet18_mnist(1, 10, use_residual=False, weights=orig.state_dict()).eval()
     x = torch.randn(2, 1, 32, 32)
     torch.testing.assert_close(new(x), orig(x))
 
 
-def test_seed001_small_layout_and_options():
+def test_se_res2net_small_layout_and_options():
     for kw in (dict(scales=2, se=False), dict(groups=2, width=8), dict(zero_init_residual=False)):
         orig = randomize_bn(seed001.Res2Net([1, 1, 1, 1], 7, **kw)).eval()
-        new = models.seed001_res2net([1, 1, 1, 1], 7, weights=orig.state_dict(), **kw).eval()
+        new = models.se_res2net([1, 1, 1, 1], 7, weights=orig.state_dict(), **kw).eval()
         x = torch.randn(2, 3, 64, 64)
         torch.testing.assert_close(new(x), orig(x))
-        torch.testing.assert_close(new(x).sum(1), torch.ones(2))  # the seed returns probabilities
+        torch.testing.assert_close(new(x).sum(1), torch.ones(2))  # the article's model returns probabilities
 
 
 def test_weights_from_path_and_checkpoint(tmp_path):
@@ -85,9 +88,42 @@ def test_weights_from_path_and_checkpoint(tmp_path):
 def test_num_classes_and_unknown_model():
     assert models.res2net50_26w_4s(num_classes=7).fc.out_features == 7
     assert models.resnet18_v2(num_classes=3).fc.out_features == 3
-    assert models.seed000_res2net(num_classes=4).fc.out_features == 4
+    assert models.res2net_fashion_mnist(num_classes=4).fc.out_features == 4
     with pytest.raises(ValueError, match="unknown model 'res2net50'"):
         models.get_model("res2net50")
+
+
+OLD_NAMES = {  # deprecated alias -> new name
+    "seed000_res2net": "res2net_fashion_mnist", "seed001_res2net": "se_res2net", "seed003_resnet18": "resnet18_mnist",
+    "Seed000Res2Net": "Res2NetFashionMNIST", "Seed001Res2Net": "SERes2Net", "Seed003ResNet18": "ResNet18MNIST",
+}
+
+
+@pytest.mark.parametrize("old", sorted(OLD_NAMES))
+def test_old_names_are_deprecated_aliases(old):
+    import warnings
+
+    from resfast.models import seeds
+
+    new = OLD_NAMES[old]
+    assert old not in models.BUILDERS and old not in models.__all__ and new in models.__all__
+    for module in (models, seeds):
+        with pytest.warns(DeprecationWarning, match=f"{old} is deprecated; use resfast.models.{new}"):
+            obj = getattr(module, old)
+        assert obj is getattr(models, new)
+    with pytest.warns(DeprecationWarning, match=new):
+        exec(f"from resfast.models import {old}", {})
+    if old[0].islower():  # a builder: by name too, same structure and state_dict keys
+        with pytest.warns(DeprecationWarning, match=new):
+            m_old = models.get_model(old, num_classes=3)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            m_new = models.get_model(new, num_classes=3)
+        assert not [w for w in caught if issubclass(w.category, DeprecationWarning)]
+        assert type(m_old) is type(m_new) and str(m_old) == str(m_new)
+        shapes = [{k: v.shape for k, v in m.state_dict().items()} for m in (m_old, m_new)]
+        assert list(shapes[0]) == list(shapes[1]) and shapes[0] == shapes[1]
+    assert not hasattr(models, "seed002_resnext")  # only the three old names resolve
 
 
 def test_res2net_is_zero_initialised_like_timm():
