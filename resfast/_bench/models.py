@@ -8,9 +8,13 @@ Eager models are timm's / torchvision's (random weights); ``resfast`` is ``resfa
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import os
+import re
 import statistics
 import sys
+import tempfile
 import time
 
 import torch
@@ -163,11 +167,65 @@ def _peak_mem_mb(step, device):
     return (torch.cuda.max_memory_allocated(device) - base) / 2**20
 
 
+# kineto's C++ logger (torch's profiler backend) writes "<LEVEL>:<date> <pid>:<tid> <file>:<line>] <message>" lines
+# straight to file descriptor 2: on every start and stop "USDT:... profiler_start" / "profiler_stop", and on a
+# machine without a GPU, once, "ERROR:... gpuGetDeviceCount failed with code 35" (CUDA build, no driver), even with
+# CPU activities only. KINETO_LOG_LEVEL would hide them only if set before the process's first profiler use.
+_KINETO_LINE = re.compile(r"^(VERBOSE|INFO|WARNING|STAGE|ERROR|USDT):\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \d+:\d+ ")
+
+
+def _is_kineto_chatter(line: str) -> bool:
+    """kineto's informational lines, and its error that there is no GPU on a machine that has none; any other
+    kineto error is not chatter."""
+    m = _KINETO_LINE.match(line)
+    if m is None:
+        return False
+    if m.group(1) != "ERROR":
+        return True
+    return "gpuGetDeviceCount failed" in line and not torch.cuda.is_available()
+
+
+@contextlib.contextmanager
+def _kineto_chatter_dropped():
+    """Runs the block with file descriptor 2 sent to a temporary file, then writes every captured line that is not
+    kineto's chatter back to stderr (so real errors still show)."""
+    saved = None
+    if sys.stderr is not None:  # None under pythonw: nothing shows anyway
+        sys.stderr.flush()
+        with contextlib.suppress(OSError):  # file descriptor 2 may be closed
+            saved = os.dup(2)
+    if saved is None:
+        yield
+        return
+    with tempfile.TemporaryFile() as tmp:
+        try:
+            os.dup2(tmp.fileno(), 2)
+            try:
+                yield
+            finally:
+                sys.stderr.flush()
+                os.dup2(saved, 2)
+        finally:
+            os.close(saved)
+        tmp.seek(0)
+        lines = tmp.read().decode(errors="replace").splitlines(keepends=True)
+    kept = "".join(line for line in lines if not _is_kineto_chatter(line))
+    if kept:
+        sys.stderr.write(kept)
+        sys.stderr.flush()
+
+
 def _cpu_peak_mem_mb(step):
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+    with _kineto_chatter_dropped():  # kineto logs on start and stop only: the step's own output is left alone
+        prof.__enter__()
+    try:
         step()
+    finally:
+        with _kineto_chatter_dropped():
+            prof.__exit__(None, None, None)
     allocs, todo = [], list(prof.profiler.kineto_results.experimental_event_tree())
     while todo:
         node = todo.pop()

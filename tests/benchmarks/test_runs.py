@@ -2,6 +2,7 @@
 
 import csv
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -12,12 +13,53 @@ import pytest
 pytest.importorskip("timm")
 pytest.importorskip("torchvision")
 ROOT = Path(__file__).resolve().parents[2]
+# What torch's profiler (kineto) prints when the CPU peak memory is measured on a machine without a GPU:
+# "USDT:<date> ... profiler_start", "ERROR:<date> ... gpuGetDeviceCount failed with code 35", "STAGE:..." and
+# c10 warnings ("[W...] ... kineto/profiler ..."). None of it belongs in a benchmark's output.
+PROFILER_NOISE = re.compile(r"^(?:USDT|STAGE|INFO|VERBOSE|WARNING):\d{4}-\d\d-\d\d |^ERROR\b"
+                            r"|^\[W.*(?i:kineto|profiler|cupti)|gpuGetDeviceCount|profiler_st(?:art|op)")
+
+
+def _noise(text):
+    """The lines of a run's output (tqdm's carriage returns split lines too) that are profiler noise."""
+    return [line for line in re.split(r"[\r\n]+", text) if PROFILER_NOISE.search(line)]
+
+
+def test_kineto_chatter_is_dropped_and_other_stderr_kept(capfd):
+    """The CPU peak's profiler start/stop runs with fd 2 captured: kineto's chatter goes, everything else is written
+    back to stderr (a real kineto error included)."""
+    import os
+
+    import torch
+
+    from resfast._bench.models import _kineto_chatter_dropped
+
+    usdt = "USDT:2026-12-03 02:34:00 5531:5531 SyncActivityProfilerHandler.cpp:52] profiler_start\n"
+    no_gpu = "ERROR:2026-12-03 02:34:01 5531:5531 DeviceProperties.cpp:50] gpuGetDeviceCount failed with code 35\n"
+    real = "ERROR:2026-12-03 02:34:01 5531:5531 CuptiActivityApi.cpp:99] something else failed\n"
+    with _kineto_chatter_dropped():
+        os.write(2, (usdt + no_gpu + "a real message\n" + real).encode())
+    err = capfd.readouterr().err
+    assert "a real message\n" in err and real in err and usdt not in err
+    assert (no_gpu in err) == torch.cuda.is_available()
+
+
+def test_noise_pattern_matches_what_the_profiler_prints():
+    text = ("USDT:2026-12-03 02:34:00 5531:5531 SyncActivityProfilerHandler.cpp:52] profiler_start\n"
+            "timing infer:   0%|   | 0/28\rERROR:2026-12-03 02:34:01 5531:5531 DeviceProperties.cpp:50] "
+            "gpuGetDeviceCount failed with code 35\n"
+            "[W1203 02:34:01.000000000 kineto_shim.cpp:400] Warning: something\n"
+            "model  mode  provider  median ms  images/s\nresfast ops ran on backend 'cpu'\n")
+    assert len(_noise(text)) == 3
 
 
 def _run(args, tmp_path):
     out = subprocess.run([sys.executable, *args, "--out-dir", str(tmp_path), "--name", "r"], capture_output=True,
                          text=True, timeout=900, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-3000:]
+    # every bench run measures CPU peak memory quietly: no profiler chatter on stdout or stderr
+    noise = _noise(out.stdout + "\n" + out.stderr)
+    assert not noise, noise[:6]
     result = json.loads((tmp_path / "r.json").read_text())
     with (tmp_path / "r.csv").open() as f:
         rows = list(csv.DictReader(f))

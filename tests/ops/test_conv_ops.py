@@ -192,9 +192,27 @@ def test_bad_inputs():
         ops.bn_relu_conv(torch.randn(1, 8, 1, 1), bn, w, padding=1, groups=4, training=True)
 
 
-def test_autocast_accepts_mixed_dtypes():
+@pytest.mark.parametrize("grad", [True, False], ids=["grad", "no_grad"])
+def test_autocast_accepts_mixed_dtypes(grad):
+    """bfloat16 input, float32 weight and BatchNorm under CPU autocast: the conv runs in bfloat16 and the result is
+    what nn.Conv2d + BatchNorm2d + ReLU give under the same autocast, within bfloat16 rounding of a float32
+    reference (with gradients auto runs eager; without, the cpu backend's bfloat16 inference where it is built)."""
+    torch.manual_seed(0)
     x = torch.randn(2, 4, 5, 5).bfloat16()
     w = torch.randn(4, 4, 3, 3)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = ops.conv_bn_relu(x, w, nn.BatchNorm2d(4).eval(), padding=1)
-    assert out.shape == (2, 4, 5, 5)
+    bn = _bn(4, torch.float32).eval()
+    conv = nn.Conv2d(4, 4, 3, padding=1, bias=False)
+    with torch.no_grad():
+        conv.weight.copy_(w)
+    with torch.set_grad_enabled(grad), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = ops.conv_bn_relu(x, w, bn, padding=1)
+        nn_out = F.relu(bn(conv(x)))
+    assert out.shape == (2, 4, 5, 5) and out.dtype == nn_out.dtype == torch.bfloat16
+    # float32 all the way from the same bfloat16-rounded operands: only the bfloat16 roundings of the conv output and
+    # the result differ
+    ref = F.relu(F.batch_norm(F.conv2d(x.float(), w.bfloat16().float(), padding=1), bn.running_mean, bn.running_var,
+                              bn.weight, bn.bias, False, 0.0, bn.eps))
+    tol = dict(rtol=1.6e-2, atol=8e-3 * ref.abs().max().item())
+    torch.testing.assert_close(out.float(), ref, **tol)
+    torch.testing.assert_close(out.float(), nn_out.float(), **tol)
+    assert (out > 0).any() and (out == 0).any()  # the ReLU clips some, not all
