@@ -2,6 +2,15 @@
 
     python benchmarks/update_tables.py          # rewrite the section between the markers
     python benchmarks/update_tables.py --check  # exit 1 if the README is out of date (CI)
+
+Which runs are tabulated: per device, the runs of the newest commit measured on that device (the commit of the
+device's newest result file), and of those the newest of each kind and entry point. A run made at an older commit is
+superseded, whatever its kind or entry point: it measured code that has changed since (its skip reasons, its
+converted-block counts, what the ``resfast`` provider ran), so it is listed under "Older runs", not tabulated.
+Keeping the newest run of each entry point regardless of its commit is what once left a model-suite run and an
+ops run from before the fused backends existed under "Latest results" next to newer runs.
+Only the top level of benchmarks/results/ holds result files; its subfolders (cpu_training/, cpu_gap/, aot/,
+gpu_check/) hold other records.
 """
 
 from __future__ import annotations
@@ -23,10 +32,46 @@ def models_table(r: dict) -> list[str]:
     out = ["| model | mode | provider | median ms | images/s | vs eager | peak MB | resfast blocks |",
            "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |"]
     for row in r["rows"]:
+        # converted blocks only mean something for resfast's providers (eager and compile run the original model)
+        blocks = row.get("resfast_blocks", "") if row["provider"].startswith("resfast") else ""
         out.append(f"| {row['model']} | {row['mode']} | {row['provider']} | {row['median_ms']:.1f} | "
                    f"{row['images_per_s']:.2f} | {_f(row.get('ratio_vs_eager'), '{:.2f}x')} | "
-                   f"{_f(row.get('peak_mem_mb'), '{:.0f}')} | {row.get('resfast_blocks', '')} |")
+                   f"{_f(row.get('peak_mem_mb'), '{:.0f}')} | {blocks} |")
+    skipped = r.get("skipped") or {}
+    if skipped:
+        out.append("")
+        out += [f"- `{p}`: {why}" for p, why in sorted(skipped.items())]
     return out
+
+
+def _slash(v) -> str:
+    return "/".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)
+
+
+def conditions(r: dict) -> str:
+    """One line: what was measured and how (from the run's config)."""
+    c = r.get("config") or {}
+    if r.get("kind", "models") == "models":
+        parts = [f"batch {c['batch']}" if "batch" in c else None,
+                 f"{c['size']}x{c['size']}" if "size" in c else None, c.get("dtype"),
+                 {True: "channels_last", False: "NCHW"}.get(c.get("channels_last")),
+                 f"{c['warmup']} warm-up + {c['iters']} timed iterations" if "iters" in c else None,
+                 "modes " + _slash(c["modes"]) if c.get("modes") else None]
+        line = ", ".join(x for x in parts if x)
+        backend = r.get("resfast_backend")
+        if backend and backend.isidentifier():
+            line += f"; the `resfast` provider ran the `{backend}` backend"
+        elif backend:
+            line += f"; resfast backends: {backend}"
+    else:
+        parts = ["batch " + _slash(c["batch"]) if c.get("batch") else None,
+                 _slash(c["dtype"]) if c.get("dtype") else None,
+                 "modes " + _slash(c["mode"]) if c.get("mode") else None,
+                 "stages " + _slash(c["stages"]) if c.get("stages") else None]
+        line = ", ".join(x for x in parts if x)
+        if r.get("copy_bandwidth_gbs"):
+            line += f"; measured copy bandwidth {r['copy_bandwidth_gbs']:.0f} GB/s (the memory floor's)"
+    return line
 
 
 def ops_table(r: dict) -> list[str]:
@@ -91,26 +136,56 @@ def aot_table(r: dict) -> list[str]:
     return out
 
 
-def section(results_dir: Path) -> str:
+def _entry(r: dict) -> str:
+    """The entry point of a run's command: "resfast.bench", "benchmarks/bench_models.py", ..."""
+    words = r["command"].split() or ["?"]
+    if words[:2] == ["python", "-m"] and len(words) > 2:
+        return words[2]
+    interpreter = words[0].startswith("python") or words[0] in ("bash", "sh")
+    return words[1] if interpreter and len(words) > 1 else words[0]
+
+
+def select(results_dir: Path) -> tuple[list, list]:
+    """(tabulated, older): lists of (path, result). Tabulated: per device, the newest run of each kind and entry point
+    among the runs made at the commit of the device's newest run; older: every other result file."""
     files = sorted(results_dir.glob("*.json"), key=lambda p: (json.loads(p.read_text()).get("date", ""), p.name))
+    runs = [(p, json.loads(p.read_text())) for p in files]
+    newest_commit = {}
+    for _, r in runs:  # sorted by date: the last one per device wins
+        newest_commit[r["device"]] = r["versions"].get("git_commit")
     latest = {}
-    for p in files:  # the newest result of each entry point, kind and device
-        r = json.loads(p.read_text())
-        entry = " ".join(r["command"].split()[:2])  # "python -m" / "python benchmarks/bench_models.py"
-        entry = r["command"].split()[2] if entry == "python -m" else entry.split()[-1]
-        latest[(r.get("kind", "models"), r["device"], entry)] = (p, r)
+    for p, r in runs:
+        if r["versions"].get("git_commit") == newest_commit[r["device"]]:
+            latest[(r["device"], r.get("kind", "models"), _entry(r))] = (p, r)
+    shown = [latest[k] for k in sorted(latest)]
+    shown_paths = {p for p, _ in shown}
+    return shown, [(p, r) for p, r in runs if p not in shown_paths]
+
+
+def section(results_dir: Path) -> str:
+    shown, older = select(results_dir)
     lines = [BEGIN, ""]
-    if not latest:
+    if not shown:
         lines.append("No results yet.")
-    for (kind, device, entry), (p, r) in sorted(latest.items()):
+    for p, r in shown:
+        kind, device, entry = r.get("kind", "models"), r["device"], _entry(r)
         v = r["versions"]
-        lines += [f"### {kind} ({entry}): {device}", "",
+        title = f"{kind} ({entry}): {device}"
+        lines += [f"### {title}", "",
+                  f"Conditions: {conditions(r)}.", "",
                   f"`{r['command']}` — {r['date']}, torch {v['torch']}, triton {v.get('triton')}, "
                   f"CUDA {v.get('cuda')}, resfast {v['resfast']} ({v['git_commit']}), driver {r.get('driver', 'n/a')}."
-                  f" File: [`results/{p.name}`](results/{p.name})"
-                  + (f", plot: [`results/{p.stem}.png`](results/{p.stem}.png)" if p.with_suffix(".png").exists()
-                     else "") + ".", ""]
+                  f" File: [`results/{p.name}`](results/{p.name}).", ""]
+        if p.with_suffix(".png").exists():
+            lines += [f"![{title}](results/{p.stem}.png)", ""]
         lines += models_table(r) if kind == "models" else ops_table(r)
+        lines.append("")
+    if older:
+        lines += ["### Older runs (superseded: made at an older commit than the newest run on their device)", "",
+                  "| file | kind | entry point | device | commit | date |", "| --- | --- | --- | --- | --- | --- |"]
+        for p, r in sorted(older, key=lambda pr: (pr[1].get("date", ""), pr[0].name), reverse=True):
+            lines.append(f"| [`results/{p.name}`](results/{p.name}) | {r.get('kind', 'models')} | {_entry(r)} | "
+                         f"{r['device']} | {r['versions'].get('git_commit')} | {r.get('date', '')} |")
         lines.append("")
     aot = results_dir / "aot" / "aot.json"
     if aot.exists():
