@@ -20,7 +20,7 @@ GPU_TESTS ?= tests/test_import.py tests/test_versions.py tests/triton/test_trito
   tests/triton/test_triton_conv_bn_relu.py tests/ops/test_cpu_backend.py tests/ops/test_dispatch.py \
   tests/ops/test_batchnorm_semantics.py tests/nn/test_timm_preact.py
 
-.PHONY: setup bench test lint info cmake clean setup-gpu-env test-gpu-env
+.PHONY: setup bench test test-fast lint info cmake clean setup-gpu-env test-gpu-env
 
 setup:
 	RESFAST_VENV=$(VENV) bash scripts/setup.sh
@@ -30,6 +30,11 @@ bench: setup
 
 test: setup
 	$(PY) -m pytest tests $(ARGS)
+
+# day-to-day: the suite without the tests marked slow (whole models, interpreter gradcheck/opcheck and multi-step
+# training, benchmark and GPU-check runs, AOT compiles); a few minutes on 2 cores. CI runs `make test`.
+test-fast: setup
+	$(PY) -m pytest tests -m "not slow" $(ARGS)
 
 lint: setup
 	$(PY) -m ruff check resfast tests benchmarks setup.py
