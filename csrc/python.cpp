@@ -1,6 +1,6 @@
 // The Python module shim of resfast._C: importing it registers the ops above; build_info() returns the
-// configuration setup.py recorded (csrc/build_config.h, generated at build time); cpu_kernel_isa() the instruction
-// set of the CPU training kernels in use.
+// configuration setup.py recorded (build_config.h, generated at build time under build/); cpu_kernel_isa() the
+// instruction set of the CPU training kernels in use.
 #include <torch/extension.h>
 
 #include "bn_train.h"

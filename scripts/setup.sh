@@ -23,6 +23,9 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PYTHON" -m venv "$VENV"
 fi
 PY="$VENV/bin/python"
+# The venv's tools first: torch builds with whichever `ninja` is on PATH, and a different ninja (the system's) reading
+# the venv ninja's log would rebuild everything.
+export PATH="$(cd "$VENV/bin" && pwd):$PATH"
 
 has_cuda_torch() {
   "$PY" - "$TORCH_VERSION" <<'PYEOF' 2>/dev/null

@@ -18,6 +18,7 @@ def _run(*args):
     return out.stdout
 
 
+@pytest.mark.slow
 def test_report_versions_build_and_backends():
     text = _run()
     assert f"resfast      {resfast.__version__}" in text
@@ -37,11 +38,13 @@ def test_report_versions_build_and_backends():
         assert "no CUDA device is visible" in text
 
 
+@pytest.mark.slow
 def test_model_summary_cli():
     text = _run("--model", "res2net50_26w_4s", "resnet50", "--size", "224")
     assert "res2net50_26w_4s" in text and "resnet50" in text and "GMACs" in text
 
 
+@pytest.mark.slow
 def test_summary_numbers():
     timm = pytest.importorskip("timm")
     tvm = pytest.importorskip("torchvision.models")

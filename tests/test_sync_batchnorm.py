@@ -300,6 +300,7 @@ def _worker(rank, store, out_dir):
         raise
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_process_with_the_global_batch(tmp_path):
     ctx = multiprocessing.get_context("spawn")
     store = tmp_path / "store"

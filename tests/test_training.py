@@ -124,6 +124,7 @@ CONV_CASES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.float32, F64], ids=str)
 @pytest.mark.parametrize("case", CONV_CASES, ids=lambda c: "x".join(map(str, c[:5])) + f"-g{c[9]}")
 def test_conv_bn_relu_training(be, case, dtype):
@@ -155,6 +156,7 @@ def test_conv_bn_relu_projection_shortcut_training(be, dtype):
 
 @pytest.mark.parametrize("variant", ["momentum_none", "no_tracking", "buffers_not_tracked", "affine_false",
                                      "gamma_zero", "gamma_negative", "eval_with_grad", "frozen"])
+@pytest.mark.slow
 def test_batchnorm_variants(be, variant):
     """nn.BatchNorm2d's rules (momentum=None, track_running_stats False at construction or switched off later,
     affine=False), timm's zero_init_last (gamma = 0) and negative gamma, eval mode with gradients (running
@@ -182,6 +184,7 @@ def test_batchnorm_variants(be, variant):
                [x, w, res], [bn], dtype)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["expanded", "transposed"])
 def test_awkward_grad_output(be, kind):
     """grad_output expanded from a scalar (the backward of .sum(): stride 0) or non-contiguous: read through its
@@ -225,6 +228,7 @@ def test_statistics_of_huge_values_do_not_overflow(be):
 @pytest.mark.parametrize("dtype", [torch.float32, F64], ids=str)
 @pytest.mark.parametrize("case", [(2, 6, 5, 4, 8, 3, 1, 1, 1, True), (3, 9, 6, 5, 9, 3, 2, 1, 3, False),
                                   (2, 7, 4, 4, 5, 1, 1, 0, 1, True)], ids=str)
+@pytest.mark.slow
 def test_bn_relu_conv_training(be, case, dtype):
     _needs_dtype(be, dtype)
     N, C, H, W, Co, k, s, p, g, has_res = case
@@ -251,6 +255,7 @@ CHAIN_CASES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.float32, F64], ids=str)
 @pytest.mark.parametrize("case", CHAIN_CASES, ids=lambda c: f"s{c[1]}w{c[2]}-{c[7]}-{c[8]}-st{c[5]}-g{c[6]}")
 def test_res2net_chain_training(be, case, dtype):
@@ -301,10 +306,16 @@ def test_chain_writes_no_cat_and_no_split_copies(be):
 
 # --- gradcheck (float64) -----------------------------------------------------------------------------------------
 
-def _gradcheck(fn, inputs, fast):
+def _gradcheck(fn, inputs, fast, be=None):
+    # Triton runs float64 only under the interpreter, where the full Jacobian costs minutes (two interpreted
+    # launches per input element): fast mode there (a random projection of the Jacobian, which a wrong gradient
+    # still fails); its gradients are also compared element by element with eager autograd's in float64 (the
+    # *_training tests). The cpu backend checks the full Jacobian.
+    fast = fast or (be is not None and be.name == "triton")
     assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-5, rtol=1e-4, fast_mode=fast)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_gradcheck_conv_bn_relu(be, training):
     _needs_dtype(be)
@@ -319,9 +330,10 @@ def test_gradcheck_conv_bn_relu(be, training):
         with resfast.backend(be.name):
             return ops.conv_bn_relu(x, w, p, stride=2, padding=1, residual=res, training=training)
 
-    _gradcheck(fn, (x, w, g, b, res), fast=False)
+    _gradcheck(fn, (x, w, g, b, res), fast=False, be=be)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_gradcheck_conv_bn_projection(be, training):
     _needs_dtype(be)
@@ -339,6 +351,7 @@ def test_gradcheck_conv_bn_projection(be, training):
     _gradcheck(fn, (x, xs, w, ws, bn.weight, bns.weight), fast=True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_gradcheck_bn_relu_conv(be, training):
     _needs_dtype(be)
@@ -351,9 +364,10 @@ def test_gradcheck_bn_relu_conv(be, training):
         with resfast.backend(be.name):
             return ops.bn_relu_conv(x, p, w, padding=1, training=training)
 
-    _gradcheck(fn, (x, w, bn.weight, bn.bias), fast=False)
+    _gradcheck(fn, (x, w, bn.weight, bn.bias), fast=False, be=be)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("order,block_type,stride", [("timm", "normal", 1), ("paper", "stage", 2)])
 def test_gradcheck_res2net_chain(be, order, block_type, stride, training):
@@ -370,9 +384,10 @@ def test_gradcheck_res2net_chain(be, order, block_type, stride, training):
 
     # the full Jacobian once (training, timm order: every gradient route of the normal chain), fast mode elsewhere
     _gradcheck(fn, (x, *ws, *[bn.weight for bn in bns], *[bn.bias for bn in bns]),
-               fast=not (training and order == "timm"))
+               fast=not (training and order == "timm"), be=be)
 
 
+@pytest.mark.slow
 def test_opcheck_training_ops(be):
     """schema, autograd registration, fake tensors (strides equal to the real kernels') and AOT dispatch of the
     training ops and their backward ops, in float64."""
@@ -426,6 +441,7 @@ def _blocks():
                                                               norm_layer=layers.BatchNormAct2d), 8)
 
 
+@pytest.mark.slow
 def test_converted_blocks_train_like_the_originals(be, monkeypatch):
     """Whole blocks (projection shortcut, Res2Net stage and normal chains, Res2NeXt, timm's pre-activation block),
     three training steps with SGD updates: outputs, input and parameter gradients, and every buffer as the
@@ -522,6 +538,7 @@ def test_converted_blocks_train_like_the_originals(be, monkeypatch):
             assert "bn_relu_conv_train" not in calls, (name, calls)
 
 
+@pytest.mark.slow
 def test_compile_training_step_matches_eager(be):
     """torch.compile (aot_eager under the interpreter, inductor on a GPU) of a training step of converted blocks
     (Res2Net stage and normal, timm's pre-activation bottleneck with its downsample; forward, backward, SGD) through
@@ -642,6 +659,7 @@ def _res2net_block(stage: bool, device):
     return randomize_bn(block).to(device).train()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", [False, True], ids=["normal", "stage"])
 def test_block_saves_raw_conv_outputs_not_activations(be, stage, monkeypatch):
     """A Res2Net bottleneck in training saves its input, the raw conv outputs, statistics and its output: without
@@ -673,6 +691,7 @@ def test_block_saves_raw_conv_outputs_not_activations(be, stage, monkeypatch):
         assert whole - fused == act // block.scale * 8 * 8 + 2 * L * 4, (whole, fused)
 
 
+@pytest.mark.slow
 def test_activations_rebuilt_once_per_backward(be, monkeypatch):
     """Backward rebuilds relu(bn1(z1)) once (used by conv1's mask, the chain's input and conv3's input) and each
     chain split's output once; a retained graph rebuilds them again for the second backward, same gradients, also
@@ -748,6 +767,7 @@ def test_activation_changed_in_place_is_saved_not_rebuilt(be):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.slow
 def test_gradient_checkpointing_of_a_block(be):
     """torch.utils.checkpoint (non-reentrant, what timm's set_grad_checkpointing uses) over a fused block: the
     recomputed forward saves what the original saved (rebuild recipes included), the gradients are the same as

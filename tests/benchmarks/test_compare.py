@@ -29,6 +29,7 @@ def test_threshold_matters():
     assert c["slower"] == [] and c["faster"] == []
 
 
+@pytest.mark.slow
 def test_cli_exit_codes():
     cmd = [sys.executable, "-m", "resfast.bench", "--compare"]
     r = subprocess.run(cmd + [str(FIX / "old.json"), str(FIX / "new.json")], capture_output=True, text=True)

@@ -36,6 +36,7 @@ def _original(name, num_classes=1000):
 ARTICLES = ["res2net_fashion_mnist", "se_res2net", "resnet18_mnist"]  # the source articles' small models
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", TORCHVISION + TIMM + V2 + ARTICLES)
 def test_builder_matches_original_in_eval(name):
     orig = randomize_bn(_original(name)).eval()
@@ -47,6 +48,7 @@ def test_builder_matches_original_in_eval(name):
 
 @pytest.mark.parametrize("name", ["resnet18", "resnext50_32x4d", "res2net50_26w_4s", "res2next50", "resnet50_v2"]
                          + ARTICLES)
+@pytest.mark.slow
 def test_builder_matches_original_in_training(name):
     orig = randomize_bn(_original(name)).double()
     new = models.get_model(name, weights=orig.state_dict()).double()
@@ -60,6 +62,7 @@ def test_resnet18_mnist_without_residual():
     torch.testing.assert_close(new(x), orig(x))
 
 
+@pytest.mark.slow
 def test_se_res2net_small_layout_and_options():
     for kw in (dict(scales=2, se=False), dict(groups=2, width=8), dict(zero_init_residual=False)):
         orig = randomize_bn(seed001.Res2Net([1, 1, 1, 1], 7, **kw)).eval()
@@ -131,6 +134,7 @@ def test_res2net_is_zero_initialised_like_timm():
     assert all(float(b.bn3.weight.detach().abs().sum()) == 0 for b in m.modules() if hasattr(b, "convs"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["res2net50_26w_4s", "resnext50_32x4d", "resnet50_v2"])
 def test_channels_last_model(name):
     orig = randomize_bn(_original(name)).eval().to(memory_format=torch.channels_last)

@@ -23,6 +23,7 @@ def _blocks():
     }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(_blocks()))
 @pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
 def test_compile_fullgraph_matches_eager(name, train):
@@ -44,6 +45,7 @@ def test_compile_fullgraph_matches_eager(name, train):
         torch.testing.assert_close(compiled_mod.state_dict()[k], v, rtol=1e-5, atol=1e-5, msg=k)
 
 
+@pytest.mark.slow
 def test_compile_inductor_res2net_block_eval():
     """One real inductor compile (C++ codegen on the CPU) of a Res2Net stage block."""
     make, cin = _blocks()["bottle2neck_stage"]

@@ -86,6 +86,7 @@ def test_running_update_is_batchnorm_formula(running_dtype):
     torch.testing.assert_close(rv, exp_v)
 
 
+@pytest.mark.slow
 def test_opcheck_backward_and_statistics_ops():
     """schema, fake tensors (their strides equal the real kernels') and AOT dispatch of the ops autograd calls."""
     x = _x(2, 6, 5, 4)

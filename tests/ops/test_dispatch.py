@@ -196,6 +196,7 @@ def test_triton_reason_mentions_the_interpreter_for_cpu_inputs():
             os.environ["TRITON_INTERPRET"] = env
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("value,expected", [("eager", "eager"), ("TRITON", "triton"), ("bogus", "auto")])
 def test_env_variable(value, expected):
     code = "import warnings; warnings.simplefilter('ignore'); import resfast; print(resfast.get_backend())"
@@ -205,6 +206,7 @@ def test_env_variable(value, expected):
     assert out.stdout.strip() == expected
 
 
+@pytest.mark.slow
 def test_bad_env_value_warns():
     out = subprocess.run([sys.executable, "-c", "import resfast"], capture_output=True, text=True,
                          env={**os.environ, "RESFAST_BACKEND": "bogus"})

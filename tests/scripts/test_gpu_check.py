@@ -57,6 +57,7 @@ def _tar(out_dir):
     return names, run
 
 
+@pytest.mark.slow
 def test_dry_run_passes_and_returns_two_files(dry_run):
     r, out_dir = dry_run
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -75,6 +76,7 @@ def test_dry_run_passes_and_returns_two_files(dry_run):
     assert "DRY RUN" in summary and all(f"{s} " in summary for s in STEPS)
 
 
+@pytest.mark.slow
 def test_dry_run_cases(dry_run):
     _, out_dir = dry_run
     _, run = _tar(out_dir)
@@ -96,6 +98,7 @@ def test_dry_run_cases(dry_run):
     assert [c["status"] for c in steps["models"]["cases"] if c["backend"] == "triton"] == ["pass"] * 3
 
 
+@pytest.mark.slow
 def test_import_of_a_dry_run_never_flips_verified(dry_run, tmp_path):
     _, out_dir = dry_run
     verified = tmp_path / "gpu_verified.json"

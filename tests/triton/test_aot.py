@@ -68,6 +68,7 @@ def _planted(launches: list[dict]) -> dict:
     return planted
 
 
+@pytest.mark.slow
 def test_reduced_aot_run(tmp_path):
     """One block (torchvision's ResNet-50 first bottleneck, with its projection shortcut), eval and a training step
     with the Triton conv gradients under bf16 autocast, 16x16: recorded (~110 compiles), then compiled for sm_90 and
@@ -120,6 +121,7 @@ def test_reduced_aot_run(tmp_path):
         f"conv launch >= {aot.CONV_MIN_WARPS_SM90} warps/SM on sm_90"}
 
 
+@pytest.mark.slow
 def test_skipping_kernels_records_what_running_them_does(tmp_path):
     """The recording mode that skips the kernels (and ATen's conv gradients) sees the same launches, argument for
     argument (dtypes, 16-byte alignment, every int, the meta arguments, how often), as running them under the

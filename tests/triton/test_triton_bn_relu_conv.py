@@ -20,6 +20,7 @@ CONVS = [(8, 8, 3, 1, 1, 1, 1), (64, 256, 1, 1, 0, 1, 1), (26, 26, 3, 2, 1, 1, 1
          (5, 7, 1, 2, 0, 1, 1)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("conv", CONVS, ids=str)
 @pytest.mark.parametrize("shape", [(2, 7, 5), (1, 1, 1), (3, 9, 11)], ids=str)
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])

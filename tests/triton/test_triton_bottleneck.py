@@ -65,6 +65,7 @@ BLOCKS = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cfg", BLOCKS, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
 def test_block_trains_like_eager(cfg, monkeypatch):
     """A converted timm Bottle2neck through the whole op, three SGD steps against its module path, in float64 (the
@@ -74,6 +75,7 @@ def test_block_trains_like_eager(cfg, monkeypatch):
     train_steps_like_module_path(_block(**cfg).to(dtype).train(), ran, dtype)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", [False, True], ids=["normal", "stage"])
 def test_block_float32_accuracy(stage, monkeypatch):
     """float32: output and every gradient within the project's rule, err(fused) <= 2 err(eager float32) + floor,
@@ -138,6 +140,7 @@ OP_CASES = [  # scale, order, block_type, stride, groups
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("scale,order,block_type,stride,groups", OP_CASES)
 def test_bit_for_bit_the_per_op_path(scale, order, block_type, stride, groups, dtype):
@@ -175,6 +178,7 @@ def test_bit_for_bit_the_per_op_path(scale, order, block_type, stride, groups, d
     assert C == Zc.shape[1]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not TRITON_INTERPRET, reason="float64 gradcheck runs under the interpreter")
 @pytest.mark.parametrize("scale,order,block_type,stride,groups", OP_CASES[:3] + OP_CASES[4:])
 def test_gradcheck(scale, order, block_type, stride, groups):
@@ -200,6 +204,7 @@ def test_gradcheck(scale, order, block_type, stride, groups):
     assert torch.autograd.gradcheck(f, flat, eps=1e-6, atol=1e-6, rtol=1e-5, fast_mode=True)
 
 
+@pytest.mark.slow
 def test_opcheck():
     """torch.library.opcheck: schema, fake (meta) kernel, autograd registration."""
     inp = _op_inputs(F64 if TRITON_INTERPRET else torch.float32, requires_grad=True)
@@ -211,6 +216,7 @@ def test_opcheck():
     torch.library.opcheck(training.OPS["res2net_bottleneck_train"], args)
 
 
+@pytest.mark.slow
 def test_forward_writes_no_normalised_activation(monkeypatch):
     """In the forward, conv1 and every chain conv write raw outputs only: one apply pass (bn3 + residual + ReLU into
     y), 2 + convs conv launches, each BatchNorm's statistics once."""
@@ -236,6 +242,7 @@ def test_forward_writes_no_normalised_activation(monkeypatch):
     assert len(applies) > 1
 
 
+@pytest.mark.slow
 def test_falls_back_to_the_per_op_path(monkeypatch):
     """The whole op only where it reproduces the block: otherwise the block's per-op path runs (and matches eager)."""
     ran = _count_whole(monkeypatch)
@@ -266,6 +273,7 @@ def test_falls_back_to_the_per_op_path(monkeypatch):
 @pytest.mark.parametrize("cfg", [dict(stride=1, groups=1, down=False), dict(stride=2, groups=4, down=True),
                                  dict(stride=1, groups=2, down=True, dilation=2)],
                          ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
+@pytest.mark.slow
 def test_resnet_bottleneck_trains_like_eager(cfg, monkeypatch):
     """torchvision's Bottleneck (ResNet, ResNeXt) runs as the same op with scale 1 (one grouped, strided 3x3 conv
     over the whole width): three SGD steps against its module path, float64 (float32 on a GPU)."""

@@ -62,6 +62,7 @@ def _run(conv, shape, dtype, channels_last, residual, relu, bias, frozen=False):
     return out, ref
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("conv", CONVS, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
@@ -110,6 +111,7 @@ def test_grouped_tiling(conv, tiling):
         assert g_tile * cout // g <= block_n or g_tile == 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("conv", [c for c, _ in GROUPED], ids=str)
 @pytest.mark.parametrize("shape", [(2, 5, 6), (1, 1, 1), (1, 7, 3)], ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
@@ -119,6 +121,7 @@ def test_grouped_matches_reference(conv, shape, dtype):
     torch.testing.assert_close(out, ref, **tol)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("conv", [GROUPED[0][0], GROUPED[3][0], GROUPED[7][0]], ids=str)
 def test_grouped_nchw_and_bn_relu_conv(conv):
     """NCHW input (strided channel loads) and the pre-activation prologue on the multi-group and depthwise paths."""
@@ -138,6 +141,7 @@ def test_grouped_nchw_and_bn_relu_conv(conv):
 @given(groups=st.sampled_from([2, 3, 5, 8, 32]), cin_g=st.sampled_from([1, 2, 4, 8]),
        cout_g=st.sampled_from([1, 3, 4, 8]), k=st.sampled_from([1, 3]), stride=st.sampled_from([1, 2]),
        hw=st.tuples(st.integers(1, 6), st.integers(1, 6)))
+@pytest.mark.slow
 def test_grouped_hypothesis(groups, cin_g, cout_g, k, stride, hw):
     out, ref = _run((cin_g * groups, cout_g * groups, k, stride, k // 2, 1, groups), (1, *hw), torch.float64,
                     channels_last=True, residual=False, relu=True, bias=False)
@@ -243,6 +247,7 @@ def test_autotune_benchmarks_once_per_shape(monkeypatch):
 SHORTCUTS = [(6, 7, 9, 2, 5, 1, 8), (16, 5, 5, 1, 4, 1, 24), (3, 1, 1, 2, 2, 3, 4), (40, 9, 4, 2, 13, 3, 17)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", SHORTCUTS, ids=str)
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])

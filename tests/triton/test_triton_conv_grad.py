@@ -71,6 +71,7 @@ def _aten(dy, x, w, s, p, d, g):
     return dx, dw
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "expanded"])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c)))
 def test_float64_matches_aten(case, layout):
@@ -198,6 +199,7 @@ BLOCKS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("whole", [True, False], ids=["whole-block", "per-op"])
 @pytest.mark.parametrize("name", list(BLOCKS))
 def test_blocks_train_through_triton_conv_grads(name, whole, monkeypatch):
@@ -218,6 +220,7 @@ def test_blocks_train_through_triton_conv_grads(name, whole, monkeypatch):
     assert "conv_dgrad" in calls
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["res2net-stage", "resnext-stage"])
 def test_block_gradcheck_through_triton_conv_grads(name, monkeypatch):
     """float64 gradient check of a converted block in training, every conv gradient from the Triton kernels: for

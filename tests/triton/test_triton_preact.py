@@ -64,6 +64,7 @@ def _count_whole(monkeypatch):
     return record_whole_block(monkeypatch, "preact", "preact_block_train")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(TIMM))
 def test_timm_block_trains_like_eager(name, monkeypatch):
     """A converted timm block through the whole op, three SGD steps against its module path, in float64 (the
@@ -87,6 +88,7 @@ def _seed_block(kind: str, down: bool) -> nn.Module:
     return randomize_bn_signed(cls(cin, planes, stride, ds)).to(DEVICE)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["bottleneck", "basic"])
 @pytest.mark.parametrize("down", [False, True], ids=["identity", "downsample"])
 def test_seed_block_trains_like_eager(kind, down, monkeypatch):
@@ -96,6 +98,7 @@ def test_seed_block_trains_like_eager(kind, down, monkeypatch):
     train_steps_like_module_path(_seed_block(kind, down).to(DTYPE).train(), ran, DTYPE, cl=False)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["bottleneck_identity", "bottleneck_proj_stride2"])
 def test_float32_accuracy(name, monkeypatch):
     """float32: output and every gradient within the project's rule, err(fused) <= 2 err(eager float32) + floor,
@@ -164,6 +167,7 @@ BASIC_GROUPED = [(4, 4, 3, 1, 2, 2, 2), (4, 4, 3, 1, 1, 1, 4)]
 @pytest.mark.skipif(not TRITON_INTERPRET, reason="float64 gradcheck runs under the interpreter")
 @pytest.mark.parametrize("units,ds", [(BOTTLENECK, True), (BOTTLENECK, False), (BASIC_GROUPED, False)],
                          ids=["bottleneck-downsample", "bottleneck-residual", "basic-grouped-dilated"])
+@pytest.mark.slow
 def test_gradcheck(units, ds):
     """float64 gradcheck of the op's every differentiable input (x, the weights, gammas, betas, the downsample's
     weight or the residual)."""
@@ -185,6 +189,7 @@ def test_gradcheck(units, ds):
     assert torch.autograd.gradcheck(f, flat, eps=1e-6, atol=1e-6, rtol=1e-5, fast_mode=True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ds", [True, False], ids=["downsample", "residual"])
 def test_opcheck(ds):
     """torch.library.opcheck: schema, fake (meta) kernel, autograd registration."""
@@ -221,6 +226,7 @@ def test_forward_launches(monkeypatch):
     assert len(applies) == 3  # each conv's input rebuilt once
 
 
+@pytest.mark.slow
 def test_falls_back_to_the_per_op_path(monkeypatch):
     """The whole op only where it reproduces the block: otherwise the block's per-op path runs (and matches eager)."""
     from resfast.ops import bottleneck

@@ -55,6 +55,7 @@ def _samples(dtype):
     yield tops.res2net_chain, (x, ws_dw, shifts, 4, 2, 1, 3, "paper", "stage")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_opcheck(dtype):
     # all of opcheck's tests run: schema, autograd registration (inputs without grad: these ops are inference-only
@@ -106,6 +107,7 @@ def test_direct_calls_check_their_inputs():
         tops.res2net_chain(x, [], [], 1, 2, 1, 1, "paper", "normal")
 
 
+@pytest.mark.slow
 def test_compile_fullgraph_through_the_triton_backend():
     """A small Res2NeXt-ish block (pre-activation conv, grouped chain, conv + residual) compiled with
     fullgraph=True and aot_eager through the Triton backend: the graph calls the resfast_triton ops and matches
@@ -157,6 +159,7 @@ except resfast.BackendUnavailableError as e:
 """
 
 
+@pytest.mark.slow
 def test_explicit_triton_backend_without_triton_explains_itself():
     """The backend's input checks (resfast.triton.ops) do not import triton: without it, an explicit request is a
     BackendUnavailableError listing the reasons, not an ImportError."""

@@ -34,6 +34,7 @@ CASES = [c for c in itertools.product([1, 2, 4, 5], ["timm", "paper"], ["normal"
          if not (c[2] == "normal" and c[3] != 1) and not (c[0] == 1 and c[1] == "paper")]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scale,order,block_type,stride,groups,dilation", CASES)
 def test_matches_reference(scale, order, block_type, stride, groups, dilation):
     dtype = torch.float64 if INTERPRET else torch.float32
@@ -53,6 +54,7 @@ def test_matches_reference(scale, order, block_type, stride, groups, dilation):
     assert out.is_contiguous(memory_format=torch.channels_last)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape", [(1, 1, 1), (1, 3, 2), (3, 9, 11)], ids=str)
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
 @pytest.mark.parametrize("block_type,stride", [("normal", 1), ("stage", 2)])
@@ -70,6 +72,7 @@ def test_odd_shapes_fp32(shape, channels_last, block_type, stride):
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("width,groups", [(32, 8), (24, 3), (12, 12)], ids=["4-per-group", "8-per-group", "dw"])
 @pytest.mark.parametrize("order,block_type,stride", [("timm", "normal", 1), ("paper", "stage", 2)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
@@ -212,6 +215,7 @@ def test_block_fold_cache_reused_and_refreshed():
         assert cache.builds == built + 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stride", [1, 2])
 def test_whole_eval_block_is_scale_plus_one_launches(monkeypatch, stride):
     """timm's stage-entry Bottle2neck (downsample = 1x1 conv + BN) in eval: conv1 (1 launch), the chain (scale - 1,

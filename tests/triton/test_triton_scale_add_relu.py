@@ -56,6 +56,7 @@ def test_opcheck_and_direct_call_errors(dtype):
         tops.scale_add_relu(x, g, x[:1], True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("relu,has_res,cl", [(True, True, True), (True, False, False), (False, True, False)])
 def test_gradients_and_gradcheck(relu, has_res, cl):
     """Every gradient as eager (float64, odd sizes, a grad_output expanded from a scalar included) and a float64
