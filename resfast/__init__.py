@@ -22,6 +22,8 @@ from .nn import (  # noqa: E402
     SEModule,
     SyncBatchNorm2d,
     SyncBatchNormAct2d,
+    TimmBasicBlock,
+    TimmBottleneck,
     TimmPreActBasic,
     TimmPreActBottleneck,
     convert_sync_batchnorm,
@@ -51,6 +53,8 @@ __all__ = [
     "PreActBottleneck",
     "TimmPreActBottleneck",
     "TimmPreActBasic",
+    "TimmBasicBlock",
+    "TimmBottleneck",
     "Res2Block",
     "ResBlock",
 ]

@@ -1,14 +1,14 @@
 """resfast.convert: swap every recognised ResNet-family block in a model for its resfast equivalent.
 
 Recognised: torchvision's BasicBlock/Bottleneck (also inside detection backbones, FrozenBatchNorm2d included),
-timm's res2net Bottle2neck and timm's resnetv2 PreActBottleneck/PreActBasic by their exact class; and blocks written
-like the source articles' (docs/sources.md: Res2NetBottleneck, Res2Block, ResBlock, BasicBlockV2/BottleneckV2, the
-ResNeXt article's BasicBlock/Bottleneck), matched by class name and child modules and then *verified*: a randomised
-copy of the block and of its conversion must give the same outputs and running statistics in eval and in training
-mode, otherwise the block is left alone (a look-alike with other semantics, e.g. a pre-activation block named
-BasicBlock, is never swapped). The replacement takes over the original's parameters, buffers, submodules, attributes
-and hooks (it is the same object state under the resfast class), so weights, outputs and state_dict keys are
-unchanged.
+timm's resnet BasicBlock/Bottleneck, res2net Bottle2neck and resnetv2 PreActBottleneck/PreActBasic by their exact
+class; and blocks written like the source articles' (docs/sources.md: Res2NetBottleneck, Res2Block, ResBlock,
+BasicBlockV2/BottleneckV2, the ResNeXt article's BasicBlock/Bottleneck), matched by class name and child modules
+and then *verified*: a randomised copy of the block and of its conversion must give the same outputs and running
+statistics in eval and in training mode, otherwise the block is left alone (a look-alike with other semantics,
+e.g. a pre-activation block named BasicBlock, is never swapped). The replacement takes over the original's
+parameters, buffers, submodules, attributes and hooks (it is the same object state under the resfast class), so
+weights, outputs and state_dict keys are unchanged.
 
 Synchronised BatchNorms are kept: resfast's SyncBatchNorm2d (resfast.convert_sync_batchnorm, before or after
 convert) goes on through the fused ops; torch's nn.SyncBatchNorm makes the converted block run its modules. The
@@ -32,6 +32,8 @@ from .nn import (
     Res2Block,
     Res2NetBottleneck,
     ResBlock,
+    TimmBasicBlock,
+    TimmBottleneck,
     TimmPreActBasic,
     TimmPreActBottleneck,
 )
@@ -63,8 +65,21 @@ _BY_NAME: dict[str, tuple[Type[nn.Module], tuple[frozenset, ...]]] = {
     ),
     "PreActBasic": (TimmPreActBasic, (frozenset({"norm1", "conv1", "norm2", "conv2"}),)),
 }
+# Library classes whose name another entry of _BY_NAME already means (timm's ResNet blocks are named like
+# torchvision's): (module, class name) -> as in _BY_NAME; looked up before _BY_NAME.
+_BY_CLASS: dict[tuple[str, str], tuple[Type[nn.Module], tuple[frozenset, ...]]] = {
+    ("timm.models.resnet", "BasicBlock"): (
+        TimmBasicBlock,
+        (frozenset({"conv1", "bn1", "act1", "conv2", "bn2", "act2"}),),
+    ),
+    ("timm.models.resnet", "Bottleneck"): (
+        TimmBottleneck,
+        (frozenset({"conv1", "bn1", "act1", "conv2", "bn2", "act2", "conv3", "bn3", "act3"}),),
+    ),
+}
 # Optional children (present or None) that do not change what a block is.
 _OPTIONAL = frozenset({"downsample", "se", "pool", "drop_block", "drop_path"})
+_OPTIONAL_BY_CLASS = _OPTIONAL | {"aa"}  # timm's anti-aliasing layer (nn.Identity when off)
 _REQUIRED_ATTRS = {
     "Bottle2neck": ("scale", "width", "is_first"),
     "Res2NetBottleneck": ("scales",),
@@ -75,6 +90,10 @@ _DEFAULTS = {
     Bottle2neck: {"drop_block": nn.Identity, "drop_path": lambda: None, "se": lambda: None},
     TimmPreActBottleneck: {"downsample": lambda: None, "drop_path": nn.Identity},
     TimmPreActBasic: {"downsample": lambda: None, "drop_path": nn.Identity},
+    TimmBasicBlock: {"drop_block": nn.Identity, "aa": nn.Identity, "se": lambda: None, "downsample": lambda: None,
+                     "drop_path": lambda: None},
+    TimmBottleneck: {"drop_block": nn.Identity, "aa": nn.Identity, "se": lambda: None, "downsample": lambda: None,
+                     "drop_path": lambda: None},
 }
 
 
@@ -85,6 +104,8 @@ _LIBRARY = {
     ("timm.models.res2net", "Bottle2neck"),
     ("timm.models.resnetv2", "PreActBottleneck"),
     ("timm.models.resnetv2", "PreActBasic"),
+    ("timm.models.resnet", "BasicBlock"),
+    ("timm.models.resnet", "Bottleneck"),
 }
 
 
@@ -99,6 +120,11 @@ def _target(m: nn.Module) -> Optional[Type[nn.Module]]:
 
 def _candidate(m: nn.Module) -> Optional[Type[nn.Module]]:
     name = type(m).__name__
+    by_class = _BY_CLASS.get((type(m).__module__, name))
+    if by_class is not None:
+        cls, child_sets = by_class
+        children = frozenset(n for n, c in m.named_children()) - _OPTIONAL_BY_CLASS
+        return cls if children in child_sets else None
     if name not in _BY_NAME or m.__class__.__module__.startswith("resfast."):
         return None
     cls, child_sets = _BY_NAME[name]
@@ -128,13 +154,20 @@ def _randomize(m: nn.Module, seed: int = 0) -> None:
 
 
 def _deepcopy(m: nn.Module) -> nn.Module:
-    """copy.deepcopy, sharing process groups (of SyncBatchNorm layers), which cannot be copied."""
+    """copy.deepcopy, sharing process groups (of SyncBatchNorm layers), which cannot be copied, and keeping every
+    module's train/eval flag (torch.fx's GraphModule, e.g. timm's ``features_only=True, feature_cls='fx'`` models,
+    deep-copies its submodules back into training mode)."""
     memo = {}
     for mod in m.modules():
         group = getattr(mod, "process_group", None)
         if group is not None:
             memo[id(group)] = group
-    return copy.deepcopy(m, memo)
+    new = copy.deepcopy(m, memo)
+    modes = {name: mod.training for name, mod in m.named_modules(remove_duplicate=False)}
+    for name, mod in new.named_modules(remove_duplicate=False):
+        if name in modes:
+            mod.training = modes[name]
+    return new
 
 
 def _local_bns(m: nn.Module) -> None:

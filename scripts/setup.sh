@@ -43,7 +43,7 @@ fi
 
 echo "== resfast setup: test and build dependencies"
 "$PY" -m pip install --progress-bar off -q "torchvision==$TORCHVISION_VERSION" timm "triton$TRITON_SPEC" numpy pytest hypothesis \
-  ninja pybind11 tqdm ruff matplotlib
+  ninja pybind11 tqdm ruff matplotlib onnx onnxruntime onnxscript
 has_cuda_torch || { echo "resfast setup: a dependency replaced the CUDA build of torch" >&2; exit 1; }
 
 echo "== resfast setup: building resfast._C (MAX_JOBS=${MAX_JOBS:-2})"

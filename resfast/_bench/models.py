@@ -36,7 +36,8 @@ PROVIDERS = ("eager", "resfast", "resfast-triton", "resfast-cuda", "resfast-cpu"
 EXPLICIT = {"resfast-triton": "triton", "resfast-cuda": "cuda", "resfast-cpu": "cpu"}
 MODES = ("infer", "train")
 RESFAST_BLOCKS = ("BasicBlock", "Bottleneck", "Bottle2neck", "Res2NetBottleneck", "Res2Block", "ResBlock",
-                  "PreActBasicBlock", "PreActBottleneck", "TimmPreActBottleneck", "TimmPreActBasic")
+                  "PreActBasicBlock", "PreActBottleneck", "TimmPreActBottleneck", "TimmPreActBasic", "TimmBasicBlock",
+                  "TimmBottleneck")
 
 
 def eager_model(name: str) -> torch.nn.Module:

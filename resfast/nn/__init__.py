@@ -4,6 +4,7 @@ from .preact import PreActBasicBlock, PreActBottleneck, TimmPreActBasic, TimmPre
 from .res2net import Bottle2neck, Res2Block, Res2NetBottleneck, SEModule
 from .resnet import BasicBlock, Bottleneck, ResBlock
 from .sync_batchnorm import SyncBatchNorm2d, SyncBatchNormAct2d, convert_sync_batchnorm
+from .timm_resnet import TimmBasicBlock, TimmBottleneck
 
 __all__ = [
     "BasicBlock",
@@ -17,6 +18,8 @@ __all__ = [
     "PreActBottleneck",
     "TimmPreActBottleneck",
     "TimmPreActBasic",
+    "TimmBasicBlock",
+    "TimmBottleneck",
     "SyncBatchNorm2d",
     "SyncBatchNormAct2d",
     "convert_sync_batchnorm",

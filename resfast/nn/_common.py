@@ -4,12 +4,48 @@ from __future__ import annotations
 
 from typing import Optional
 
+import torch
 from torch import Tensor, nn
 
 from .. import ops
 from ..ops.batchnorm import is_supported_bn
 from ..ops.fold import FoldCache, block_cache  # noqa: F401  (block_cache: re-exported for the blocks)
 from ..ops.training import recompute_scope  # noqa: F401  (re-exported for the blocks)
+
+
+def _capturing_eager(x) -> bool:
+    return bool(
+        torch.jit.is_tracing()
+        or torch.onnx.is_in_onnx_export()
+        or torch.compiler.is_exporting()
+        or isinstance(x, torch.fx.Proxy)
+    )
+
+
+def capturing(x: Tensor) -> bool:
+    """True while a graph-capture path that must record plain aten ops runs a block's forward: torch.jit.script
+    (the blocks then compile only ``_forward_modules``), torch.jit.trace, torch.onnx.export (both exporters),
+    torch.export (``torch.compiler.is_exporting``) and torch.fx.symbolic_trace (`x` is a Proxy). The blocks then run
+    ``_forward_modules``, the original computation with their own modules: same numbers, and a graph with no resfast
+    op, which runs without resfast. False under torch.compile (dynamo traces the fused ops) and in eager.
+
+    Each block's pattern::
+
+        def forward(self, x: Tensor) -> Tensor:
+            if capturing(x):
+                return self._forward_modules(x)   # scriptable: annotated, no lambdas, `is not None` checks
+            return self._forward_fused(x)
+
+        @torch.jit.unused
+        def _forward_fused(self, x):   # the fused ops
+
+    ``_forward_fused`` has no annotations: TorchScript reads an unused method's signature with inspect.signature,
+    which leaves the strings of ``from __future__ import annotations`` unresolved ("Unknown type annotation");
+    unannotated, its argument and result default to Tensor."""
+    if torch.jit.is_scripting():
+        return True
+    else:  # not compiled by torch.jit.script (is_scripting() is a static condition there)
+        return _capturing_eager(x)
 
 
 def fusable_conv(conv: Optional[nn.Module]) -> bool:
@@ -69,30 +105,46 @@ def bn_conv(x: Tensor, bn: nn.Module, conv: nn.Conv2d, residual: Optional[Tensor
     )
 
 
+def _pooled_downsample(downsample: Optional[nn.Module]) -> bool:
+    """timm's ``downsample_avg`` ('d' variants): ``Sequential(nn.AvgPool2d or nn.Identity, Conv2d, BatchNorm)`` with a
+    conv and BatchNorm the ops reproduce."""
+    return (type(downsample) is nn.Sequential and len(downsample) == 3
+            and type(downsample[0]) in (nn.AvgPool2d, nn.Identity) and fusable((downsample[1], downsample[2])))
+
+
 def shortcut(x: Tensor, downsample: Optional[nn.Module], cache: Optional[FoldCache] = None) -> Tensor:
     """The residual branch: x, or ``downsample(x)``; a plain ``Sequential(Conv2d, BatchNorm)`` downsample (timm's and
-    torchvision's) runs as one conv_bn_relu op without the ReLU, so its BatchNorm is folded too."""
+    torchvision's) runs as one conv_bn_relu op without the ReLU, so its BatchNorm is folded too; timm's
+    ``Sequential(AvgPool2d or Identity, Conv2d, BatchNorm)`` runs its pool, then that op."""
     if downsample is None:
         return x
     if (type(downsample) is nn.Sequential and len(downsample) == 2
             and fusable((downsample[0], downsample[1]))):
         return conv_bn(x, downsample[0], downsample[1], relu=False, cache=cache)
+    if _pooled_downsample(downsample):
+        return conv_bn(downsample[0](x), downsample[1], downsample[2], relu=False, cache=cache)
     return downsample(x)
 
 
 def projection(x: Tensor, conv: nn.Module, dbn: nn.Module, bn: nn.Module) -> Optional[ops.ConvShortcut]:
     """``dbn(conv(x))`` as the op's ConvShortcut when `conv` is a plain 1x1 conv with no padding, groups or dilation
     and `dbn` a supported BatchNorm in the same train/eval mode as the main conv's `bn`; else None."""
-    if not fusable((conv, dbn)):
-        return None
-    if (conv.kernel_size != (1, 1) or conv.groups != 1 or tuple(conv.padding) != (0, 0)
-            or conv.dilation != (1, 1) or dbn.training != bn.training):
+    if not _plain_projection(conv, dbn, bn):
         return None
     return ops.ConvShortcut(x, conv.weight, dbn, conv.stride, conv.bias)
 
 
+def _plain_projection(conv: nn.Module, dbn: nn.Module, bn: nn.Module) -> bool:
+    return fusable((conv, dbn)) and not (
+        conv.kernel_size != (1, 1) or conv.groups != 1 or tuple(conv.padding) != (0, 0)
+        or conv.dilation != (1, 1) or dbn.training != bn.training)
+
+
 def _projection(x: Tensor, downsample: Optional[nn.Module], bn: nn.Module) -> Optional[ops.ConvShortcut]:
-    """A ``Sequential(Conv2d 1x1, BatchNorm)`` downsample (torchvision's, timm's default) as a ConvShortcut."""
+    """A ``Sequential(Conv2d 1x1, BatchNorm)`` downsample (torchvision's, timm's default) as a ConvShortcut; timm's
+    ``Sequential(AvgPool2d or Identity, Conv2d 1x1, BatchNorm)`` as the ConvShortcut of the pooled input."""
+    if _pooled_downsample(downsample) and _plain_projection(downsample[1], downsample[2], bn):
+        return projection(downsample[0](x), downsample[1], downsample[2], bn)
     if not (type(downsample) is nn.Sequential and len(downsample) == 2):
         return None
     return projection(x, downsample[0], downsample[1], bn)

@@ -18,7 +18,7 @@ from .. import ops
 from ..ops.batchnorm import BatchNormParams, as_bn_params, is_bn_relu
 from ..ops.bottleneck import preact_block_train
 from ..ops.fold import FoldCache, fold_scale_shift
-from ._common import block_cache, bn_conv, conv_bn, fusable, fusable_conv, fusable_relu, shortcut
+from ._common import block_cache, bn_conv, capturing, conv_bn, fusable, fusable_conv, fusable_relu, shortcut
 
 
 class PreActBasicBlock(nn.Module):
@@ -36,6 +36,12 @@ class PreActBasicBlock(nn.Module):
         self.downsample = downsample
 
     def forward(self, x: Tensor) -> Tensor:
+        if capturing(x):  # script / trace / fx / ONNX / torch.export: plain aten ops, same numbers
+            return self._forward_modules(x)
+        return self._forward_fused(x)
+
+    @torch.jit.unused
+    def _forward_fused(self, x):  # no annotations: see _common.capturing
         if not (fusable((self.conv1, self.bn1), (self.conv2, self.bn2)) and fusable_relu(self.relu)):
             return self._forward_modules(x)
         cache = block_cache(self)
@@ -51,7 +57,9 @@ class PreActBasicBlock(nn.Module):
     def _forward_modules(self, x: Tensor) -> Tensor:
         out = self.conv1(self.relu(self.bn1(x)))
         out = self.conv2(self.relu(self.bn2(out)))
-        identity = x if self.downsample is None else self.downsample(x)
+        identity = x
+        if self.downsample is not None:
+            identity = self.downsample(x)
         return out + identity
 
 
@@ -72,6 +80,12 @@ class PreActBottleneck(nn.Module):
         self.downsample = downsample
 
     def forward(self, x: Tensor) -> Tensor:
+        if capturing(x):  # script / trace / fx / ONNX / torch.export: plain aten ops, same numbers
+            return self._forward_modules(x)
+        return self._forward_fused(x)
+
+    @torch.jit.unused
+    def _forward_fused(self, x):  # no annotations: see _common.capturing
         if not (fusable((self.conv1, self.bn1), (self.conv2, self.bn2), (self.conv3, self.bn3))
                 and fusable_relu(self.relu)):
             return self._forward_modules(x)
@@ -89,7 +103,9 @@ class PreActBottleneck(nn.Module):
         out = self.conv1(self.relu(self.bn1(x)))
         out = self.conv2(self.relu(self.bn2(out)))
         out = self.conv3(self.relu(self.bn3(out)))
-        identity = x if self.downsample is None else self.downsample(x)
+        identity = x
+        if self.downsample is not None:
+            identity = self.downsample(x)
         return out + identity
 
 
@@ -210,6 +226,12 @@ class _TimmPreActBlock(nn.Module):
         return all(not n.training and n.running_mean is not None for n, _ in units)
 
     def forward(self, x: Tensor) -> Tensor:
+        if capturing(x):  # script / trace / fx / ONNX / torch.export: plain aten ops, same numbers
+            return self._forward_modules(x)
+        return self._forward_fused(x)
+
+    @torch.jit.unused
+    def _forward_fused(self, x):  # no annotations: see _common.capturing
         if not self._fusable():
             return self._forward_modules(x)
         units = self._units()
@@ -266,16 +288,7 @@ class _TimmPreActBlock(nn.Module):
         return self.drop_path(_conv(out, conv_last, cache=cache)) + shortcut
 
     def _forward_modules(self, x: Tensor) -> Tensor:
-        units = self._units()
-        x_preact = units[0][0](x)
-        shortcut = x
-        if self.downsample is not None:
-            shortcut = self.downsample(x_preact)
-        out = units[0][1](x_preact)
-        for norm, conv in units[1:]:
-            out = conv(norm(out))
-        out = self.drop_path(out)
-        return out + shortcut
+        raise NotImplementedError  # each block spells timm's forward out (torch.jit.script takes no list of modules)
 
 
 class TimmPreActBottleneck(_TimmPreActBlock):
@@ -328,6 +341,17 @@ class TimmPreActBottleneck(_TimmPreActBlock):
     def _units(self):
         return [(self.norm1, self.conv1), (self.norm2, self.conv2), (self.norm3, self.conv3)]
 
+    def _forward_modules(self, x: Tensor) -> Tensor:
+        x_preact = self.norm1(x)
+        shortcut = x
+        if self.downsample is not None:
+            shortcut = self.downsample(x_preact)
+        out = self.conv1(x_preact)
+        out = self.conv2(self.norm2(out))
+        out = self.conv3(self.norm3(out))
+        out = self.drop_path(out)
+        return out + shortcut
+
 
 class TimmPreActBasic(_TimmPreActBlock):
     """timm.models.resnetv2.PreActBasic (resnetv2_18/34): two 3x3 convs, the stride on the first; a downsample only
@@ -376,3 +400,13 @@ class TimmPreActBasic(_TimmPreActBlock):
 
     def _units(self):
         return [(self.norm1, self.conv1), (self.norm2, self.conv2)]
+
+    def _forward_modules(self, x: Tensor) -> Tensor:
+        x_preact = self.norm1(x)
+        shortcut = x
+        if self.downsample is not None:
+            shortcut = self.downsample(x_preact)
+        out = self.conv1(x_preact)
+        out = self.conv2(self.norm2(out))
+        out = self.drop_path(out)
+        return out + shortcut

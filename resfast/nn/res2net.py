@@ -20,6 +20,7 @@ from ..ops.batchnorm import is_supported_bn
 from ..ops.bottleneck import res2net_bottleneck_train
 from ._common import (
     block_cache,
+    capturing,
     conv_bn,
     conv_bn_shortcut,
     fusable,
@@ -139,6 +140,12 @@ class Bottle2neck(nn.Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:
+        if capturing(x):  # script / trace / fx / ONNX / torch.export: plain aten ops, same numbers
+            return self._forward_modules(x)
+        return self._forward_fused(x)
+
+    @torch.jit.unused
+    def _forward_fused(self, x):  # no annotations: see _common.capturing
         if not self._fusable():
             return self._forward_modules(x)
         c = self.convs[0]
@@ -184,7 +191,10 @@ class Bottle2neck(nn.Module):
             sp = self.relu(bn(conv(sp)))
             spo.append(sp)
         if self.scale > 1:
-            spo.append(self.pool(spx[-1]) if self.pool is not None else spx[-1])
+            if self.pool is not None:  # a None check rather than a conditional expression, for torch.jit.script
+                spo.append(self.pool(spx[-1]))
+            else:
+                spo.append(spx[-1])
         out = self.drop_block(torch.cat(spo, 1))
         out = self.bn3(self.conv3(out))
         if self.se is not None:
@@ -259,6 +269,12 @@ class Res2NetBottleneck(nn.Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:
+        if capturing(x):  # script / trace / fx / ONNX / torch.export: plain aten ops, same numbers
+            return self._forward_modules(x)
+        return self._forward_fused(x)
+
+    @torch.jit.unused
+    def _forward_fused(self, x):  # no annotations: see _common.capturing
         if not self._fusable():
             return self._forward_modules(x)
         groups = self.conv2[0].groups if len(self.conv2) else 1
@@ -280,18 +296,15 @@ class Res2NetBottleneck(nn.Module):
         identity = x
         out = self.relu(self.bn1(self.conv1(x)))
         xs = torch.chunk(out, self.scales, 1)
-        ys = []
-        for s in range(self.scales):
-            if s == 0:
-                ys.append(xs[s])
-            elif s == 1:
-                ys.append(self.relu(self.bn2[s - 1](self.conv2[s - 1](xs[s]))))
-            else:
-                ys.append(self.relu(self.bn2[s - 1](self.conv2[s - 1](xs[s] + ys[-1]))))
+        ys = [xs[0]]
+        # zip over the ModuleLists rather than indexing them: torch.jit.script indexes a ModuleList by literals only
+        for s, (conv, bn) in enumerate(zip(self.conv2, self.bn2)):
+            sp = xs[s + 1] if s == 0 else xs[s + 1] + ys[-1]
+            ys.append(self.relu(bn(conv(sp))))
         out = self.bn3(self.conv3(torch.cat(ys, 1)))
         if self.se is not None:
             out = self.se(out)
-        if self.downsample:
+        if self.downsample is not None:  # the article's "no downsample" is an empty nn.Sequential: the identity
             identity = self.downsample(identity)
         return self.relu(out + identity)
 
@@ -330,11 +343,20 @@ class Res2Block(nn.Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:
+        if capturing(x):  # script / trace / fx / ONNX / torch.export: plain aten ops, same numbers
+            return self._forward_modules(x)
+        return self._forward_fused(x)
+
+    @torch.jit.unused
+    def _forward_fused(self, x):  # no annotations: see _common.capturing
         if not self._fusable():
-            return F.relu(self.residual_function(x) + self.shortcut(x))
+            return self._forward_modules(x)
         rf = self.residual_function
         with recompute_scope():  # normalised activations rebuilt in backward, not saved
             cache = block_cache(self)
             out = conv_bn(x, rf[0], rf[1], cache=cache)
             out = conv_bn(out, rf[3], rf[4], cache=cache)
             return conv_bn_shortcut(out, rf[6], rf[7], x, self.shortcut if len(self.shortcut) else None, cache)
+
+    def _forward_modules(self, x: Tensor) -> Tensor:
+        return F.relu(self.residual_function(x) + self.shortcut(x))

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 from typing import Callable, Optional
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops.bottleneck import res2net_bottleneck_train
 from ._common import (
     block_cache,
+    capturing,
     conv1x1,
     conv3x3,
     conv_bn,
@@ -60,6 +62,12 @@ class BasicBlock(nn.Module):
         self.stride = stride
 
     def forward(self, x: Tensor) -> Tensor:
+        if capturing(x):  # script / trace / fx / ONNX / torch.export: plain aten ops, same numbers
+            return self._forward_modules(x)
+        return self._forward_fused(x)
+
+    @torch.jit.unused
+    def _forward_fused(self, x):  # no annotations: see _common.capturing
         if not (fusable((self.conv1, self.bn1), (self.conv2, self.bn2)) and fusable_relu(self.relu)):
             return self._forward_modules(x)
         with recompute_scope():  # normalised activations rebuilt in backward, not saved
@@ -108,6 +116,12 @@ class Bottleneck(nn.Module):
         self.stride = stride
 
     def forward(self, x: Tensor) -> Tensor:
+        if capturing(x):  # script / trace / fx / ONNX / torch.export: plain aten ops, same numbers
+            return self._forward_modules(x)
+        return self._forward_fused(x)
+
+    @torch.jit.unused
+    def _forward_fused(self, x):  # no annotations: see _common.capturing
         pairs = ((self.conv1, self.bn1), (self.conv2, self.bn2), (self.conv3, self.bn3))
         if not (fusable(*pairs) and fusable_relu(self.relu)):
             return self._forward_modules(x)
@@ -159,6 +173,12 @@ class ResBlock(nn.Module):
             self.bn3 = nn.BatchNorm2d(out_channels)
 
     def forward(self, inputs: Tensor) -> Tensor:
+        if capturing(inputs):  # script / trace / fx / ONNX / torch.export: plain aten ops, same numbers
+            return self._forward_modules(inputs)
+        return self._forward_fused(inputs)
+
+    @torch.jit.unused
+    def _forward_fused(self, inputs):  # no annotations: see _common.capturing
         pairs = [(self.conv1, self.bn1), (self.conv2, self.bn2)]
         if self.use_residual and self.use_1x1conv:
             pairs.append((self.shortcut, self.bn3))
@@ -181,6 +201,10 @@ class ResBlock(nn.Module):
         y = F.relu(self.bn1(self.conv1(inputs)))
         y = self.bn2(self.conv2(y))
         if self.use_residual:
-            shortcut = self.bn3(self.shortcut(inputs)) if self.use_1x1conv else inputs
+            # hasattr: the shortcut layers exist only when the shapes change (a static test under torch.jit.script)
+            if hasattr(self, "shortcut") and hasattr(self, "bn3"):
+                shortcut = self.bn3(self.shortcut(inputs)) if self.use_1x1conv else inputs
+            else:
+                shortcut = inputs
             y = shortcut + y
         return F.relu(y)

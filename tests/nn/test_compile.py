@@ -1,5 +1,5 @@
-"""torch.compile(fullgraph=True) of the blocks matches eager (running stats included); fx.symbolic_trace's
-limits are documented and tested."""
+"""torch.compile(fullgraph=True) of the blocks matches eager (running stats included); fx.symbolic_trace of a block
+runs its modules, of an op raises a TraceError that says why."""
 
 
 import pytest
@@ -57,13 +57,28 @@ def test_compile_inductor_res2net_block_eval():
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
 
 
-def test_fx_symbolic_trace_is_not_supported_and_says_why():
-    """Documented in the README: the ops validate shapes in Python, which symbolic tracing cannot do.
-    torch.compile and torch.export (which trace with real shapes) are the supported ways to capture a graph."""
-    blk = resfast.Bottleneck(64, 16)
+def test_fx_symbolic_trace_runs_the_modules_and_ops_say_why_they_cannot():
+    """A block under torch.fx.symbolic_trace records its plain-module computation (resfast.nn._common.capturing): a
+    GraphModule without resfast ops, with the block's numbers (whole models: tests/test_capture.py). An op called
+    directly on a Proxy still raises TraceError saying why: the ops check shapes and choose a backend from real
+    tensor metadata."""
+    blk = resfast.Bottleneck(64, 16).eval()
+    gm = torch.fx.symbolic_trace(blk)
+    assert not [n for n in gm.graph.nodes if n.op == "call_function" and "resfast" in str(n.target)]
+    x = torch.randn(2, 64, 8, 8)
+    torch.testing.assert_close(gm(x), blk(x), rtol=1e-5, atol=1e-5)
+
+    class OpCaller(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(64, 64, 3, padding=1, bias=False), nn.BatchNorm2d(64)
+
+        def forward(self, x):
+            return resfast.ops.conv_bn_relu(x, self.conv.weight, self.bn, padding=1)
+
     match = "cannot be traced by torch.fx.symbolic_trace.*torch.compile or torch.export"
     with pytest.raises(torch.fx.proxy.TraceError, match=match):
-        torch.fx.symbolic_trace(blk)
+        torch.fx.symbolic_trace(OpCaller())
 
 
 def test_torch_export_works():
