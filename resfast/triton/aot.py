@@ -14,8 +14,8 @@ Three steps, each its own process where Triton needs it:
    checks both modes record the same launches). ATen's conv gradients (``RESFAST_CONV_BACKWARD=aten``) are skipped
    the same way (uninitialised results of ATen's shapes and layouts): computed on the CPU at batch 256 they took
    minutes per training step. The models are the benchmarks' (``resfast._bench.models``): timm's Res2Nets and
-   resnetv2_50, torchvision's resnet50 and resnext50_32x4d (timm's ResNet ``Bottleneck`` is not a block
-   ``resfast.convert`` recognises, so timm's resnet50 would make no launch); ``model/path`` records one submodule.
+   resnetv2_50, torchvision's resnet50 and resnext50_32x4d; any other name is a timm model (timm's SE-ResNeXts
+   launch the scale_add_relu kernels); ``model/path`` records one submodule.
    The GPU's precision is recorded as it is, not substituted: under ``torch.autocast("cpu", bf16/fp16)`` the ops
    see the autocast dtype exactly as on a GPU (``resfast.bench`` runs the GPU at bf16 AMP), and a model converted to
    bf16/fp16 (``.to(dtype)``) runs half-precision parameters; the interpreter's dtype gate
@@ -250,6 +250,7 @@ def record_run(model_name: str, mode: str, precision: str, size: int, batch: int
     import torch
 
     import resfast
+    from resfast._bench.models import MODELS as BENCH_MODELS
     from resfast._bench.models import eager_model
 
     half = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -258,10 +259,16 @@ def record_run(model_name: str, mode: str, precision: str, size: int, batch: int
     os.environ["RESFAST_CONV_BACKWARD"] = "triton" if mode == "train-triton-bwd" else "aten"
     torch.manual_seed(0)
     # the benchmarks' models (resfast._bench.models): timm's Res2Nets and resnetv2_50, torchvision's resnet50 and
-    # resnext50_32x4d (timm's ResNet Bottleneck is not a block resfast.convert recognises: it would add no launch).
-    # "model/path" runs one submodule (a block: path "layer1.0"), its input size x size with the block's channels.
+    # resnext50_32x4d; any other name is a timm model (e.g. seresnext26d_32x4d, whose SE blocks launch the
+    # scale_add_relu kernels). "model/path" runs one submodule (a block: path "layer1.0"), its input size x size
+    # with the block's channels.
     name, _, path = model_name.partition("/")
-    model = eager_model(name)
+    if name in BENCH_MODELS:
+        model = eager_model(name)
+    else:
+        import timm
+
+        model = timm.create_model(name, pretrained=False)
     in_ch = 3
     if path:
         model = model.get_submodule(path)

@@ -70,19 +70,25 @@ def _planted(launches: list[dict]) -> dict:
 
 @pytest.mark.slow
 def test_reduced_aot_run(tmp_path):
-    """One block (torchvision's ResNet-50 first bottleneck, with its projection shortcut), eval and a training step
-    with the Triton conv gradients under bf16 autocast, 16x16: recorded (~110 compiles), then compiled for sm_90 and
-    sm_80 with every config autotuning can pick, plus one planted over-large config. The full run
-    (``python -m resfast.triton.aot``) covers the six models, every mode and precision, 64x64 and 224x224."""
+    """Three blocks, eval and a training step with the Triton conv gradients under bf16 autocast, 16x16: torchvision's
+    ResNet-50 first bottleneck (projection shortcut), timm's SE-ResNeXt-26d first bottleneck (grouped 3x3, SE through
+    scale_add_relu, avg-pool shortcut) and a resnetv2 pre-activation block. Recorded (every Triton kernel resfast
+    has launches), then compiled for sm_90 and sm_80 with every config autotuning can pick, plus one planted
+    over-large config. The full run (``python -m resfast.triton.aot``) covers the six models, every mode and
+    precision, at 224x224 batch 256."""
     launches = tmp_path / "launches.json"
-    r = _run("--models", "resnet50/layer1.0", "--modes", "eval", "train-triton-bwd", "--precisions", "amp-bf16",
-             "--sizes", "16:1", "--record-only", "--save-launches", str(launches), "--jobs", "2")
+    r = _run("--models", "resnet50/layer1.0", "seresnext26d_32x4d/layer1.0", "resnetv2_50/stages.1.blocks.0",
+             "--modes", "eval", "train-triton-bwd", "--precisions", "amp-bf16", "--sizes", "16:1", "--record-only",
+             "--save-launches", str(launches), "--jobs", "2")
     assert r.returncode == 0, r.stdout + r.stderr
     recorded = json.loads(launches.read_text())
     kernels = {e["kernel"] for e in recorded["launches"]}
-    for k in ("conv:_tuned_kernel", "conv_grad:_dgrad", "conv_grad:_wgrad", "batchnorm:_apply_kernel",
-              "batchnorm:_finalize_kernel", "batchnorm:_bwd_reduce_kernel", "batchnorm:_bwd_apply_kernel"):
-        assert f"resfast.triton.{k}" in kernels, (k, kernels)
+    # every kernel resfast launches (an autotuned kernel by its Autotuner: conv's and scale_add_relu's _tuned_kernel)
+    assert kernels == {f"resfast.triton.{k}" for k in (
+        "conv:_tuned_kernel", "conv_grad:_dgrad", "conv_grad:_wgrad", "batchnorm:_stats_partial_kernel",
+        "batchnorm:_finalize_kernel", "batchnorm:_running_update_kernel", "batchnorm:_apply_kernel",
+        "batchnorm:_bwd_reduce_kernel", "batchnorm:_bwd_apply_kernel", "scale_add_relu:_tuned_kernel",
+        "scale_add_relu:_scale_add_relu_bwd_kernel")}, kernels
     planted = tmp_path / "planted.json"
     planted.write_text(json.dumps([_planted(recorded["launches"])]))
 
