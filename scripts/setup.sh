@@ -37,17 +37,26 @@ PYEOF
 if ! has_cuda_torch; then
   echo "== resfast setup: installing the CUDA build of torch $TORCH_VERSION (about 5 GB)"
   "$PY" -m pip uninstall -y torch >/dev/null 2>&1 || true
-  env -u PIP_FIND_LINKS PIP_CONFIG_FILE=/dev/null "$PY" -m pip install --progress-bar off "torch==$TORCH_VERSION"
+  env -u PIP_FIND_LINKS PIP_CONFIG_FILE=/dev/null "$PY" -m pip install --progress-bar off -q "torch==$TORCH_VERSION"
   has_cuda_torch || { echo "resfast setup: torch $TORCH_VERSION with CUDA did not install" >&2; exit 1; }
 fi
 
 echo "== resfast setup: test and build dependencies"
+# (a pip config naming find-links folders this machine lacks makes pip warn once per package: those lines dropped)
 "$PY" -m pip install --progress-bar off -q "torchvision==$TORCHVISION_VERSION" timm "triton$TRITON_SPEC" numpy pytest hypothesis \
-  ninja pybind11 tqdm ruff matplotlib onnx onnxruntime onnxscript
+  ninja pybind11 tqdm ruff matplotlib onnx onnxruntime onnxscript \
+  2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
 has_cuda_torch || { echo "resfast setup: a dependency replaced the CUDA build of torch" >&2; exit 1; }
 
-echo "== resfast setup: building resfast._C (MAX_JOBS=${MAX_JOBS:-2})"
-MAX_JOBS=${MAX_JOBS:-2} "$PY" setup.py -q build_ext --inplace
+# the compiler command lines go to a log, printed (its end) only if the build fails
+mkdir -p build
+BUILD_LOG="build/setup-$(basename "$VENV" | sed "s/^\.//").log"
+echo "== resfast setup: building resfast._C (MAX_JOBS=${MAX_JOBS:-2}; log: $BUILD_LOG)"
+if ! MAX_JOBS=${MAX_JOBS:-2} "$PY" setup.py -q build_ext --inplace > "$BUILD_LOG" 2>&1; then
+  tail -n 60 "$BUILD_LOG" >&2
+  echo "resfast setup: building resfast._C failed (the whole log: $BUILD_LOG)" >&2
+  exit 1
+fi
 # Make the working tree importable from anywhere in the venv (what an editable install does), without
 # a second build in pip's temporary directory.
 SITE=$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')

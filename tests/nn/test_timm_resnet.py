@@ -285,6 +285,7 @@ def test_convert_whole_model_identical_logits(name):
     check_fused_model(orig, conv, x)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("block,extra", [(tr.Bottleneck, dict(block_args=dict(attn_layer="eca"))),
                                          (tr.BasicBlock, dict(output_stride=16))],
                          ids=["eca_bottleneck", "basic_os16"])
