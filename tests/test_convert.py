@@ -193,3 +193,37 @@ def test_lookalike_with_other_semantics_is_not_converted():
     assert isinstance(c[1], rnn.BasicBlock)  # seed 002's true torchvision-style block passes it
     x = torch.randn(2, 16, 8, 8)
     torch.testing.assert_close(c(x), m(x), rtol=0, atol=0)
+
+
+# The families resfast converts: every model timm registers under these names, and torchvision's builders
+FAMILIES = ["resnet*", "resnext*", "seresnext*", "seresnet*", "ecaresnet*", "wide_resnet*", "res2net*", "res2next*",
+            "resnetv2*", "resnetrs*", "resnetblur*", "resnetaa*"]
+TV_BUILDERS = ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d", "resnext101_32x8d",
+               "resnext101_64x4d", "wide_resnet50_2", "wide_resnet101_2"]
+_RESIDUAL_BLOCKS = {"BasicBlock", "Bottleneck", "Bottle2neck", "PreActBottleneck", "PreActBasic"}
+
+
+def _family_blocks(model):
+    return [m for m in model.modules() if type(m).__name__ in _RESIDUAL_BLOCKS]
+
+
+@pytest.mark.slow
+def test_every_family_model_converts_all_its_blocks():
+    """Built on the meta device (no weights): every residual block of every timm model of the families and of
+    torchvision's ResNet/ResNeXt/Wide-ResNet builders becomes a resfast block."""
+    names = timm.list_models(FAMILIES)
+    missed, checked = {}, 0
+    for name in names + [f"tv:{n}" for n in TV_BUILDERS]:
+        with torch.device("meta"):
+            model = getattr(tvm, name[3:])() if name.startswith("tv:") else timm.create_model(name)
+        blocks = len(_family_blocks(model))
+        if not blocks:  # a name in the family built on other blocks (timm's byobnet resnet32ts, resnet50_clip ...)
+            assert type(model).__module__ not in ("timm.models.resnet", "timm.models.resnetv2"), name
+            continue
+        checked += 1
+        conv = resfast.convert(model)
+        ours = sum(isinstance(m, RESFAST_BLOCKS + (rnn.TimmBasicBlock, rnn.TimmBottleneck)) for m in conv.modules())
+        if ours != blocks:
+            missed[name] = (ours, blocks)
+    assert not missed, missed
+    assert checked > 100
