@@ -18,6 +18,7 @@ behavioural check runs on one process, so in it every BatchNorm uses the probe's
 from __future__ import annotations
 
 import copy
+import sys
 from typing import Optional, Type
 
 import torch
@@ -216,6 +217,25 @@ def _adopt(m: nn.Module, cls: Type[nn.Module]) -> nn.Module:
     return new
 
 
+_BLOCKS = (BasicBlock, Bottleneck, Bottle2neck, PreActBasicBlock, PreActBottleneck, Res2Block, Res2NetBottleneck,
+           ResBlock, TimmBasicBlock, TimmBottleneck, TimmPreActBasic, TimmPreActBottleneck)
+
+
+def _register_timm_leaves() -> None:
+    """Make the blocks leaf modules of timm's FX tracer (``timm.layers.register_notrace_module``), when timm is
+    loaded: timm's FX feature extraction (``get_graph_node_names`` / ``create_feature_extractor`` with
+    ``get_notrace_modules()``, FeatureGraphNet) then calls each block, which runs its fused forward, so the graph
+    gives exactly the eager model's numbers (timm's test_model_forward_fx compares them with ``==``; the
+    plain-module computation differs from the fused ops in the last bits). Other FX tracers
+    (torch.fx.symbolic_trace, torchvision's create_feature_extractor without timm's leaf list) still trace into
+    the blocks' plain-module computation."""
+    layers = sys.modules.get("timm.layers")
+    register = getattr(layers, "register_notrace_module", None)
+    if register is not None:
+        for cls in _BLOCKS:
+            register(cls)
+
+
 def convert(model: nn.Module, inplace: bool = False) -> nn.Module:
     """Replace every recognised block in `model` by the resfast block with the same weights and behaviour.
 
@@ -227,6 +247,7 @@ def convert(model: nn.Module, inplace: bool = False) -> nn.Module:
         The converted model (`model` itself when inplace=True, or when `model` is itself a recognised block
         and inplace=True, a new object holding its state).
     """
+    _register_timm_leaves()
     if not inplace:
         model = _deepcopy(model)
     cls = _target(model)

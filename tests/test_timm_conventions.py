@@ -186,3 +186,33 @@ def test_deepcopy_pickle_and_torch_save(name):
         for c in copies:
             assert _blocks(c) == _blocks(conv)
             _close(c.eval()(x), ref)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_forward_fx_exactly_like_eager(name):
+    """timm's test_model_forward_fx: the graph of timm's FX feature extraction (get_notrace_modules() as leaves) gives
+    exactly (``==``) the eager model's output, in float32. The converted blocks are leaves of timm's tracer
+    (registered by convert), so the graph calls them and they run the same fused ops as in eager; traced into, their
+    plain-module computation differs from the fused ops in the last bits."""
+    from timm.models import get_notrace_functions, get_notrace_modules
+    from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
+
+    orig, conv = _pair(name, dtype=torch.float32)
+    conv.eval()
+    tracer_kwargs = dict(leaf_modules=get_notrace_modules(), autowrap_functions=get_notrace_functions(),
+                         param_shapes_constant=True)
+    train_nodes, eval_nodes = get_graph_node_names(conv, tracer_kwargs=tracer_kwargs)
+    fx = create_feature_extractor(conv, train_return_nodes=[train_nodes[-1]], eval_return_nodes=[eval_nodes[-1]],
+                                  tracer_kwargs=tracer_kwargs)
+    called = {n.target for n in fx.graph.nodes if n.op == "call_module"}
+    assert any(type(fx.get_submodule(t)).__module__.startswith("resfast.nn") for t in called)
+    x = _x(torch.float32)
+    with torch.inference_mode():
+        y = conv(x)
+        y_fx = torch.cat(tuple(fx(x).values()))
+        assert torch.equal(y_fx, y)
+        torch.testing.assert_close(y, orig.eval()(x), rtol=1e-4, atol=1e-4 * max(1.0, y.abs().max().item()))
+    # and the graph still scripts (timm's test_model_forward_fx_torchscript): the blocks compile _forward_modules
+    with torch.no_grad():
+        torch.testing.assert_close(torch.jit.script(fx)(x)[eval_nodes[-1]], y, rtol=1e-4,
+                                   atol=1e-4 * max(1.0, y.abs().max().item()))

@@ -27,7 +27,9 @@ def capturing(x: Tensor) -> bool:
     (the blocks then compile only ``_forward_modules``), torch.jit.trace, torch.onnx.export (both exporters),
     torch.export (``torch.compiler.is_exporting``) and torch.fx.symbolic_trace (`x` is a Proxy). The blocks then run
     ``_forward_modules``, the original computation with their own modules: same numbers, and a graph with no resfast
-    op, which runs without resfast. False under torch.compile (dynamo traces the fused ops) and in eager.
+    op, which runs without resfast. False under torch.compile (dynamo traces the fused ops) and in eager. timm's own
+    FX tracer (its feature extraction) does not trace into the blocks: resfast.convert registers them as timm
+    notrace (leaf) modules, so its graphs call them and give the eager model's exact numbers.
 
     Each block's pattern::
 
