@@ -109,19 +109,27 @@ def test_features_only(name):
         _close(o, r)
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_grad_checkpointing(name):
-    orig, conv = _pair(name)
-    conv.set_grad_checkpointing(True)
+def _same_training_step(orig, conv):
+    """One training forward/backward of each model from the same random state: same outputs, same gradients."""
     orig.train()
     conv.train()
     x = _x()
-    ya, yb = orig(x), conv(x)
+    torch.manual_seed(3)
+    ya = orig(x)
+    torch.manual_seed(3)
+    yb = conv(x)
     _close(yb, ya)
     ya.sum().backward()
     yb.sum().backward()
     for (k, a), b in zip(orig.named_parameters(), conv.parameters()):
         _close(b.grad, a.grad, rtol=1e-7, atol=1e-9, msg=k)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_grad_checkpointing(name):
+    orig, conv = _pair(name)
+    conv.set_grad_checkpointing(True)
+    _same_training_step(orig, conv)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -143,18 +151,7 @@ def test_reset_classifier(name):
 def test_drop_path_rate_training(name):
     """Stochastic depth in training: the same random draws give the same outputs and gradients."""
     orig, conv = _pair(name, drop_path_rate=0.25)
-    orig.train()
-    conv.train()
-    x = _x()
-    torch.manual_seed(3)
-    ya = orig(x)
-    torch.manual_seed(3)
-    yb = conv(x)
-    _close(yb, ya)
-    ya.sum().backward()
-    yb.sum().backward()
-    for (k, a), b in zip(orig.named_parameters(), conv.parameters()):
-        _close(b.grad, a.grad, rtol=1e-7, atol=1e-9, msg=k)
+    _same_training_step(orig, conv)
 
 
 @pytest.mark.parametrize("name", NAMES)
