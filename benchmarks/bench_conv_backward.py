@@ -1,6 +1,6 @@
-"""Conv gradients: the Triton implicit-GEMM dgrad/wgrad kernels (resfast/triton/conv_grad.py) against ATen's
-convolution_backward (cuDNN), at every distinct convolution of res2net50_26w_4s, resnext50_32x4d and resnetv2_50
-in a training step, one run, interleaved per shape.
+"""Conv gradients: the Triton implicit-GEMM dgrad/wgrad kernels (resfast/backends/triton/kernels/conv_grad.py)
+against ATen's convolution_backward (cuDNN), at every distinct convolution of res2net50_26w_4s, resnext50_32x4d and
+resnetv2_50 in a training step, one run, interleaved per shape.
 
     python benchmarks/bench_conv_backward.py          # GPU: batch 128, bfloat16, channels_last, 224x224
     TRITON_INTERPRET=1 python benchmarks/bench_conv_backward.py --device cpu --batch 1 --size 32 --dtype float32 \\
@@ -26,7 +26,7 @@ from resfast._bench.env import metadata
 from resfast._bench.models import eager_model, progress
 from resfast._bench.results import write_result
 from resfast._bench.timing import time_fn
-from resfast.triton import conv_grad
+from resfast.backends.triton.kernels import conv_grad
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

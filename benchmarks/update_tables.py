@@ -99,8 +99,8 @@ def ops_table(r: dict) -> list[str]:
 
 
 def aot_table(r: dict) -> list[str]:
-    """The ahead-of-time compile report (results/aot/aot.json, python -m resfast.triton.aot): one row per kernel and
-    architecture over every specialisation and config it compiled."""
+    """The ahead-of-time compile report (results/aot/aot.json, python -m resfast.backends.triton.aot): one row per
+    kernel and architecture over every specialisation and config it compiled."""
     h = r["header"]
     rows: dict = {}
     for c in r["compiles"]:
@@ -189,7 +189,7 @@ def section(results_dir: Path) -> str:
         lines.append("")
     aot = results_dir / "aot" / "aot.json"
     if aot.exists():
-        lines += ["### Triton kernels compiled ahead of time (python -m resfast.triton.aot)", "",
+        lines += ["### Triton kernels compiled ahead of time (python -m resfast.backends.triton.aot)", "",
                   *aot_table(json.loads(aot.read_text())), ""]
     lines.append(END)
     return "\n".join(lines)

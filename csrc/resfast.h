@@ -34,4 +34,21 @@ inline at::MemoryFormat check_bn_act(const at::Tensor& x, const at::Tensor& scal
                                                                                 : at::MemoryFormat::Contiguous;
 }
 
+// bn_act's operands in the kernels' memory format `fmt` (from check_bn_act) and its output, shared by the CPU and
+// CUDA kernels (call it on the input's device).
+struct BnActOperands {
+  at::Tensor x, scale, shift, residual, y;  // residual undefined when absent
+};
+
+inline BnActOperands bn_act_operands(at::MemoryFormat fmt, const at::Tensor& x, const at::Tensor& scale,
+                                     const at::Tensor& shift, const std::optional<at::Tensor>& residual) {
+  BnActOperands o;
+  o.x = x.contiguous(fmt);
+  o.scale = scale.contiguous();
+  o.shift = shift.contiguous();
+  if (residual.has_value()) o.residual = residual->contiguous(fmt);
+  o.y = at::empty_like(o.x, o.x.options().memory_format(fmt));
+  return o;
+}
+
 }  // namespace resfast

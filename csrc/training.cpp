@@ -1,8 +1,13 @@
 // resfast's training ops (and eval with gradients), one implementation for every device: convolutions through
 // ATen (cuDNN on CUDA, oneDNN on the CPU: at::convolution / at::convolution_backward), everything between them in
 // the device kernels of bn_train.h (cpu/bn_train.cpp, cuda/bn_train.cu). The pattern of the Triton backend's
-// training ops (resfast/triton/training.py), with the same op signatures except that the Res2Net chain returns its
+// training ops (resfast/backends/triton/training.py), with the same op signatures except that the Res2Net chain returns its
 // raw conv outputs as a list (a cuDNN convolution allocates its own output).
+//
+// Declared mirror: resfast/backends/triton/training.py orchestrates the same per-op training ops
+// (torch.ops.resfast_triton) over other primitives (Triton kernels; here ATen convolutions + the csrc kernels);
+// the two are kept step for step in sync, and tests/test_training_mirrors.py runs both on the same inputs and
+// compares every output.
 //
 // What is saved for backward is decided in Python (resfast/ops/training.py): raw conv outputs and per-channel
 // statistics; the normalised activations are recomputed from them. Registered for CPU and, when built with CUDA,

@@ -5,6 +5,7 @@
 
 from . import (
     _ext,  # noqa: F401  (loads resfast._C if it can; warns once if it cannot)
+    backends,  # noqa: F401  (registers the backends with resfast.ops.dispatch)
     models,  # noqa: E402
     nn,  # noqa: E402
     ops,

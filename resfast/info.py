@@ -58,7 +58,10 @@ def report() -> str:
             lines.append(f"  op         resfast::{op}: kernels for {', '.join(keys)}")
     lines.append("")
     lines.append(f"backend in force: {dispatch.get_backend()} (RESFAST_BACKEND, resfast.set_backend, resfast.backend)")
-    for name, per_op in dispatch.availability().items():
+    availability = dispatch.availability()
+    blocks = dispatch.availability(dispatch.BLOCK_OPS)
+    for name in availability:  # each backend's ops, then its whole-block ops (without one, blocks run per op)
+        per_op = {**availability[name], **blocks[name]}
         runnable = [op for op, reasons in per_op.items() if not reasons]
         explicit = [op for op, reasons in per_op.items() if reasons and all(r.startswith("auto: ") for r in reasons)]
         status = "can run " + ", ".join(runnable) if runnable else "cannot run here"

@@ -12,7 +12,7 @@ results even when torch cannot be imported.
 RESFAST_GPU_CHECK_DRY_RUN=1: the same steps on the CPU through the Triton interpreter at tiny shapes, float32
 against a float64 reference. What needs a GPU (the build's CUDA compile, the cuda backend's kernels,
 compute-sanitizer) is reported as skipped with the reason; the cuda backend's cases then run their code with the
-`cpu` backend as a stand-in (the same C++ op glue, resfast/ops/cpp.py), so a Python error in them shows up here
+`cpu` backend as a stand-in (the same C++ op glue, resfast/backends/cpp.py), so a Python error in them shows up here
 and not on the GPU.
 """
 
@@ -320,15 +320,16 @@ def step_build(step: Step):
 # --- step: smoke ---------------------------------------------------------------------------------------------------
 
 def triton_kernels() -> list[str]:
-    """Every Triton kernel resfast launches: the @triton.jit functions named *_kernel in resfast/triton/."""
+    """Every Triton kernel resfast launches: the @triton.jit functions named *_kernel in
+    resfast/backends/triton/kernels/."""
     import importlib
     import pkgutil
 
-    import resfast.triton as pkg
+    import resfast.backends.triton.kernels as pkg
 
     names = set()
     for info in pkgutil.iter_modules(pkg.__path__):
-        mod = importlib.import_module(f"resfast.triton.{info.name}")
+        mod = importlib.import_module(f"resfast.backends.triton.kernels.{info.name}")
         for v in vars(mod).values():
             fn = v
             while hasattr(fn, "fn") and not callable(getattr(fn, "__code__", None)):
@@ -453,7 +454,8 @@ def step_smoke(step: Step):
         kernels = triton_kernels()
         with KernelLog() as log:
             shapes = block_workload("triton", small, dev)
-            from resfast.triton import conv_grad  # dgrad/wgrad: the conv gradients with RESFAST_CONV_BACKWARD=triton
+            # dgrad/wgrad: the conv gradients with RESFAST_CONV_BACKWARD=triton
+            from resfast.backends.triton.kernels import conv_grad
 
             n, c, hw = (2, 8, 7) if small else (16, 64, 56)
             dt = torch.float32 if DRY else torch.bfloat16
@@ -680,7 +682,7 @@ def correctness_cases(small: bool):
         def fn(backend, dtype):
             if backend != "triton":
                 raise Skip("the Triton conv-gradient kernels belong to the triton backend")
-            from resfast.triton import conv_grad
+            from resfast.backends.triton.kernels import conv_grad
 
             p, hh = k // 2, sz(h)
             x64 = x_((n, cin, hh, hh))

@@ -13,7 +13,7 @@
 #   sanitize     compute-sanitizer memcheck of one small block per backend
 # Step k runs under `timeout` until its deadline T0 + (budgets of steps 1..k): time a step leaves unused passes to
 # the next ones, and the whole run ends by T0 + sum(budgets), which is asserted below 9 minutes (with SLACK_S for
-# the last kill grace and packing). Triton autotuning is bounded with RESFAST_TUNE=quick (resfast/triton/conv.py).
+# the last kill grace and packing). Triton autotuning is bounded with RESFAST_TUNE=quick (resfast/backends/triton/kernels/conv.py).
 # After every step, $OUT holds exactly two files, re-packed each time so a run cut off anywhere returns what it did:
 #   gpu_check.tar.gz   gpu_check/{gpu_check.json, summary.txt, steps/*.json, logs/*.log, results/*}
 #   summary.txt        the short summary

@@ -285,7 +285,7 @@ def test_triton_conv_gradients_real_shapes(shape, dtype):
     """The Triton dgrad/wgrad kernels (RESFAST_CONV_BACKWARD=triton) at the networks' conv shapes, batch 16:
     err(triton) <= 2 err(ATen same dtype) + floor, both against float64 ATen."""
     pytest.importorskip("triton")
-    from resfast.triton import conv_grad
+    from resfast.backends.triton.kernels import conv_grad
 
     cin, cout, h, k, s, g = shape
     p = k // 2

@@ -20,8 +20,9 @@ from helpers import randomize_bn
 from torch import nn
 
 import resfast
+from resfast.nn.layers import is_bn_relu, is_supported_bn
 from resfast.ops import dispatch
-from resfast.ops.batchnorm import BatchNormParams, as_bn_params, is_bn_relu, is_supported_bn
+from resfast.ops.batchnorm import BatchNormParams, as_bn_params
 from resfast.ops.checks import SYNCED_BN_REASON
 
 timm = pytest.importorskip("timm")

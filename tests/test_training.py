@@ -393,7 +393,7 @@ def test_opcheck_training_ops(be):
     training ops and their backward ops, in float64."""
     _needs_dtype(be)
     if be.name == "triton":
-        from resfast.triton import training  # noqa: F401
+        from resfast.backends.triton import training  # noqa: F401
 
         tops = torch.ops.resfast_triton
     else:
@@ -485,7 +485,7 @@ def test_converted_blocks_train_like_the_originals(be, monkeypatch):
     # the `cpu` backend has no scale_add_relu kernel (ATen's elementwise ops on eager are as good): no SE block there
     sar_fused = be.name == "triton"
     if be.name == "triton":
-        from resfast.triton import library
+        from resfast.backends.triton import library
 
         def recording_sar(*a):
             calls.append("scale_add_relu")
@@ -667,7 +667,7 @@ def test_block_saves_raw_conv_outputs_not_activations(be, stage, monkeypatch):
     exactly those bytes more. Against eager's modules: under 0.8x for the normal block (0.75x by count, with the input
     both save), under 0.85x for the stage block (it also saves the shortcut's raw output, as eager does).
     The training issue's goal is 0.75x of eager's whole step: benchmarks measure that."""
-    from resfast.ops import training as tops
+    from resfast.ops import recompute as tops
     from resfast.ops.bottleneck import WHOLE_BLOCK
 
     block = _res2net_block(stage, be.device)
@@ -697,7 +697,7 @@ def test_activations_rebuilt_once_per_backward(be, monkeypatch):
     chain split's output once; a retained graph rebuilds them again for the second backward, same gradients, also
     after a partial backward that left some users unrun."""
     _needs_dtype(be)
-    from resfast.ops import training as tops
+    from resfast.ops import recompute as tops
     from resfast.ops.bottleneck import WHOLE_BLOCK
 
     monkeypatch.setattr(WHOLE_BLOCK, "enabled", False)  # the per-op path (Triton's whole-bottleneck op: its own test)
@@ -747,7 +747,7 @@ def test_activation_changed_in_place_is_saved_not_rebuilt(be):
     recipe would rebuild: the chain then saves the tensor itself, and the gradients match eager's out-of-place
     doubling."""
     _needs_dtype(be)
-    from resfast.ops.training import recompute_scope
+    from resfast.ops.recompute import recompute_scope
 
     torch.manual_seed(0)
     w1 = torch.randn(12, 8, 1, 1, dtype=F64, device=be.device, requires_grad=True)
@@ -796,7 +796,7 @@ def test_rebuilt_activations_equal_the_forward_ones(be, dtype):
     pooled pass-through split too), bit for bit: the rebuild runs the forward's own apply kernel (Triton's, or the
     C++ ops' bn_relu_apply_)."""
     _needs_dtype(be, dtype)
-    from resfast.ops import training as tops
+    from resfast.ops import recompute as tops
 
     torch.manual_seed(0)
     x = _x(2, 8, 7, 6, dtype=dtype, device=be.device)

@@ -33,12 +33,8 @@ at::Tensor bn_act_cuda(const at::Tensor& x_, const at::Tensor& scale_, const at:
   const auto fmt = check_bn_act(x_, scale_, shift_, residual_);
   RESFAST_CHECK(x_.is_cuda(), "bn_act", "the CUDA kernel got a tensor on ", x_.device());
   const c10::cuda::CUDAGuard guard(x_.device());
-  const auto x = x_.contiguous(fmt);
-  const auto scale = scale_.contiguous();
-  const auto shift = shift_.contiguous();
-  at::Tensor residual;
-  if (residual_.has_value()) residual = residual_->contiguous(fmt);
-  auto y = at::empty_like(x, x.options().memory_format(fmt));
+  const BnActOperands o = bn_act_operands(fmt, x_, scale_, shift_, residual_);
+  const at::Tensor &x = o.x, &scale = o.scale, &shift = o.shift, &residual = o.residual, &y = o.y;
   const int64_t C = x.size(1), HW = x.size(2) * x.size(3), total = x.numel();
   if (total == 0) return y;
   const int threads = 256;

@@ -8,9 +8,9 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
-from ..ops.batchnorm import is_supported_bn
 from ..ops.fold import FoldCache, block_cache  # noqa: F401  (block_cache: re-exported for the blocks)
-from ..ops.training import recompute_scope  # noqa: F401  (re-exported for the blocks)
+from ..ops.recompute import recompute_scope  # noqa: F401  (re-exported for the blocks)
+from .layers import fusable, fusable_conv, fusable_relu, is_supported_bn  # noqa: F401  (re-exported)
 
 
 def _capturing_eager(x) -> bool:
@@ -48,25 +48,6 @@ def capturing(x: Tensor) -> bool:
         return True
     else:  # not compiled by torch.jit.script (is_scripting() is a static condition there)
         return _capturing_eager(x)
-
-
-def fusable_conv(conv: Optional[nn.Module]) -> bool:
-    """A plain nn.Conv2d with zero padding given as numbers (no 'same', no custom forward)."""
-    return (
-        isinstance(conv, nn.Conv2d)
-        and type(conv).forward is nn.Conv2d.forward
-        and conv.padding_mode == "zeros"
-        and not isinstance(conv.padding, str)
-    )
-
-
-def fusable_relu(act: Optional[nn.Module]) -> bool:
-    return type(act) is nn.ReLU
-
-
-def fusable(*pairs) -> bool:
-    """True when every (conv, bn) pair is a plain conv and a supported BatchNorm."""
-    return all(fusable_conv(c) and is_supported_bn(b) for c, b in pairs)
 
 
 def conv_bn(x: Tensor, conv: nn.Conv2d, bn: nn.Module, relu: bool = True, residual: Optional[Tensor] = None,

@@ -15,10 +15,12 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
-from ..ops.batchnorm import BatchNormParams, as_bn_params, is_bn_relu
-from ..ops.bottleneck import preact_block_train
+from ..ops.batchnorm import BatchNormParams, as_bn_params
+from ..ops.bn_act import BnActArgs
 from ..ops.fold import FoldCache, fold_scale_shift
 from ._common import block_cache, bn_conv, capturing, conv_bn, fusable, fusable_conv, fusable_relu, shortcut
+from .layers import is_bn_relu, is_timm
+from .whole_block import preact_block_train
 
 
 class PreActBasicBlock(nn.Module):
@@ -140,21 +142,16 @@ def _drop_path(drop_path_rate: float) -> nn.Module:
     return nn.Identity()
 
 
-def _is_timm(m: Optional[nn.Module], name: str) -> bool:
-    t = type(m)
-    return t.__name__ == name and t.__module__.startswith("timm.")
-
-
 def _drop_path_is_identity(dp: nn.Module) -> bool:
     """nn.Identity, or timm's DropPath where it returns its input (eval mode, or drop_prob 0)."""
     if type(dp) is nn.Identity:
         return True
-    return _is_timm(dp, "DropPath") and (not dp.training or dp.drop_prob == 0.0)
+    return is_timm(dp, "DropPath") and (not dp.training or dp.drop_prob == 0.0)
 
 
 def _plain_downsample(ds: Optional[nn.Module]) -> bool:
     """timm's pre-activation DownsampleConv: a conv alone (its norm is nn.Identity) that the ops can run."""
-    return _is_timm(ds, "DownsampleConv") and type(ds.norm) is nn.Identity and fusable_conv(ds.conv)
+    return is_timm(ds, "DownsampleConv") and type(ds.norm) is nn.Identity and fusable_conv(ds.conv)
 
 
 def _identity_bn(channels: int, like: Tensor, cache: Optional[FoldCache]) -> BatchNormParams:
@@ -171,9 +168,7 @@ def _identity_bn(channels: int, like: Tensor, cache: Optional[FoldCache]) -> Bat
                                running_var=torch.full((channels,), 0.5, dtype=like.dtype, device=like.device),
                                momentum=0.0, eps=0.5)
 
-    if cache is None:
-        return build()
-    return cache.get(("identity_bn", channels), (), build, (like.dtype, like.device))
+    return FoldCache.get_or_build(cache, ("identity_bn", channels), (), build, (like.dtype, like.device))
 
 
 def _conv(x: Tensor, conv: nn.Conv2d, residual: Optional[Tensor] = None,
@@ -188,20 +183,20 @@ def _conv(x: Tensor, conv: nn.Conv2d, residual: Optional[Tensor] = None,
 
 def _bn_relu_eval(x: Tensor, norm: nn.Module, cache: Optional[FoldCache]) -> Tensor:
     """``relu(norm(x))`` for an eval BatchNormAct2d: on CPU one pass of resfast.ops.bn_act with the BatchNorm folded
-    to a cached (scale, shift); elsewhere, and on the eager backend, the module itself (timm's computation)."""
-    if x.device.type != "cpu" or ops.get_backend() == "eager":
+    to a cached (scale, shift); elsewhere, and where bn_act would run its eager reference, the module itself
+    (timm's computation)."""
+    if x.device.type != "cpu":
         return norm(x)
 
     def build():
         scale, shift = fold_scale_shift(as_bn_params(norm), None, x.dtype)
         return scale.to(x.dtype), shift.to(x.dtype)
 
-    if cache is None:
-        with torch.no_grad():
-            scale, shift = build()
-    else:
-        scale, shift = cache.get(("bn_act", id(norm)), (norm.weight, norm.bias, norm.running_mean, norm.running_var),
-                                 build, (norm.eps, x.dtype))
+    scale, shift = FoldCache.get_or_build(cache, ("bn_act", id(norm)),
+                                          (norm.weight, norm.bias, norm.running_mean, norm.running_var), build,
+                                          (norm.eps, x.dtype))
+    if ops.dispatch.runs_reference("bn_act", BnActArgs(x, scale, shift, None, True)):
+        return norm(x)
     return ops.bn_act(x, scale, shift)
 
 

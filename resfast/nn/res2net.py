@@ -16,8 +16,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import ops
-from ..ops.batchnorm import is_supported_bn
-from ..ops.bottleneck import res2net_bottleneck_train
 from ._common import (
     block_cache,
     capturing,
@@ -30,6 +28,8 @@ from ._common import (
     se_gate,
     shortcut,
 )
+from .layers import is_supported_bn
+from .whole_block import res2net_bottleneck_train
 
 
 def _chain_fusable(convs, bns) -> bool:

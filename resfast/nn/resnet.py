@@ -13,7 +13,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops.bottleneck import res2net_bottleneck_train
 from ._common import (
     block_cache,
     capturing,
@@ -28,6 +27,7 @@ from ._common import (
     recompute_scope,
     shortcut,
 )
+from .whole_block import res2net_bottleneck_train
 
 
 class BasicBlock(nn.Module):

@@ -20,6 +20,7 @@ from typing import Optional
 from torch import Tensor, nn
 
 from ..ops.batchnorm import as_bn_params, batch_norm_eager, resolve_bn
+from .layers import is_timm
 
 
 class SyncBatchNorm2d(nn.BatchNorm2d):
@@ -31,6 +32,9 @@ class SyncBatchNorm2d(nn.BatchNorm2d):
     every rank must run the forward and backward of every such layer. Otherwise (one process, no process group,
     eval mode) it is exactly nn.BatchNorm2d. Inputs are 4-D.
     """
+
+    # resfast.ops.as_bn_params takes the process group of a BatchNorm2d whose class says so
+    synchronizes_statistics = True
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1, affine: bool = True,
                  track_running_stats: bool = True, process_group=None, device=None, dtype=None) -> None:
@@ -75,8 +79,7 @@ class SyncBatchNormAct2d(SyncBatchNorm2d):
 
 
 def _is_timm_bn_act(m: nn.Module) -> bool:
-    t = type(m)
-    return t.__name__ == "BatchNormAct2d" and t.__module__.startswith("timm.") and isinstance(m, nn.BatchNorm2d)
+    return is_timm(m, "BatchNormAct2d") and isinstance(m, nn.BatchNorm2d)
 
 
 def _as(m: nn.Module, cls: type, process_group) -> nn.Module:

@@ -23,7 +23,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import ops
-from ..ops.bottleneck import res2net_bottleneck_train
 from ._common import (
     block_cache,
     capturing,
@@ -35,6 +34,8 @@ from ._common import (
     se_gate,
     shortcut,
 )
+from .layers import is_timm
+from .whole_block import res2net_bottleneck_train
 
 
 def _passthrough(m: Optional[nn.Module]) -> bool:
@@ -42,8 +43,7 @@ def _passthrough(m: Optional[nn.Module]) -> bool:
     (eval mode, or a drop probability of 0)."""
     if m is None or type(m) is nn.Identity:
         return True
-    t = type(m)
-    if t.__module__.startswith("timm.") and t.__name__ in ("DropPath", "DropBlock2d"):
+    if is_timm(m, "DropPath", "DropBlock2d"):
         return not m.training or not m.drop_prob
     return False
 

@@ -7,7 +7,7 @@
 * :func:`bn_act` - the C++/CUDA elementwise op ``relu(x * scale + shift + residual)``
 """
 
-from . import cpp as _cpp  # noqa: F401  (registers the fake kernels of the C++ ops)
+from . import reference  # noqa: F401  (defines the first four ops, in dispatch.OPS order)
 from ._args import ConvShortcut
 from .batchnorm import BatchNormParams, as_bn_params
 from .bn_act import bn_act, bn_act_ref

@@ -47,6 +47,20 @@ class ConvBnReluArgs(NamedTuple):
     cache: Optional[FoldCache] = None  # the calling block's folded weights (resfast.ops.fold)
     shortcut: Optional[ConvShortcut] = None  # prepared: stride a pair, bn a BatchNormParams; else `residual` is used
 
+    op = "conv_bn_relu"
+    keeps_input_precision = False  # under autocast eager casts the input to the conv's dtype
+
+    def batch_norms(self) -> tuple[BatchNormParams, ...]:
+        return (self.bn,) if self.shortcut is None else (self.bn, self.shortcut.bn)
+
+    def grad_tensors(self) -> list[Tensor]:
+        """The tensors the op differentiates (those that are given)."""
+        ts = [self.x, self.weight, self.bias, self.residual, self.bn.weight, self.bn.bias]
+        sc = self.shortcut
+        if sc is not None:
+            ts += [sc.x, sc.weight, sc.bias, sc.bn.weight, sc.bn.bias]
+        return [t for t in ts if t is not None]
+
 
 class BnReluConvArgs(NamedTuple):
     x: Tensor
@@ -60,6 +74,16 @@ class BnReluConvArgs(NamedTuple):
     training: bool
     residual: Optional[Tensor]
     cache: Optional[FoldCache] = None  # the calling block's folded weights (resfast.ops.fold)
+
+    op = "bn_relu_conv"
+    keeps_input_precision = True  # under autocast eager normalises the input in its own dtype
+
+    def batch_norms(self) -> tuple[BatchNormParams, ...]:
+        return (self.bn,)
+
+    def grad_tensors(self) -> list[Tensor]:
+        ts = [self.x, self.weight, self.bias, self.residual, self.bn.weight, self.bn.bias]
+        return [t for t in ts if t is not None]
 
 
 class Res2NetChainArgs(NamedTuple):
@@ -79,12 +103,33 @@ class Res2NetChainArgs(NamedTuple):
     passthrough: Optional[int]  # the split copied (normal) or avg-pooled (stage), if any
     cache: Optional[FoldCache] = None  # the calling block's folded weights (resfast.ops.fold)
 
+    op = "res2net_chain"
+    keeps_input_precision = True  # the pass-through split keeps the input's dtype (the cat promotes)
+    residual = None
+
+    def batch_norms(self) -> tuple[BatchNormParams, ...]:
+        return self.bns
+
+    def grad_tensors(self) -> list[Tensor]:
+        ts = [self.x, *self.weights, *self.biases, *[t for bn in self.bns for t in (bn.weight, bn.bias)]]
+        return [t for t in ts if t is not None]
+
 
 class ScaleAddReluArgs(NamedTuple):
     x: Tensor
     gate: Tensor  # (N, C)
     residual: Optional[Tensor]
     relu: bool
+
+    op = "scale_add_relu"
+    keeps_input_precision = False
+    training = False
+
+    def batch_norms(self) -> tuple[BatchNormParams, ...]:
+        return ()
+
+    def grad_tensors(self) -> list[Tensor]:
+        return [t for t in (self.x, self.gate, self.residual) if t is not None]
 
 
 def _check_cache(op, cache):

@@ -76,52 +76,11 @@ def is_frozen_bn(module: nn.Module) -> bool:
     )
 
 
-def is_supported_bn(module: Optional[nn.Module]) -> bool:
-    """BatchNorm modules the fused ops reproduce exactly.
-
-    nn.BatchNorm2d (and subclasses that do not override forward), resfast's SyncBatchNorm2d (whose process group
-    the ops take along: :func:`as_bn_params`) and FrozenBatchNorm2d. torch's nn.SyncBatchNorm is excluded: the
-    block runs it as a module.
-    """
-    if module is None:
-        return False
-    if isinstance(module, nn.SyncBatchNorm):
-        return False
-    if isinstance(module, nn.BatchNorm2d):
-        from ..nn.sync_batchnorm import SyncBatchNorm2d
-
-        return type(module).forward in (nn.BatchNorm2d.forward, SyncBatchNorm2d.forward)
-    return is_frozen_bn(module)
-
-
-def is_bn_relu(module: Optional[nn.Module]) -> bool:
-    """timm's ``BatchNormAct2d`` whose activation is a plain ReLU: ``relu(bn(x))``, which the fused ops reproduce
-    as a BatchNorm followed by a ReLU (:func:`as_bn_params` gives its BatchNorm part).
-
-    Recognised by its exact class (a module under ``timm.``; timm is not imported), with ``.drop`` an
-    nn.Identity and ``.act`` an nn.ReLU (in place or not). Its forward is a copy of nn.BatchNorm2d's (the same
-    momentum / ``momentum=None`` / num_batches_tracked / track_running_stats rules, the same F.batch_norm call;
-    checked against timm 1.0) followed by ``drop`` and ``act``; a subclass may change that, so it is not accepted.
-    timm's SyncBatchNormAct is not a BatchNormAct2d (and is a SyncBatchNorm): excluded, as SyncBatchNorm is.
-    resfast's SyncBatchNormAct2d (what :func:`resfast.convert_sync_batchnorm` makes of a BatchNormAct2d) is
-    accepted on the same conditions.
-    """
-    from ..nn.sync_batchnorm import SyncBatchNormAct2d
-
-    t = type(module)
-    return (
-        (t is SyncBatchNormAct2d or (t.__name__ == "BatchNormAct2d" and t.__module__.startswith("timm.")))
-        and isinstance(module, nn.BatchNorm2d)
-        and not isinstance(module, nn.SyncBatchNorm)
-        and type(getattr(module, "drop", None)) is nn.Identity
-        and type(getattr(module, "act", None)) is nn.ReLU
-    )
-
-
 def as_bn_params(bn) -> BatchNormParams:
     """BatchNormParams from a BatchNormParams, an nn.BatchNorm2d or a FrozenBatchNorm2d.
 
-    For a BatchNorm2d subclass that does more in its forward (timm's BatchNormAct2d: see :func:`is_bn_relu`)
+    For a BatchNorm2d subclass that does more in its forward (timm's BatchNormAct2d: see
+    resfast.nn.layers.is_bn_relu)
     these are the parameters of its BatchNorm alone; whether the rest can be fused is the caller's decision.
     A resfast SyncBatchNorm2d gives its process group (None: the default group) when torch.distributed is
     initialised and the group has more than one process, else None (it then is an nn.BatchNorm2d)."""
@@ -161,12 +120,9 @@ def local_statistics() -> Iterator[None]:
 
 
 def _sync_group(bn: nn.Module) -> Optional[object]:
-    """The process group a resfast SyncBatchNorm2d synchronises over now, or None when there is nothing to merge."""
-    if not hasattr(bn, "process_group") or _LOCAL_ONLY[0]:
-        return None
-    from ..nn.sync_batchnorm import SyncBatchNorm2d
-
-    if not isinstance(bn, SyncBatchNorm2d):
+    """The process group a resfast SyncBatchNorm2d (a BatchNorm2d whose class sets ``synchronizes_statistics``)
+    synchronises over now, or None when there is nothing to merge."""
+    if not getattr(type(bn), "synchronizes_statistics", False) or _LOCAL_ONLY[0]:
         return None
     group = bn.process_group
     if world_size(group) <= 1:

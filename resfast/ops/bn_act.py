@@ -1,21 +1,39 @@
-"""bn_act: ``relu(x * scale[c] + shift[c] + residual)`` in one pass, the C++/CUDA op ``resfast::bn_act``.
+"""bn_act: ``relu(x * scale[c] + shift[c] + residual)`` in one pass.
 
 The elementwise half of every fused block (BatchNorm folded to a per-channel scale/shift, the residual add,
-the ReLU). CPU and CUDA kernels live in csrc/; this module adds the checks, the fake (meta) implementation
-for torch.compile, and autograd. Without resfast._C it computes the same thing with ATen ops.
+the ReLU). Dispatched like every op: the cpu and cuda backends run the C++/CUDA op ``resfast::bn_act``
+(csrc/, its fake and autograd in resfast/backends/cpp.py), the eager backend :func:`bn_act_ref`.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
 
-from .. import _ext
-from . import checks
+from . import checks, dispatch
+from .batchnorm import BatchNormParams
 
 OP = "resfast.bn_act"
+
+
+class BnActArgs(NamedTuple):
+    x: Tensor
+    scale: Tensor
+    shift: Tensor
+    residual: Optional[Tensor]
+    relu: bool
+
+    op = "bn_act"
+    keeps_input_precision = False
+    training = False
+
+    def batch_norms(self) -> tuple[BatchNormParams, ...]:
+        return ()
+
+    def grad_tensors(self) -> list[Tensor]:
+        return [t for t in (self.x, self.scale, self.shift, self.residual) if t is not None]
 
 
 def bn_act_ref(x: Tensor, scale: Tensor, shift: Tensor, residual: Optional[Tensor] = None, relu: bool = True) -> Tensor:
@@ -40,37 +58,9 @@ def bn_act(x: Tensor, scale: Tensor, shift: Tensor, residual: Optional[Tensor] =
         if tuple(residual.shape) != tuple(x.shape):
             raise ValueError(f"{OP}: residual has shape {tuple(residual.shape)} but x has {tuple(x.shape)}")
         checks.check_same(OP, x, residual, "residual")
-    if _ext.C is None:
-        return bn_act_ref(x, scale, shift, residual, relu)
-    return torch.ops.resfast.bn_act(x, scale, shift, residual, relu)
+    args = BnActArgs(x, scale, shift, residual, relu)
+    return dispatch.select("bn_act", args).run("bn_act", args)
 
 
-def _register() -> None:
-    if _ext.C is None:
-        return
+dispatch.define("bn_act", lambda a: bn_act_ref(a.x, a.scale, a.shift, a.residual, a.relu))
 
-    @torch.library.register_fake("resfast::bn_act")
-    def _(x, scale, shift, residual, relu):
-        fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() \
-            else torch.contiguous_format
-        return torch.empty_like(x, memory_format=fmt)
-
-    def setup_context(ctx, inputs, output):
-        x, scale, shift, residual, relu = inputs
-        ctx.relu = relu
-        ctx.has_residual = residual is not None
-        ctx.save_for_backward(x, scale, output if relu else None)
-
-    def backward(ctx, grad):
-        x, scale, y = ctx.saved_tensors
-        if ctx.relu:
-            grad = grad * (y > 0).to(grad.dtype)  # ReLU's gradient: where the output is positive
-        grad_x = grad * scale.reshape(1, -1, 1, 1)
-        grad_scale = (grad * x).sum((0, 2, 3))
-        grad_shift = grad.sum((0, 2, 3))
-        return grad_x, grad_scale, grad_shift, (grad if ctx.has_residual else None), None
-
-    torch.library.register_autograd("resfast::bn_act", backward, setup_context=setup_context)
-
-
-_register()

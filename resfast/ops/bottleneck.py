@@ -9,10 +9,12 @@ outputs and the chain's output) for the next op to read. One op over the whole b
 ReLU in the next convolution's prologue instead, so those activations are never written; its backward carries bn1
 (whose statistics depend on conv1's output) and rebuilds the activations from the raw conv outputs it saved.
 
-:func:`res2net_bottleneck_train` is what a block calls first: it returns None when the whole-block op does not
-apply (another backend, a BatchNorm with running statistics or synchronised, a conv with a bias, a 1x1 conv that is
-not plain, autocast, a batch too small for statistics), and the block then runs its per-op path, which checks and
-reports everything as usual. ``RESFAST_WHOLE_BLOCK=0`` (or ``WHOLE_BLOCK.enabled = False``) turns it off, e.g. to
+:func:`res2net_bottleneck_train` is what a block calls first (through resfast/nn/whole_block.py, which decides
+whether its modules are what the op computes): it returns None when the whole-block op does not apply (the backend
+the block's first op gets has no whole-block op, a BatchNorm with running statistics or synchronised, autocast, a
+batch too small for statistics), and the block then runs its per-op path, which checks and reports everything as
+usual. Both whole-block ops are dispatched like every op (resfast.ops.dispatch.select_block): the backends without
+one say why in their reasons. ``RESFAST_WHOLE_BLOCK=0`` (or ``WHOLE_BLOCK.enabled = False``) turns it off, e.g. to
 compare the two paths.
 
 A pre-activation block's units (BN -> ReLU -> conv) already apply each BatchNorm + ReLU in the conv's prologue per
@@ -25,16 +27,15 @@ input nor the shortcut is written. :func:`preact_block_train` returns None when 
 from __future__ import annotations
 
 import os
-from typing import Callable, Optional, Sequence
+from typing import Callable, NamedTuple, Optional, Sequence
 
-import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from . import dispatch
 from ._args import prepare_bn_relu_conv, prepare_conv_bn_relu
-from .batchnorm import as_bn_params, is_bn_relu, is_supported_bn, resolve_bn
-from .checks import check_residual, needs_batch_stats
-from .training import _update_running, compute_dtype
+from .batchnorm import BatchNormParams, as_bn_params
+from .checks import check_residual, conv_output_size, needs_batch_stats
+from .precision import compute_dtype
 
 
 class _Switch:
@@ -43,151 +44,140 @@ class _Switch:
 
 WHOLE_BLOCK = _Switch()
 OP = "resfast.res2net_bottleneck"
-
-
-def _batch_stats_bn(bn: nn.Module, act: bool = False) -> bool:
-    """An affine nn.BatchNorm2d (``act``: or timm's BatchNormAct2d with a plain ReLU) that normalises with this
-    batch's statistics on this process alone."""
-    if not (is_supported_bn(bn) or (act and is_bn_relu(bn))):
-        return False
-    p = as_bn_params(bn)
-    return (not p.frozen and p.process_group is None and needs_batch_stats(p, bn.training)
-            and p.weight is not None and p.bias is not None)
-
-
-def _plain_1x1(conv: nn.Conv2d) -> bool:
-    return (conv.kernel_size == (1, 1) and conv.stride == (1, 1) and tuple(conv.padding) == (0, 0)
-            and conv.dilation == (1, 1) and conv.groups == 1)
-
-
-def _chain_convs(convs, scale: int, stride: int, dilation: int, groups: int) -> bool:
-    """The chain's convs are what the op computes: 3x3, the given stride and dilation in both dimensions, padding =
-    dilation, the given groups."""
-    return all(c.kernel_size == (3, 3) and c.stride == (stride, stride) and c.dilation == (dilation, dilation)
-               and tuple(c.padding) == (dilation, dilation) and c.groups == groups for c in convs)
-
-
-def _applies(x: Tensor, conv1, bn1, convs, bns, conv3, bn3, stride: int, dilation: int, groups: int,
-             scale: int) -> bool:
-    if (not WHOLE_BLOCK.enabled or not isinstance(x, Tensor) or x.dim() != 4 or len(convs) == 0
-            or x.device.type not in ("cpu", "cuda")):
-        return False
-    if not all(_batch_stats_bn(b) for b in (bn1, *bns, bn3)):
-        return False
-    if compute_dtype(x) != x.dtype:  # autocast: the per-op path reproduces eager's casts
-        return False
-    if any(c.bias is not None for c in (conv1, *convs, conv3)) or not (_plain_1x1(conv1) and _plain_1x1(conv3)):
-        return False
-    if not _chain_convs(convs, scale, stride, dilation, groups):
-        return False
-    N, _, H, W = x.shape
-    H2, W2 = (H - 1) // stride + 1, (W - 1) // stride + 1
-    if N * H * W <= 1 or N * H2 * W2 <= 1:  # the per-op path raises nn.BatchNorm2d's error
-        return False
-    args = prepare_conv_bn_relu(x, conv1.weight, bn1, None, 1, 0, 1, 1, bn1.training, True, None)
-    return dispatch.select("conv_bn_relu", args).name == "triton"
-
-
-def res2net_bottleneck_train(x: Tensor, conv1: nn.Conv2d, bn1: nn.Module, convs: Sequence[nn.Conv2d],
-                             bns: Sequence[nn.Module], conv3: nn.Conv2d, bn3: nn.Module,
-                             residual: Callable[[], Tensor], scale: int, stride: int, dilation: int, groups: int,
-                             order: str, block_type: str) -> Optional[Tensor]:
-    """``relu(bn3(conv3(chain(relu(bn1(conv1(x)))))) + residual())`` (the chain: resfast.ops.res2net_chain with
-    ``convs``/``bns``, 3x3 with padding = dilation) through the backend's whole-block op, every
-    BatchNorm with batch statistics (running buffers updated exactly as nn.BatchNorm2d); None, without touching
-    anything, when that op does not apply (see the module's docstring). ``residual`` is called only when it does."""
-    if not _applies(x, conv1, bn1, convs, bns, conv3, bn3, stride, dilation, groups, scale):
-        return None
-    from ..triton import training as _registered  # noqa: F401  (registers torch.ops.resfast_triton)
-
-    res = residual()
-    N, _, H, W = x.shape
-    out_shape = (N, conv3.out_channels, (H - 1) // stride + 1, (W - 1) // stride + 1)
-    check_residual(OP, x, res, out_shape)
-    if res.dtype != x.dtype:
-        raise ValueError(f"{OP}: the residual has dtype {res.dtype}, the input {x.dtype}")
-    rs = [resolve_bn(as_bn_params(b), b.training) for b in (bn1, *bns, bn3)]
-    ns = torch.ops.resfast_triton
-    y, _, _, _, stats = ns.res2net_bottleneck_train(
-        x, conv1.weight.to(x.dtype), rs[0].weight, rs[0].bias, [c.weight.to(x.dtype) for c in convs],
-        [r.weight for r in rs[1:-1]], [r.bias for r in rs[1:-1]], conv3.weight.to(x.dtype), rs[-1].weight,
-        rs[-1].bias, res, scale, stride, dilation, groups, order, block_type, [r.eps for r in rs])
-    lo = 0
-    for r in rs:
-        C = r.weight.shape[0]
-        _update_running(ns, r, stats[0, lo:lo + C], stats[2, lo:lo + C])
-        lo += C
-    return y
-
-
 PREACT_OP = "resfast.preact_block"
 
 
-def _conv_out_hw(conv: nn.Conv2d, H: int, W: int) -> tuple[int, int]:
-    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = conv.kernel_size, conv.stride, conv.padding, conv.dilation
-    return (H + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (W + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+def _batch_stats(bn: BatchNormParams, training: bool) -> bool:
+    """An affine BatchNorm that normalises with this batch's statistics on this process alone."""
+    return (not bn.frozen and bn.process_group is None and needs_batch_stats(bn, training)
+            and bn.weight is not None and bn.bias is not None)
 
 
-def _preact_applies(x: Tensor, units, downsample: Optional[nn.Conv2d]) -> Optional[tuple[int, int]]:
-    """The last conv's output size when the whole pre-activation op applies, else None."""
-    if (not WHOLE_BLOCK.enabled or not isinstance(x, Tensor) or x.dim() != 4 or not units
-            or x.device.type not in ("cpu", "cuda")):
+def _common_applies(x, bns: Sequence[BatchNormParams], training: Sequence[bool]) -> bool:
+    return (WHOLE_BLOCK.enabled and isinstance(x, Tensor) and x.dim() == 4 and x.device.type in ("cpu", "cuda")
+            and all(_batch_stats(bn, t) for bn, t in zip(bns, training)) and compute_dtype(x) == x.dtype)
+
+
+class Res2NetBottleneckArgs(NamedTuple):
+    x: Tensor
+    w1: Tensor  # (width * scale, C_in, 1, 1)
+    bn1: BatchNormParams
+    weights: tuple[Tensor, ...]  # the chain's 3x3 convs
+    bns: tuple[BatchNormParams, ...]
+    w3: Tensor  # (C_out, width * scale, 1, 1)
+    bn3: BatchNormParams
+    scale: int
+    stride: int
+    dilation: int
+    groups: int
+    order: str
+    block_type: str
+    training: tuple[bool, ...]  # each BatchNorm's training flag, in batch_norms() order
+    residual: Optional[Tensor] = None  # set once the op runs
+
+    op = "res2net_bottleneck_train"
+    keeps_input_precision = False
+
+    def batch_norms(self) -> tuple[BatchNormParams, ...]:
+        return (self.bn1, *self.bns, self.bn3)
+
+    def grad_tensors(self) -> list[Tensor]:
+        ts = [self.x, self.w1, *self.weights, self.w3, self.residual]
+        ts += [t for bn in self.batch_norms() for t in (bn.weight, bn.bias)]
+        return [t for t in ts if t is not None]
+
+
+def res2net_bottleneck_train(x: Tensor, w1: Tensor, bn1, weights: Sequence[Tensor], bns: Sequence, w3: Tensor, bn3,
+                             residual: Callable[[], Tensor], scale: int, stride: int, dilation: int, groups: int,
+                             order: str, block_type: str,
+                             training: Optional[Sequence[bool]] = None) -> Optional[Tensor]:
+    """``relu(bn3(conv3(chain(relu(bn1(conv1(x)))))) + residual())`` through the backend's whole-block op: conv1 and
+    conv3 plain 1x1 convs without bias (``w1``, ``w3``), the chain resfast.ops.res2net_chain's (3x3 ``weights``,
+    padding = dilation, no bias), every BatchNorm (BatchNormParams or a BatchNorm2d) with batch statistics and its
+    running buffers updated exactly as nn.BatchNorm2d's. ``training``: each BatchNorm's training flag (bn1, the
+    chain's, bn3; default all True). None, without touching anything, when the op does not apply (see the module's
+    docstring); ``residual`` is called only when it does."""
+    bns_all = tuple(as_bn_params(b) for b in (bn1, *bns, bn3))
+    training = tuple(training) if training is not None else (True,) * len(bns_all)
+    if not weights or not _common_applies(x, bns_all, training):
         return None
-    norms, convs = [n for n, _ in units], [c for _, c in units]
-    if not all(_batch_stats_bn(n, act=True) for n in norms) or compute_dtype(x) != x.dtype:
+    if not (w1.dim() == 4 and tuple(w1.shape[1:]) == (x.shape[1], 1, 1) and w3.dim() == 4
+            and tuple(w3.shape[2:]) == (1, 1) and all(w.dim() == 4 and tuple(w.shape[2:]) == (3, 3) for w in weights)):
         return None
-    if any(c.bias is not None for c in convs):
+    N, _, H, W = x.shape
+    H2, W2 = conv_output_size((H, W), (3, 3), (stride,) * 2, (dilation,) * 2, (dilation,) * 2)
+    if N * H * W <= 1 or N * H2 * W2 <= 1:  # the per-op path raises nn.BatchNorm2d's error
         return None
-    if downsample is not None and (downsample.bias is not None or downsample.kernel_size != (1, 1)
-                                   or tuple(downsample.padding) != (0, 0) or downsample.dilation != (1, 1)
-                                   or downsample.groups != 1):
+    args = Res2NetBottleneckArgs(x, w1, bns_all[0], tuple(weights), bns_all[1:-1], w3, bns_all[-1], scale, stride,
+                                 dilation, groups, order, block_type, training)
+    first = prepare_conv_bn_relu(x, w1, bns_all[0], None, 1, 0, 1, 1, training[0], True, None)
+    backend = dispatch.select_block(args.op, args, "conv_bn_relu", first)
+    if backend is None:
+        return None
+    res = residual()
+    check_residual(OP, x, res, (N, w3.shape[0], H2, W2))
+    if res.dtype != x.dtype:
+        raise ValueError(f"{OP}: the residual has dtype {res.dtype}, the input {x.dtype}")
+    return backend.run(args.op, args._replace(residual=res))
+
+
+class PreActBlockArgs(NamedTuple):
+    x: Tensor
+    weights: tuple[Tensor, ...]  # each unit's conv
+    bns: tuple[BatchNormParams, ...]  # each unit's BatchNorm (+ ReLU)
+    geometry: tuple[int, ...]  # per conv: stride (2), padding (2), dilation (2), groups
+    w_ds: Optional[Tensor]  # a 1x1 projection of the normalised input (timm's DownsampleConv), or None
+    ds_stride: tuple[int, int]
+    training: tuple[bool, ...]
+    residual: Optional[Tensor] = None  # set once the op runs (without w_ds)
+
+    op = "preact_block_train"
+    keeps_input_precision = False
+
+    def batch_norms(self) -> tuple[BatchNormParams, ...]:
+        return self.bns
+
+    def grad_tensors(self) -> list[Tensor]:
+        ts = [self.x, *self.weights, self.w_ds, self.residual] + [t for bn in self.bns for t in (bn.weight, bn.bias)]
+        return [t for t in ts if t is not None]
+
+
+def preact_block_train(x: Tensor, bns: Sequence, weights: Sequence[Tensor], geometry: Sequence[tuple],
+                       w_ds: Optional[Tensor], ds_stride, residual: Callable[[], Tensor],
+                       training: Optional[Sequence[bool]] = None) -> Optional[Tensor]:
+    """``conv_n(relu(bn_n(... conv_1(relu(bn_1(x))) ...))) + shortcut`` for a pre-activation block's units (``bns[i]``,
+    ``weights[i]`` with ``geometry[i]`` = (stride, padding, dilation, groups), pairs for the first three) through the
+    backend's whole-block op, every BatchNorm with batch statistics and its running buffers updated exactly as
+    nn.BatchNorm2d's. The shortcut is ``conv2d(relu(bn_1(x)), w_ds, stride=ds_stride)`` when ``w_ds`` (a 1x1
+    weight) is given, else ``residual()``. None, without touching anything, when the op does not apply (see the
+    module's docstring); ``residual`` is called only when it does."""
+    bns = tuple(as_bn_params(b) for b in bns)
+    training = tuple(training) if training is not None else (True,) * len(bns)
+    if not weights or len(bns) != len(weights) or not _common_applies(x, bns, training):
         return None
     # shapes that fit, each BatchNorm with more than one value per channel; anything else: the per-op path's errors
     N, C, H, W = x.shape
-    for norm, conv in units:
-        if norm.num_features != C or conv.in_channels != C or N * H * W <= 1:
+    for bn, w, (stride, padding, dilation, groups) in zip(bns, weights, geometry):
+        if bn.num_features != C or w.dim() != 4 or w.shape[1] * groups != C or N * H * W <= 1:
             return None
-        C, (H, W) = conv.out_channels, _conv_out_hw(conv, H, W)
+        C, (H, W) = w.shape[0], conv_output_size((H, W), tuple(w.shape[2:]), stride, padding, dilation)
         if H < 1 or W < 1:
             return None
-    if downsample is not None:
-        if (downsample.in_channels != x.shape[1] or downsample.out_channels != C
-                or _conv_out_hw(downsample, x.shape[2], x.shape[3]) != (H, W)):
+    if w_ds is not None:
+        if (w_ds.dim() != 4 or tuple(w_ds.shape) != (C, x.shape[1], 1, 1)
+                or conv_output_size(tuple(x.shape[2:]), (1, 1), tuple(ds_stride), (0, 0), (1, 1)) != (H, W)):
             return None
-    norm, conv = units[0]
-    args = prepare_bn_relu_conv(x, norm, conv.weight, None, conv.stride, conv.padding, conv.dilation, conv.groups,
-                                norm.training, None)
-    return (H, W) if dispatch.select("bn_relu_conv", args).name == "triton" else None
-
-
-def preact_block_train(x: Tensor, units: Sequence[tuple[nn.Module, nn.Conv2d]], downsample: Optional[nn.Conv2d],
-                       residual: Callable[[], Tensor]) -> Optional[Tensor]:
-    """``conv_n(relu(bn_n(... conv_1(relu(bn_1(x))) ...))) + shortcut`` for the ``units`` (bn_i, conv_i) of a
-    pre-activation block through the backend's whole-block op, every BatchNorm (nn.BatchNorm2d, or timm's
-    BatchNormAct2d with a plain ReLU) with batch statistics and its running buffers updated exactly as the module
-    does. The shortcut is ``downsample(relu(bn_1(x)))`` when ``downsample`` (a plain 1x1 conv, timm's
-    DownsampleConv.conv) is given, else ``residual()``. None, without touching anything, when the op does not apply
-    (see the module's docstring); ``residual`` is called only when it does."""
-    hw = _preact_applies(x, units, downsample)
-    if hw is None:
+    flat = tuple(v for s, p, d, g in geometry for v in (*s, *p, *d, g))
+    args = PreActBlockArgs(x, tuple(weights), bns, flat, w_ds, tuple(ds_stride), training)
+    s, p, d, g = geometry[0]
+    first = prepare_bn_relu_conv(x, bns[0], weights[0], None, s, p, d, g, training[0], None)
+    backend = dispatch.select_block(args.op, args, "bn_relu_conv", first)
+    if backend is None:
         return None
-    from ..triton import training as _registered  # noqa: F401  (registers torch.ops.resfast_triton)
-
     res = None
-    if downsample is None:
+    if w_ds is None:
         res = residual()
-        check_residual(PREACT_OP, x, res, (x.shape[0], units[-1][1].out_channels, *hw))
+        check_residual(PREACT_OP, x, res, (N, C, H, W))
         if res.dtype != x.dtype:
             raise ValueError(f"{PREACT_OP}: the residual has dtype {res.dtype}, the input {x.dtype}")
-    rs = [resolve_bn(as_bn_params(n), n.training) for n, _ in units]
-    geometry = [v for _, c in units for v in (*c.stride, *c.padding, *c.dilation, c.groups)]
-    y, _, stats = torch.ops.resfast_triton.preact_block_train(
-        x, [c.weight.to(x.dtype) for _, c in units], [r.weight for r in rs], [r.bias for r in rs], geometry,
-        downsample.weight.to(x.dtype) if downsample is not None else None,
-        list(downsample.stride) if downsample is not None else [1, 1], res, [r.eps for r in rs])
-    lo = 0
-    for r in rs:
-        C = r.weight.shape[0]
-        _update_running(torch.ops.resfast_triton, r, stats[0, lo:lo + C], stats[2, lo:lo + C])
-        lo += C
-    return y
+    return backend.run(args.op, args._replace(residual=res))

@@ -107,9 +107,15 @@ def check_batch_stats(op: str, shape: Sequence[int], uses_batch_stats: bool, whe
         )
 
 
+def conv_output_size(hw, k, stride, padding, dilation) -> tuple[int, int]:
+    """A convolution's output (height, width) for input ``hw``, kernel ``k`` and pairs of stride, padding and
+    dilation (nn.Conv2d's formula; <= 0 when the input is too small)."""
+    return tuple((hw[i] + 2 * padding[i] - dilation[i] * (k[i] - 1) - 1) // stride[i] + 1 for i in (0, 1))
+
+
 def conv_out_hw(op: str, h: int, w: int, k: tuple[int, int], stride, padding, dilation) -> tuple[int, int]:
-    oh = (h + 2 * padding[0] - dilation[0] * (k[0] - 1) - 1) // stride[0] + 1
-    ow = (w + 2 * padding[1] - dilation[1] * (k[1] - 1) - 1) // stride[1] + 1
+    """conv_output_size, raising a clear error naming ``op`` when the input is too small."""
+    oh, ow = conv_output_size((h, w), k, stride, padding, dilation)
     if oh <= 0 or ow <= 0:
         raise ValueError(
             f"{op}: input of spatial size {h}x{w} is too small for a {k[0]}x{k[1]} kernel with "
@@ -142,22 +148,11 @@ def local_batch_stats(bn: BatchNormParams, training: bool) -> bool:
 SYNCED_BN_REASON = "synchronized BatchNorm (process_group) in training runs on the eager backend only"
 
 
-def op_bns(op: str, args) -> tuple[BatchNormParams, ...]:
-    """The BatchNorms of an op's prepared arguments (the projection shortcut's included)."""
-    if op == "res2net_chain":
-        return tuple(args.bns)
-    if op == "conv_bn_relu":
-        return (args.bn,) if args.shortcut is None else (args.bn, args.shortcut.bn)
-    if op == "bn_relu_conv":
-        return (args.bn,)
-    return ()
-
-
-def synced_bn_reasons(op: str, args) -> list[str]:
-    """Why a backend without synchronised BatchNorm (every one but eager) cannot run these arguments."""
+def synced_bn_reasons(args) -> list[str]:
+    """Why a backend without synchronised BatchNorm (every one but eager) cannot run these prepared arguments."""
     if not getattr(args, "training", False):
         return []
-    return [SYNCED_BN_REASON] if any(bn.process_group is not None for bn in op_bns(op, args)) else []
+    return [SYNCED_BN_REASON] if any(bn.process_group is not None for bn in args.batch_norms()) else []
 
 
 def check_flag(op: str, value, name: str) -> None:

@@ -1,30 +1,46 @@
 """Backend choice: which implementation runs an op, and why the others cannot.
 
+This module is the interface between the ops and their implementations: :class:`Backend` (what every backend
+answers), the registry the backends of resfast/backends add themselves to at import (:func:`register`), the ops
+(:func:`define`: each op module declares its name and eager reference) and the choice.
+
 Backends, in `auto` preference order: `cuda` (the C++/CUDA extension on CUDA tensors), `triton`, `cpu` (the
 C++ extension's CPU kernels: eval-mode fast path over oneDNN), `eager` (plain PyTorch, always available,
 defines the semantics). Each answers ``not_supported_reasons(op, args) -> list[str]``.
 `auto` picks the first backend with no reasons; a backend named explicitly (``RESFAST_BACKEND``,
 :func:`set_backend`, ``with backend(...)``) that cannot run raises :class:`BackendUnavailableError` listing
 every reason. Facts that do not depend on the inputs (is triton installed, was _C built with CUDA) are
-computed once, outside traced code, so torch.compile sees a constant choice.
+computed once, outside traced code, so torch.compile sees a constant choice. The whole-block training ops
+(BLOCK_OPS) go to the backend the block's first op gets, when it has them (:func:`select_block`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import os
 import warnings
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Optional
 
 import torch
 
-from .. import _ext
 from .checks import synced_bn_reasons
-from .reference import EAGER_IMPLS
 
-OPS = ("res2net_chain", "conv_bn_relu", "bn_relu_conv", "scale_add_relu")
+# the ops, each with its eager reference implementation (define(), called by the module that defines the op: the eager
+# backend runs these), and the whole-block training ops (resfast/ops/bottleneck.py: a backend without one leaves the
+# block to its per-op path)
+OPS: list[str] = []
+REFERENCES: dict[str, Callable] = {}
+BLOCK_OPS = ("res2net_bottleneck_train", "preact_block_train")
+
+
+def define(op: str, reference: Callable) -> None:
+    """Declare op `op`, whose eager implementation ``reference(prepared args) -> Tensor`` defines its semantics (the
+    eager backend runs it; every other backend is tested against it)."""
+    if op in REFERENCES or op in BLOCK_OPS:
+        raise ValueError(f"resfast op {op!r} is defined twice")
+    OPS.append(op)
+    REFERENCES[op] = reference
 BACKENDS = ("cuda", "triton", "cpu", "eager")
 CHOICES = ("auto",) + BACKENDS
 
@@ -55,10 +71,15 @@ class BackendUnavailableError(RuntimeError):
 
 
 class Backend:
+    """One implementation of the ops. A backend sets ``name`` (one of BACKENDS), implements ``run(op, args)`` (or
+    fills ``kernels``: op -> callable(prepared args) -> Tensor) and says why it cannot run an op:
+    ``_static_reasons(op)`` (whatever the inputs: computed once) and ``_input_reasons(op, args)``; ``auto_reasons``
+    and ``auto_input_reasons`` keep only `auto` away (e.g. kernels not verified on a GPU yet)."""
+
     name = ""
     # synchronised BatchNorm (a process group) in training: only the eager backend merges statistics across ranks
     runs_synced_bn = False
-    # op name -> callable(args) -> Tensor. Kernels register here as the backends grow.
+    # op name -> callable(prepared args) -> Tensor
     kernels: dict[str, Callable] = {}
 
     def _static_reasons(self, op: str) -> list[str]:
@@ -70,7 +91,7 @@ class Backend:
 
     def input_reasons(self, op: str, args) -> list[str]:
         """Reasons from the inputs: the backend's own, after the ones every backend but eager shares."""
-        shared = [] if self.runs_synced_bn else synced_bn_reasons(op, args)
+        shared = [] if self.runs_synced_bn else synced_bn_reasons(args)
         return shared + self._input_reasons(op, args)
 
     def static_reasons(self, op: str) -> tuple[str, ...]:
@@ -90,8 +111,8 @@ class Backend:
 
     def not_supported_reasons(self, op: str, args=None) -> list[str]:
         """Why this backend cannot run `op` on `args` (prepared op arguments); empty when it can."""
-        if op not in OPS:
-            raise ValueError(f"unknown resfast op {op!r}; ops are {OPS}")
+        if op not in OPS and op not in BLOCK_OPS:
+            raise ValueError(f"unknown resfast op {op!r}; ops are {(*OPS, *BLOCK_OPS)}")
         reasons = list(self.static_reasons(op))
         if args is not None:  # every reason, so an explicit request explains everything that stands in the way
             reasons += self.input_reasons(op, args)
@@ -100,144 +121,25 @@ class Backend:
     def run(self, op: str, args):
         return self.kernels[op](args)
 
-
-class EagerBackend(Backend):
-    name = "eager"
-    runs_synced_bn = True
-    kernels = EAGER_IMPLS
+    def no_block_op(self, op: str) -> str:
+        """The reason of a backend without whole-block op `op` (BLOCK_OPS)."""
+        return f"the {self.name} backend has no whole-block op {op}: the block runs per op"
 
 
-class TritonBackend(Backend):
-    name = "triton"
-    # ops with a Triton implementation (resfast/triton/ops.py, imported on first use, not at `import resfast`)
-    implemented = ("conv_bn_relu", "bn_relu_conv", "res2net_chain", "scale_add_relu")
-    # Kernels tested only under TRITON_INTERPRET=1 so far: `auto` does not pick an op until it has been verified on
-    # a GPU (verified_ops: resfast/ops/gpu_verified.json); an explicit `resfast.backend("triton")` does.
-    verified_ops = read_verified_ops("triton")
-    verified_on_gpu = set(implemented) <= set(verified_ops)
-
-    def _static_reasons(self, op):
-        reasons = []
-        if importlib.util.find_spec("triton") is None:
-            reasons.append("triton is not installed (pip install triton)")
-        if op not in self.implemented:
-            reasons.append(f"no Triton kernel is implemented for {op} yet")
-        return reasons
-
-    def environment_reasons(self):
-        if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") != "1":
-            return ["no CUDA device is visible and TRITON_INTERPRET=1 is not set (the interpreter runs Triton on "
-                    "CPU tensors)"]
-        return []
-
-    def auto_reasons(self, op):
-        return [] if self.verified_on_gpu or op in self.verified_ops else [
-            "the Triton kernels are not verified on a GPU yet: auto does not use them; select backend 'triton'"]
-
-    def _input_reasons(self, op, args):
-        dev = args.x.device.type
-        if dev == "cpu" and os.environ.get("TRITON_INTERPRET", "0") != "1":
-            return ["the input is on the CPU; Triton runs on CUDA devices, or on the CPU with TRITON_INTERPRET=1"]
-        if dev not in ("cpu", "cuda"):
-            return [f"the input is on {dev}; Triton runs on CUDA devices"]
-        if op not in self.implemented:
-            return []
-        from ..triton.ops import input_reasons
-
-        return input_reasons(op, args)
-
-    def run(self, op, args):
-        from ..triton.ops import KERNELS
-
-        return KERNELS[op](args)
+_BACKENDS: dict[str, Backend] = {}
 
 
-class CudaBackend(Backend):
-    """resfast._C's ops on CUDA tensors (glue in resfast/ops/cpp.py): cuDNN convolutions through ATen and the CUDA
-    kernels of csrc/cuda/ between them; training through the C++ training ops, eval through the folded ops."""
-
-    name = "cuda"
-    implemented = ("conv_bn_relu", "bn_relu_conv", "res2net_chain")
-    # Compiled in CI, never run there: `auto` does not pick an op of the cuda backend until it has been verified on
-    # a GPU (verified_ops: resfast/ops/gpu_verified.json); an explicit `resfast.backend("cuda")` does.
-    verified_ops = read_verified_ops("cuda")
-    verified_on_gpu = set(implemented) <= set(verified_ops)
-
-    def _static_reasons(self, op):
-        reasons = []
-        if _ext.C is None:
-            reasons.append(f"the extension resfast._C is not loaded ({_ext.C_ERROR})")
-        elif not _ext.build_info().get("with_cuda", False):
-            why = _ext.build_info().get("cuda_skip_reason", "")
-            reasons.append(f"resfast._C was built without CUDA sources ({why})")
-        else:
-            from .cpp import missing_ops
-
-            if missing_ops():
-                reasons.append(f"resfast._C lacks the ops {missing_ops()} (an older build: rebuild with `make setup`)")
-        if torch.version.cuda is None:
-            reasons.append("this torch is a CPU-only build")
-        elif not torch.cuda.is_available():
-            reasons.append("no CUDA device is visible (torch.cuda.is_available() is False)")
-        if op not in self.implemented:
-            reasons.append(f"no fused CUDA kernel is implemented for {op} (ATen's elementwise ops are as good)")
-        return reasons
-
-    def auto_reasons(self, op):
-        return [] if self.verified_on_gpu or op in self.verified_ops else [
-            "the CUDA kernels are not verified on a GPU yet: auto does not use them; select backend 'cuda'"]
-
-    def _input_reasons(self, op, args):
-        if args.x.device.type != "cuda":
-            return [f"the input is on {args.x.device.type}; the cuda backend needs CUDA tensors"]
-        from .cpp import cuda_input_reasons
-
-        return cuda_input_reasons(op, args)
-
-    def run(self, op, args):
-        from .cpp import KERNELS
-
-        return KERNELS[op](args)
-
-
-class CpuBackend(Backend):
-    """resfast._C's CPU kernels (csrc/cpu/, glue in resfast/ops/cpp.py): inference for now."""
-
-    name = "cpu"
-
-    def _static_reasons(self, op):
-        if _ext.C is None:
-            return [f"the extension resfast._C is not loaded ({_ext.C_ERROR})"]
-        from .cpp import missing_ops
-
-        missing = missing_ops()
-        if missing:
-            return [f"resfast._C lacks the ops {missing} (an older build: rebuild with `make setup`)"]
-        from .cpp import KERNELS
-
-        if op not in KERNELS:
-            return [f"no cpu kernel is implemented for {op} (ATen's elementwise ops on eager are as good)"]
-        return []
-
-    def _input_reasons(self, op, args):
-        from .cpp import input_reasons
-
-        return input_reasons(op, args)
-
-    def auto_input_reasons(self, op, args):
-        from .cpp import auto_input_reasons
-
-        return auto_input_reasons(op, args)
-
-    def run(self, op, args):
-        from .cpp import KERNELS
-
-        return KERNELS[op](args)
-
-
-_BACKENDS: dict[str, Backend] = {
-    b.name: b for b in (CudaBackend(), TritonBackend(), CpuBackend(), EagerBackend())
-}
+def register(b: Backend) -> Backend:
+    """Add backend `b` to the registry (resfast/backends/ registers cuda, triton, cpu and eager at import); `auto`
+    tries the backends in BACKENDS order."""
+    if b.name not in BACKENDS:
+        raise ValueError(f"unknown resfast backend {b.name!r}; backends are {BACKENDS}")
+    _BACKENDS[b.name] = b
+    order = {name: i for i, name in enumerate(BACKENDS)}
+    for name in sorted(_BACKENDS, key=order.__getitem__):
+        _BACKENDS[name] = _BACKENDS.pop(name)
+    _STATIC_CACHE.clear()
+    return b
 _STATIC_CACHE: dict[tuple[str, str], tuple[str, ...]] = {}
 
 
@@ -319,6 +221,22 @@ def run(op: str, args):
     return select(op, args).run(op, args)
 
 
+def runs_reference(op: str, args) -> bool:
+    """Whether `op` on `args` runs its eager reference (the eager backend: chosen, or the only one that can)."""
+    return select(op, args).name == "eager"
+
+
+def select_block(op: str, args, per_op: str, per_op_args) -> Optional[Backend]:
+    """The backend to run whole-block op `op` (BLOCK_OPS) on `args`, or None: the block then runs per op. It is the
+    backend the block's first op gets (`per_op` on `per_op_args`, chosen as :func:`select` does: an explicit backend
+    that cannot run it raises the same error), when that backend runs `op` on these arguments; `auto` thus never
+    runs a block on another backend than its ops."""
+    if op not in BLOCK_OPS:
+        raise ValueError(f"{op!r} is not a whole-block op; those are {BLOCK_OPS}")
+    b = select(per_op, per_op_args)
+    return None if b.not_supported_reasons(op, args) else b
+
+
 def backend_for_input(x: torch.Tensor, op: str = "conv_bn_relu") -> str:
     """The backend the current choice gives `op` for inputs like `x` (its device and dtype), e.g. for reports."""
     from ._args import prepare_conv_bn_relu
@@ -333,11 +251,11 @@ def backend_for_input(x: torch.Tensor, op: str = "conv_bn_relu") -> str:
     return select(op, prepare_conv_bn_relu(probe, w, bn, None, 1, 0, 1, 1, False, True, None)).name
 
 
-def availability() -> dict[str, dict[str, list[str]]]:
-    """{backend: {op: reasons}} on this machine, whatever the inputs: what `python -m resfast.info` prints.
-    Reasons that only keep `auto` away start with "auto: "."""
+def availability(ops=None) -> dict[str, dict[str, list[str]]]:
+    """{backend: {op: reasons}} on this machine, whatever the inputs: what `python -m resfast.info` prints (``ops``:
+    OPS, or BLOCK_OPS for the whole-block ops). Reasons that only keep `auto` away start with "auto: "."""
     return {
         name: {op: list(b.static_reasons(op)) + b.environment_reasons() + [f"auto: {r}" for r in b.auto_reasons(op)]
-               for op in OPS}
+               for op in ops}
         for name, b in _BACKENDS.items()
-    }
+    } if ops is not None else availability(tuple(OPS))

@@ -19,12 +19,13 @@ import torch
 from torch import Tensor, nn
 
 from .batchnorm import BatchNormParams
+from .precision import acc_dtype
 
 
 def fold_scale_shift(bn: BatchNormParams, conv_bias: Optional[Tensor], dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """Eval BatchNorm (running statistics) as per-channel ``(scale, shift)`` including the conv bias, in float64 for
     float64 inputs and float32 otherwise."""
-    stat_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    stat_dtype = acc_dtype(dtype)
     scale = torch.rsqrt(bn.running_var.to(stat_dtype) + bn.eps)
     if bn.weight is not None:
         scale = scale * bn.weight.to(stat_dtype)
@@ -70,6 +71,15 @@ class FoldCache:
         self._entries[key] = (stamp, value)
         self.builds += 1
         return value
+
+    @staticmethod
+    def get_or_build(cache: Optional[FoldCache], key, sources: Sequence[Optional[Tensor]],
+                     build: Callable[[], object], extra=()):
+        """``cache.get(key, sources, build, extra)``, or without a cache ``build()`` (without autograd) each call."""
+        if cache is None:
+            with torch.no_grad():
+                return build()
+        return cache.get(key, sources, build, extra)
 
     def clear(self) -> None:
         self._entries.clear()

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import dispatch
 from ._args import (
     BnReluConvArgs,
     ConvBnReluArgs,
@@ -151,8 +152,10 @@ def scale_add_relu_ref(x: Tensor, gate: Tensor, residual: Optional[Tensor] = Non
 
 
 EAGER_IMPLS = {
+    "res2net_chain": res2net_chain_eager,
     "conv_bn_relu": conv_bn_relu_eager,
     "bn_relu_conv": bn_relu_conv_eager,
-    "res2net_chain": res2net_chain_eager,
     "scale_add_relu": scale_add_relu_eager,
 }
+for _op, _fn in EAGER_IMPLS.items():
+    dispatch.define(_op, _fn)

@@ -29,9 +29,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-
-def _acc_dtype(x: Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
+from .precision import acc_dtype
 
 
 def _per_channel(t: Tensor) -> Tensor:
@@ -41,7 +39,7 @@ def _per_channel(t: Tensor) -> Tensor:
 class _SyncBatchNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, factor, eps, group, world):
-        acc = _acc_dtype(x)
+        acc = acc_dtype(x.dtype)
         C = x.shape[1]
         n_local = x.numel() // C if C else 0
         xa = x.to(acc)
@@ -90,7 +88,7 @@ class _SyncBatchNorm(torch.autograd.Function):
         if ctx.empty:
             return tuple(None if t is None else torch.zeros_like(t) for t in ctx.saved_tensors) + none
         x, weight, mean, invstd, total = ctx.saved_tensors
-        acc = _acc_dtype(x)
+        acc = acc_dtype(x.dtype)
         dya = dy.to(acc)
         xhat = (x.to(acc) - _per_channel(mean)) * _per_channel(invstd)
         sum_dy = dya.sum((0, 2, 3))

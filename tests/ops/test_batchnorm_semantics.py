@@ -164,7 +164,7 @@ def test_timm_batchnormact2d_is_batchnorm_then_relu(cfg, training):
 
 
 def test_is_bn_relu_recognises_only_batchnormact2d_with_plain_relu():
-    from resfast.ops.batchnorm import is_bn_relu, is_supported_bn
+    from resfast.nn.layers import is_bn_relu, is_supported_bn
 
     norm_act = pytest.importorskip("timm.layers.norm_act")
     BNA = norm_act.BatchNormAct2d

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from resfast import _ext
-from resfast.ops import cpp, dispatch
+from resfast.backends import cpp
+from resfast.ops import dispatch
 
 pytestmark = pytest.mark.skipif(bool(dispatch.get("cpu").static_reasons("conv_bn_relu")),
                                 reason="resfast._C with the C++ ops is not built")

@@ -165,7 +165,7 @@ def test_dispatch_reads_the_verified_file(tmp_path):
 
 def test_resfast_tune_quick_bounds_the_config_lists(monkeypatch):
     pytest.importorskip("triton")
-    from resfast.triton import conv
+    from resfast.backends.triton.kernels import conv
 
     monkeypatch.setattr(conv, "interpreting", lambda: False)  # as on a GPU
     monkeypatch.setenv("RESFAST_TUNE", "quick")
@@ -184,7 +184,7 @@ def test_resfast_tune_quick_caps_what_the_prune_keeps(monkeypatch):
     """With a prune function, quick tuning takes the first QUICK_CONFIGS of the configs the prune keeps (never a
     config it rejected because the first ones of the list did not fit), full tuning all of them."""
     pytest.importorskip("triton")
-    from resfast.triton import conv
+    from resfast.backends.triton.kernels import conv
 
     def prune(configs, named_args, **kwargs):
         return [c for c in configs if c % 2 == 1]

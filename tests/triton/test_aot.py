@@ -1,5 +1,5 @@
-"""resfast.triton.aot: the occupancy and ptxas-log arithmetic on known numbers, and a reduced ahead-of-time run (a
-block recorded under the interpreter, every launch compiled for sm_90 and sm_80 without a GPU) that fails on a
+"""resfast.backends.triton.aot: the occupancy and ptxas-log arithmetic on known numbers, and a reduced ahead-of-time
+run (a block recorded under the interpreter, every launch compiled for sm_90 and sm_80 without a GPU) that fails on a
 compile error or a shared-memory overflow, with a planted over-large config that must be reported as one."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from resfast.triton import aot
+from resfast.backends.triton import aot
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -50,7 +50,7 @@ ptxas info    : Used 255 registers, used 1 barriers, 712 bytes cumulative stack 
 def _run(*args, timeout=900):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    return subprocess.run([sys.executable, "-m", "resfast.triton.aot", *args], cwd=ROOT, env=env,
+    return subprocess.run([sys.executable, "-m", "resfast.backends.triton.aot", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -58,7 +58,7 @@ def _planted(launches: list[dict]) -> dict:
     """A bf16 3x3 conv launch of the recording (a K loop of 9 x C_in, so the tiles are multi-buffered) with one config
     far over any shared-memory limit: 4 stages of a 256 x 128 bf16 input tile and a 128 x 64 weight tile, 320 KiB
     on sm_90 (Triton keeps one stage fewer on sm_80: 240 KiB, still over 163 KiB)."""
-    conv = max((e for e in launches if e["kernel"] == "resfast.triton.conv:_tuned_kernel"
+    conv = max((e for e in launches if e["kernel"] == "resfast.backends.triton.kernels.conv:_tuned_kernel"
                 and e["meta"].get("HAS_CONV") and not e["meta"].get("DIRECT") and e["meta"].get("KH") == 3
                 and any(isinstance(a, dict) and a.get("tensor") == "bfloat16" for a in e["args"])),
                key=lambda e: e["meta"]["CIN_G"] * e["meta"]["G_TILE"])
@@ -74,7 +74,7 @@ def test_reduced_aot_run(tmp_path):
     ResNet-50 first bottleneck (projection shortcut), timm's SE-ResNeXt-26d first bottleneck (grouped 3x3, SE through
     scale_add_relu, avg-pool shortcut) and a resnetv2 pre-activation block. Recorded (every Triton kernel resfast
     has launches), then compiled for sm_90 and sm_80 with every config autotuning can pick, plus one planted
-    over-large config. The full run (``python -m resfast.triton.aot``) covers the six models, every mode and
+    over-large config. The full run (``python -m resfast.backends.triton.aot``) covers the six models, every mode and
     precision, at 224x224 batch 256."""
     launches = tmp_path / "launches.json"
     r = _run("--models", "resnet50/layer1.0", "seresnext26d_32x4d/layer1.0", "resnetv2_50/stages.1.blocks.0",
@@ -84,7 +84,7 @@ def test_reduced_aot_run(tmp_path):
     recorded = json.loads(launches.read_text())
     kernels = {e["kernel"] for e in recorded["launches"]}
     # every kernel resfast launches (an autotuned kernel by its Autotuner: conv's and scale_add_relu's _tuned_kernel)
-    assert kernels == {f"resfast.triton.{k}" for k in (
+    assert kernels == {f"resfast.backends.triton.kernels.{k}" for k in (
         "conv:_tuned_kernel", "conv_grad:_dgrad", "conv_grad:_wgrad", "batchnorm:_stats_partial_kernel",
         "batchnorm:_finalize_kernel", "batchnorm:_running_update_kernel", "batchnorm:_apply_kernel",
         "batchnorm:_bwd_reduce_kernel", "batchnorm:_bwd_apply_kernel", "scale_add_relu:_tuned_kernel",

@@ -123,7 +123,7 @@ def _op_inputs(dtype, scale=4, S=None, wd=3, cin=8, cout=10, groups=1, requires_
 
 
 def _call(inp, residual, scale, stride, dilation, groups, order, block_type):
-    from resfast.triton import training  # noqa: F401  (registers the ops)
+    from resfast.backends.triton import blocks  # noqa: F401  (registers the ops)
 
     S = len(inp["weights"])
     return torch.ops.resfast_triton.res2net_bottleneck_train(
@@ -148,7 +148,7 @@ def test_bit_for_bit_the_per_op_path(scale, order, block_type, stride, groups, d
     res2net_chain_train, conv_bn_train with the residual) exactly: each prologue computes, and rounds, what the
     apply pass of the per-op path writes, so the activations backward rebuilds with that apply pass are the ones
     the forward's convolutions read."""
-    from resfast.triton import training  # noqa: F401
+    from resfast.backends.triton import blocks  # noqa: F401
 
     ns = torch.ops.resfast_triton
     S = scale - 1 if (order == "paper" or scale > 1) else 1
@@ -211,16 +211,16 @@ def test_opcheck():
     S = len(inp["weights"])
     args = (inp["x"], inp["w1"], inp["gamma1"], inp["beta1"], inp["weights"], inp["gammas"], inp["betas"], inp["w3"],
             inp["gamma3"], inp["beta3"], None, 4, 1, 1, 1, "timm", "normal", [1e-5] * (S + 2))
-    from resfast.triton import training
+    from resfast.backends.triton import blocks
 
-    torch.library.opcheck(training.OPS["res2net_bottleneck_train"], args)
+    torch.library.opcheck(blocks.OPS["res2net_bottleneck_train"], args)
 
 
 @pytest.mark.slow
 def test_forward_writes_no_normalised_activation(monkeypatch):
     """In the forward, conv1 and every chain conv write raw outputs only: one apply pass (bn3 + residual + ReLU into
     y), 2 + convs conv launches, each BatchNorm's statistics once."""
-    from resfast.triton import batchnorm, conv
+    from resfast.backends.triton.kernels import batchnorm, conv
 
     block = _block(stage=False).train()
     x = torch.randn(2, 16, 5, 6, device=DEVICE).contiguous(memory_format=torch.channels_last)

@@ -101,7 +101,7 @@ GROUPED = [
 @pytest.mark.parametrize("conv,tiling", GROUPED, ids=[str(c) for c, _ in GROUPED])
 def test_grouped_tiling(conv, tiling):
     """The shapes below really take the multi-group (G_TILE > 1) and the depthwise (DIRECT) paths."""
-    from resfast.triton.conv import conv_tiling
+    from resfast.backends.triton.kernels.conv import conv_tiling
 
     cin, cout, _, _, _, _, g = conv
     g_tile, direct, block_n, cols = conv_tiling(cout, cin // g, cout // g, g)
@@ -193,7 +193,7 @@ def test_auto_does_not_pick_unverified_triton():
 
 def test_one_config_under_the_interpreter(monkeypatch):
     """Under TRITON_INTERPRET=1 the launches run a single config and never benchmark."""
-    from resfast.triton import conv
+    from resfast.backends.triton.kernels import conv
 
     if not INTERPRET:
         assert conv.tuning_configs() == conv.CONFIGS and len(conv.CONFIGS) > 1
@@ -213,7 +213,7 @@ def test_autotune_benchmarks_once_per_shape(monkeypatch):
     """With several configs (as on a GPU; the benchmark replaced by a counter so it runs on the CPU too), the first
     call of a shape benchmarks each config that fits, later calls reuse the cached winner, and a new shape or
     dtype is tuned anew."""
-    from resfast.triton import conv
+    from resfast.backends.triton.kernels import conv
 
     benches = []
 
@@ -253,7 +253,7 @@ SHORTCUTS = [(6, 7, 9, 2, 5, 1, 8), (16, 5, 5, 1, 4, 1, 24), (3, 1, 1, 2, 2, 3, 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 def test_projection_shortcut_in_the_same_launch(monkeypatch, case, channels_last, dtype):
     """conv + BN + (1x1 shortcut conv + its BN) + ReLU: one launch, against two reference calls and an add."""
-    from resfast.triton import conv
+    from resfast.backends.triton.kernels import conv
 
     if dtype == torch.float64 and DEVICE == "cuda":
         pytest.skip("float64 runs under the interpreter only")

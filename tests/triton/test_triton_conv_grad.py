@@ -1,5 +1,5 @@
-"""The Triton convolution gradients (resfast/triton/conv_grad.py): dgrad and wgrad kernels against ATen's
-convolution_backward over the odd-shape matrix (strides, padding, dilation, groups narrow and wide, layouts, an
+"""The Triton convolution gradients (resfast/backends/triton/kernels/conv_grad.py): dgrad and wgrad kernels against
+ATen's convolution_backward over the odd-shape matrix (strides, padding, dilation, groups narrow and wide, layouts, an
 expanded grad_output), the RESFAST_CONV_BACKWARD switch, and every training op's backward run through them."""
 
 import functools
@@ -20,7 +20,7 @@ import resfast
 from resfast.ops import bottleneck
 
 triton = pytest.importorskip("triton")
-from resfast.triton import conv_grad  # noqa: E402
+from resfast.backends.triton.kernels import conv_grad  # noqa: E402
 
 pytestmark = needs_triton_runtime
 DEVICE = TRITON_DEVICE
@@ -266,7 +266,7 @@ def test_prunes_keep_unaligned_tiles_within_registers():
     that cannot be loaded in 16-byte vectors (a 52-channel NHWC tensor: pixel stride 52) only tries tiles with at
     most 16 elements of an operand per thread, aligned operands never try the unaligned-only ones; dgrad storing
     dx element by element only tries output tiles with at most 32 elements per thread."""
-    from resfast.triton import conv
+    from resfast.backends.triton.kernels import conv
 
     def args(c, dtype=torch.bfloat16):
         t = torch.empty(2, c, 6, 6, dtype=dtype).contiguous(memory_format=torch.channels_last)

@@ -153,7 +153,7 @@ def _op_inputs(dtype, units, ds: bool, requires_grad=False, seed=0):
 
 
 def _call(inp, residual):
-    from resfast.triton import training  # noqa: F401  (registers the ops)
+    from resfast.backends.triton import blocks  # noqa: F401  (registers the ops)
 
     return torch.ops.resfast_triton.preact_block_train(
         inp["x"], inp["weights"], inp["gammas"], inp["betas"], inp["geometry"], inp["w_ds"], inp["ds_stride"],
@@ -195,9 +195,9 @@ def test_opcheck(ds):
     """torch.library.opcheck: schema, fake (meta) kernel, autograd registration."""
     inp = _op_inputs(F64 if TRITON_INTERPRET else torch.float32, BOTTLENECK, ds, requires_grad=True)
     res = None if ds else torch.randn(2, 4, 3, 2, dtype=inp["x"].dtype, device=DEVICE, requires_grad=True)
-    from resfast.triton import training
+    from resfast.backends.triton import blocks
 
-    torch.library.opcheck(training.OPS["preact_block_train"],
+    torch.library.opcheck(blocks.OPS["preact_block_train"],
                           (inp["x"], inp["weights"], inp["gammas"], inp["betas"], inp["geometry"], inp["w_ds"],
                            inp["ds_stride"], res, [1e-5] * 3))
 
@@ -206,7 +206,7 @@ def test_forward_launches(monkeypatch):
     """The forward of a downsample block: one statistics pass (over x), one launch per conv, each BN + ReLU in a
     prologue, the next BatchNorm's statistics in each epilogue but the last, the downsample in the last launch with
     its own prologue; no apply pass (no normalised activation is written). Backward rebuilds them."""
-    from resfast.triton import batchnorm, conv
+    from resfast.backends.triton.kernels import batchnorm, conv
 
     block = _timm_block("bottleneck_proj_stride2").train()
     x = torch.randn(2, 8, 5, 6, device=DEVICE).contiguous(memory_format=torch.channels_last)

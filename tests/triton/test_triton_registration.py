@@ -60,7 +60,7 @@ def _samples(dtype):
 def test_opcheck(dtype):
     # all of opcheck's tests run: schema, autograd registration (inputs without grad: these ops are inference-only
     # and the dispatch layer refuses grad-requiring inputs), fake tensors, and AOT dispatch with dynamic shapes.
-    import resfast.triton.library  # noqa: F401  (registers torch.ops.resfast_triton)
+    import resfast.backends.triton.library  # noqa: F401  (registers torch.ops.resfast_triton)
 
     for op, args in _samples(dtype):
         torch.library.opcheck(op, args)
@@ -70,7 +70,7 @@ def test_opcheck(dtype):
 def test_fake_strides_equal_real(dtype):
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    import resfast.triton.library  # noqa: F401
+    import resfast.backends.triton.library  # noqa: F401
 
     for op, args in _samples(dtype):
         real = op(*args)
@@ -82,7 +82,7 @@ def test_fake_strides_equal_real(dtype):
 
 
 def test_direct_calls_check_their_inputs():
-    import resfast.triton.library  # noqa: F401
+    import resfast.backends.triton.library  # noqa: F401
 
     tops = torch.ops.resfast_triton
     x, w = _t(1, 8, 4, 4, dtype=torch.float32), _w(8, 4, 3, 3, dtype=torch.float32)
@@ -161,8 +161,8 @@ except resfast.BackendUnavailableError as e:
 
 @pytest.mark.slow
 def test_explicit_triton_backend_without_triton_explains_itself():
-    """The backend's input checks (resfast.triton.ops) do not import triton: without it, an explicit request is a
-    BackendUnavailableError listing the reasons, not an ImportError."""
+    """The backend's input checks (resfast.backends.triton.backend) do not import triton: without it, an explicit
+    request is a BackendUnavailableError listing the reasons, not an ImportError."""
     import subprocess
     import sys
 

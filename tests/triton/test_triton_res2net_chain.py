@@ -125,7 +125,7 @@ class _AtenLog(TorchDispatchMode):
         self.ops, self.triton_ops, self.paused, self.alive = [], [], False, []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        from resfast.triton.library import IMPLS
+        from resfast.backends.triton.library import IMPLS
 
         if func.namespace == "resfast_triton":
             self.triton_ops.append(func._opname)
@@ -144,7 +144,7 @@ class _AtenLog(TorchDispatchMode):
 def test_passthrough_rides_on_the_conv_launches(monkeypatch, scale, order, block_type, stride):
     """scale - 1 launches (one when there is no conv at all), the pass-through split done inside them: no ATen op
     reads the input or the output other than views (no copy, no avg_pool2d, no cat)."""
-    from resfast.triton import conv
+    from resfast.backends.triton.kernels import conv
 
     dtype = torch.float64 if INTERPRET else torch.float32
     width = 5
@@ -179,7 +179,7 @@ def test_passthrough_rides_on_the_conv_launches(monkeypatch, scale, order, block
 
 
 def test_passthrough_launcher_checks_shapes():
-    from resfast.triton.conv import PassThrough, passthrough_fwd
+    from resfast.backends.triton.kernels.conv import PassThrough, passthrough_fwd
 
     src = torch.randn(2, 3, 7, 6, device=DEVICE)
     with pytest.raises(ValueError, match="pass-through dst has shape"):
@@ -223,7 +223,7 @@ def test_whole_eval_block_is_scale_plus_one_launches(monkeypatch, stride):
     output matches timm's. The folded, packed weights are cached: a second forward rebuilds none of them."""
     from timm.models import res2net as timm_res2net
 
-    from resfast.triton import conv
+    from resfast.backends.triton.kernels import conv
 
     dtype = torch.float64 if INTERPRET else torch.float32
     ds = nn.Sequential(nn.Conv2d(16, 32, 1, stride=stride, bias=False), nn.BatchNorm2d(32))

@@ -43,7 +43,7 @@ def test_matches_reference(shape, layout, dtype, residual, relu):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_opcheck_and_direct_call_errors(dtype):
-    import resfast.triton.library  # noqa: F401
+    import resfast.backends.triton.library  # noqa: F401
 
     tops = torch.ops.resfast_triton
     x = _x((2, 5, 3, 4), dtype, "cl")
@@ -92,7 +92,7 @@ def test_se_block_end_is_one_launch(monkeypatch):
     from timm.layers.squeeze_excite import SEModule
     from timm.models import res2net as timm_res2net
 
-    from resfast.triton import conv, scale_add_relu
+    from resfast.backends.triton.kernels import conv, scale_add_relu
 
     dtype = torch.float64 if TRITON_INTERPRET else torch.float32
     ds = nn.Sequential(nn.Conv2d(16, 32, 1, stride=2, bias=False), nn.BatchNorm2d(32))

@@ -5,9 +5,9 @@ Registered with ``torch.library.triton_op`` (the launches go through ``wrap_trit
 torch.compile and torch.export see them. The fake implementation of each op is its own Python body: on
 FakeTensors it allocates the channels_last outputs, with the strides the kernels write, and launches nothing.
 The ops take weights already packed for the kernels, (kH, kW, C_in/groups, C_out), with eval BatchNorm's scale
-folded in, and the folded shift as the bias (resfast.triton.ops.packed_conv, cached by the calling block); they are
-inference-only except scale_add_relu, whose backward is an op too (the training versions of the others are in
-training.py).
+folded in, and the folded shift as the bias (resfast.backends.triton.backend.packed_conv, cached by the calling
+block); they are inference-only except scale_add_relu, whose backward is an op too (the training versions of the
+others are in training.py).
 """
 
 from __future__ import annotations
@@ -18,9 +18,11 @@ import torch
 from torch import Tensor
 from torch.library import triton_op
 
-from ..ops._args import BLOCK_TYPES, ORDERS, chain_layout
-from .conv import PassThrough, Projection, conv_bn_act_fwd, interpreting, passthrough_fwd
-from .scale_add_relu import scale_add_relu_bwd, scale_add_relu_fwd
+from ...ops._args import BLOCK_TYPES, ORDERS, chain_layout
+from ...ops.autograd import bn_act_autograd
+from .kernels import batchnorm
+from .kernels.conv import Add, PassThrough, Projection, Prologue, conv_bn_act_fwd, interpreting, passthrough_fwd
+from .kernels.scale_add_relu import scale_add_relu_bwd, scale_add_relu_fwd
 
 
 def _check_folded(op: str, x: Tensor, weight: Tensor, groups: int, tensors: dict) -> None:
@@ -73,7 +75,7 @@ def _bn_relu_conv(x: Tensor, pre_scale: Tensor, pre_shift: Tensor, weight: Tenso
     b = (bias if bias is not None
          else torch.zeros(weight.shape[3], device=x.device, dtype=pre_scale.dtype))
     return conv_bn_act_fwd(x, weight, b, tuple(stride), tuple(padding), tuple(dilation), groups, residual,
-                           relu=False, pre_scale=pre_scale, pre_shift=pre_shift)
+                           relu=False, prologue=Prologue(pre_scale, pre_shift))
 
 
 def _res2net_chain(x: Tensor, weights: list[Tensor], shifts: list[Tensor], scale: int, stride: int, dilation: int,
@@ -116,7 +118,7 @@ def _res2net_chain(x: Tensor, weights: list[Tensor], shifts: list[Tensor], scale
     prev = None
     for w, sh, i in zip(weights, shifts, conv_splits):
         dst = split(out, i)
-        add = prev if block_type == "normal" else None
+        add = Add(prev) if block_type == "normal" and prev is not None else None
         conv_bn_act_fwd(split(x, i), w, sh, (s, s), (d, d), (d, d), groups, relu=True, add=add, out=dst,
                         passthrough=pt)
         prev, pt = dst, None
@@ -162,11 +164,22 @@ def _scale_add_relu_grad(ctx, dy):
     return tuple(g if n else None for g, n in zip(grads, need)) + (None,)
 
 
+def _bn_act(x: Tensor, scale: Tensor, shift: Tensor, residual: Optional[Tensor], relu: bool) -> Tensor:
+    """``relu(x * scale[c] + shift[c] + residual)`` by BatchNorm's apply kernel (a zero mean), in x's memory
+    format (resfast.ops.bn_act has checked the arguments)."""
+    fmt = (torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+           else torch.contiguous_format)
+    out = torch.empty_like(x, memory_format=fmt)
+    return batchnorm.apply(x, torch.zeros_like(scale), scale, shift, residual, relu, out=out)
+
+
 # the op bodies, also their fake implementations (FakeTensors: outputs allocated, nothing launched)
 IMPLS = {"conv_bn_relu": _conv_bn_relu, "bn_relu_conv": _bn_relu_conv, "res2net_chain": _res2net_chain,
-         "scale_add_relu": _scale_add_relu, "scale_add_relu_backward": _scale_add_relu_backward}
+         "scale_add_relu": _scale_add_relu, "scale_add_relu_backward": _scale_add_relu_backward, "bn_act": _bn_act}
 OPS = {name: triton_op(f"resfast_triton::{name}", fn, mutates_args=()) for name, fn in IMPLS.items()}
 OPS["scale_add_relu"].register_autograd(_scale_add_relu_grad, setup_context=_scale_add_relu_setup)
+_setup, _backward = bn_act_autograd("resfast_triton")
+OPS["bn_act"].register_autograd(_backward, setup_context=_setup)
 
 
 def _keep_opaque(mode, func, types, args, kwargs):

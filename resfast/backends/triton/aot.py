@@ -1,5 +1,5 @@
 """Ahead-of-time compilation of every Triton kernel launch the converted models make, for sm_90 and sm_80, without a
-GPU: ``python -m resfast.triton.aot``.
+GPU: ``python -m resfast.backends.triton.aot``.
 
 Three steps, each its own process where Triton needs it:
 
@@ -19,8 +19,8 @@ Three steps, each its own process where Triton needs it:
    The GPU's precision is recorded as it is, not substituted: under ``torch.autocast("cpu", bf16/fp16)`` the ops
    see the autocast dtype exactly as on a GPU (``resfast.bench`` runs the GPU at bf16 AMP), and a model converted to
    bf16/fp16 (``.to(dtype)``) runs half-precision parameters; the interpreter's dtype gate
-   (``resfast.triton.ops.INTERPRETER_DTYPES``, float32/float64, because numpy has no bf16) is widened in the
-   recording process only, which is safe because the kernels never run there. Two facts of the CPU run that
+   (``resfast.backends.triton.backend.INTERPRETER_DTYPES``, float32/float64, because numpy has no bf16) is widened in
+   the recording process only, which is safe because the kernels never run there. Two facts of the CPU run that
    differ from a GPU are mapped: float32 convolutions take ``INPUT_PRECISION="tf32"`` (cuDNN's TF32 switch is on
    by default on a GPU; the CPU run records ``"ieee"``), and a wgrad launch's ``chunk`` depends on the SM count
    (it is a multiple of 128 either way, so its specialisation is the same). The Triton backend is preferred
@@ -91,15 +91,16 @@ MAX_WARPS_PER_SM = 64
 MAX_BLOCKS_PER_SM = 32
 
 # the targets (item 4 of the task that built this tool; see the module docstring)
-ELEMENTWISE_KERNELS = ("resfast.triton.batchnorm:", "resfast.triton.scale_add_relu:")
+ELEMENTWISE_KERNELS = ("resfast.backends.triton.kernels.batchnorm:", "resfast.backends.triton.kernels.scale_add_relu:")
 ELEMENTWISE_MAX_REGS = 64
-CONV_KERNELS = ("resfast.triton.conv:_tuned_kernel", "resfast.triton.conv_grad:_dgrad",
-                "resfast.triton.conv_grad:_wgrad")
+KERNELS_PKG = "resfast.backends.triton.kernels"
+CONV_KERNELS = (f"{KERNELS_PKG}.conv:_tuned_kernel", f"{KERNELS_PKG}.conv_grad:_dgrad",
+                f"{KERNELS_PKG}.conv_grad:_wgrad")
 CONV_MIN_WARPS_SM90 = 16
 
-KERNEL_MODULES = ("resfast.triton.conv", "resfast.triton.conv_grad", "resfast.triton.batchnorm",
-                  "resfast.triton.scale_add_relu")
-DEFAULT_OUT = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "aot"
+KERNEL_MODULES = tuple(f"{KERNELS_PKG}.{m}" for m in ("conv", "conv_grad", "batchnorm", "scale_add_relu"))
+ROOT = Path(__file__).resolve().parents[3]  # the repository (this file: resfast/backends/triton/aot.py)
+DEFAULT_OUT = ROOT / "benchmarks" / "results" / "aot"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -150,6 +151,26 @@ def _encode(v, torch):
     if v is None or isinstance(v, (bool, int, float, str)):
         return v
     raise TypeError(f"cannot record a kernel argument of type {type(v).__name__}: {v!r}")
+
+
+def _by_position(obj, args, meta: dict) -> tuple[list, dict]:
+    """A launch in one form however its site passes the arguments (by position or by name, as conv's launches do):
+    the kernel's leading non-constexpr parameters by position (those given positionally, then those named, in the
+    kernel's order, up to its first constexpr), the rest by name (the kernel's parameters in its order, then the
+    launch options: num_warps, ...)."""
+    import inspect
+
+    fn = obj
+    while hasattr(fn, "fn"):  # Autotuner -> InterpretedFunction / JITFunction -> the Python function
+        fn = fn.fn
+    params = list(inspect.signature(fn).parameters.values())
+    args, meta = list(args), dict(meta)
+    for p in params[len(args):]:
+        if p.name not in meta or "constexpr" in str(p.annotation):
+            break
+        args.append(meta.pop(p.name))
+    order = {p.name: i for i, p in enumerate(params)}
+    return args, dict(sorted(meta.items(), key=lambda kv: order.get(kv[0], len(order))))
 
 
 class Recorder:
@@ -211,8 +232,8 @@ class Recorder:
         if name is None:
             fn = getattr(obj, "fn", obj)
             raise RuntimeError(f"a launch of {getattr(fn, '__name__', fn)!r} is not a kernel of {KERNEL_MODULES}: "
-                               "add its module to resfast.triton.aot.KERNEL_MODULES")
-        meta = {k: v for k, v in kwargs.items() if k not in ("grid", "warmup")}
+                               "add its module to resfast.backends.triton.aot.KERNEL_MODULES")
+        args, meta = _by_position(obj, args, {k: v for k, v in kwargs.items() if k not in ("grid", "warmup")})
         enc_args = [_encode(a, self.torch) for a in args]
         enc_meta = {k: _encode(v, self.torch) for k, v in meta.items()}
         tensors = [a for a in list(args) + list(meta.values()) if isinstance(a, self.torch.Tensor)]
@@ -297,9 +318,10 @@ def record_run(model_name: str, mode: str, precision: str, size: int, batch: int
 
 def _skip_aten_conv_backward(torch) -> None:
     """In the recording mode that skips the kernels, ATen's conv gradients (RESFAST_CONV_BACKWARD=aten, called by
-    resfast.triton.conv_grad as ``torch.ops.aten.convolution_backward``) are skipped too: uninitialised results with
-    ATen's shapes and layouts (dx as the input's memory format, as cuDNN and oneDNN give it), so a 224x224 batch-256
-    training step does not spend minutes of CPU on gradients nobody reads. The Triton launches are unchanged."""
+    resfast.backends.triton.kernels.conv_grad as ``torch.ops.aten.convolution_backward``) are skipped too:
+    uninitialised results with ATen's shapes and layouts (dx as the input's memory format, as cuDNN and oneDNN give
+    it), so a 224x224 batch-256 training step does not spend minutes of CPU on gradients nobody reads. The Triton
+    launches are unchanged."""
     def convolution_backward(dy, x, weight, bias_sizes, stride, padding, dilation, transposed, output_padding,
                              groups, mask):
         # the input's suggested memory format (a channel slice of a channels_last tensor counts as channels_last)
@@ -316,7 +338,7 @@ def _record_main(spec_file: str, out_file: str) -> int:
         raise SystemExit("recording needs TRITON_INTERPRET=1 (the launches are recorded from the interpreter)")
     import torch
 
-    import resfast.triton.ops as tops
+    import resfast.backends.triton.backend as tops
 
     spec = json.loads(Path(spec_file).read_text())
     torch.set_num_threads(spec.get("threads", 1))
@@ -357,7 +379,7 @@ def record(runs: list[dict], jobs: int, execute: bool = False, fp32_precision: s
         for i, shard in enumerate(shards):
             spec, out = Path(tmp, f"spec{i}.json"), Path(tmp, f"out{i}.json")
             spec.write_text(json.dumps({"runs": shard, "execute": execute, "fp32_precision": fp32_precision}))
-            procs.append((subprocess.Popen([sys.executable, "-m", "resfast.triton.aot", "--_record", str(spec),
+            procs.append((subprocess.Popen([sys.executable, "-m", "resfast.backends.triton.aot", "--_record", str(spec),
                                             str(out)], env=env), out, shard))
         merged: dict[str, dict] = {}
         result = {"runs": [], "fallbacks": Counter()}
@@ -773,13 +795,13 @@ def markdown(report: dict) -> str:
 
 
 def _git_state() -> str:
-    """The commit the kernels were compiled from, with '+dirty' when resfast/triton has uncommitted changes."""
-    root = Path(__file__).resolve().parents[2]
+    """The commit the kernels were compiled from, with '+dirty' when resfast/backends/triton has uncommitted changes."""
+    root = ROOT
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
                                 check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "resfast/triton"], cwd=root, capture_output=True,
-                               text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "resfast/backends/triton"], cwd=root,
+                               capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return commit + ("+dirty" if dirty else "")
@@ -796,7 +818,7 @@ def _size(s: str):
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m resfast.triton.aot", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m resfast.backends.triton.aot", description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", default=list(MODELS))
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     p.add_argument("--precisions", nargs="+", default=list(DEFAULT_PRECISIONS), choices=PRECISIONS)
@@ -824,7 +846,7 @@ def main(argv=None) -> int:
         return _record_main(*args._record)
     if os.environ.get("TRITON_INTERPRET") == "1":  # compiling needs the real JITFunctions: rerun without it
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-        return subprocess.call([sys.executable, "-m", "resfast.triton.aot", *(argv if argv is not None
+        return subprocess.call([sys.executable, "-m", "resfast.backends.triton.aot", *(argv if argv is not None
                                                                               else sys.argv[1:])], env=env)
     import platform
 
@@ -832,7 +854,8 @@ def main(argv=None) -> int:
     import triton
 
     t_start = time.perf_counter()
-    command = "python -m resfast.triton.aot" + "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:]))
+    given = argv if argv is not None else sys.argv[1:]
+    command = "python -m resfast.backends.triton.aot" + "".join(f" {a}" for a in given)
     if args.launches:
         recorded = json.loads(args.launches.read_text())
     else:
@@ -879,7 +902,7 @@ def main(argv=None) -> int:
     (args.out / "aot.md").write_text(markdown(report))
     print(f"report: {args.out / 'aot.json'} and {args.out / 'aot.md'}")
     if not args.no_readme and args.out.resolve() == DEFAULT_OUT.resolve():
-        sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+        sys.path.insert(0, str(ROOT / "benchmarks"))
         import update_tables
 
         update_tables.main([])

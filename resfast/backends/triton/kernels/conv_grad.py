@@ -33,6 +33,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ....ops.checks import conv_output_size
+from ....ops.precision import acc_dtype
 from .batchnorm import pixel_rows
 from .common import _is_fake, launcher
 from .conv import CONFIGS, _prune_alignment, _prune_store, _vector_loads, capped, conv_tiling, tuning_configs
@@ -248,10 +250,6 @@ def supported(x: Tensor, weight: Tensor, groups: int) -> bool:
         groups == 1 or (cin_g > 1 and cout_g > 1))
 
 
-def _out_size(size: int, k: int, s: int, p: int, d: int) -> int:
-    return (size + 2 * p - d * (k - 1) - 1) // s + 1
-
-
 def _check(dy: Tensor, x: Tensor, weight: Tensor, stride, padding, dilation, groups: int) -> None:
     if dy.dim() != 4 or x.dim() != 4 or weight.dim() != 4:
         raise ValueError("conv gradients need 4-D grad_output, input and weight")
@@ -259,8 +257,7 @@ def _check(dy: Tensor, x: Tensor, weight: Tensor, stride, padding, dilation, gro
     if cin_g * groups != x.shape[1] or C_out % groups:
         raise ValueError(f"weight {tuple(weight.shape)} with groups={groups} does not fit an input with "
                          f"{x.shape[1]} channels")
-    want = (x.shape[0], C_out, _out_size(x.shape[2], kh, stride[0], padding[0], dilation[0]),
-            _out_size(x.shape[3], kw, stride[1], padding[1], dilation[1]))
+    want = (x.shape[0], C_out, *conv_output_size(tuple(x.shape[2:]), (kh, kw), stride, padding, dilation))
     if tuple(dy.shape) != want:
         raise ValueError(f"grad_output has shape {tuple(dy.shape)}, expected {want}")
     if not (dy.dtype == x.dtype == weight.dtype) or not (dy.device == x.device == weight.device):
@@ -304,7 +301,7 @@ def conv_wgrad(dy: Tensor, x: Tensor, weight_shape, stride, padding, dilation, g
     C_out, cin_g, kh, kw = (int(v) for v in weight_shape)
     N, C_in = int(x.shape[0]), int(x.shape[1])
     H_out, W_out = int(dy.shape[2]), int(dy.shape[3])
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(x.dtype)
     M = N * H_out * W_out
     if C_out * cin_g * kh * kw == 0 or _is_fake(dy):
         return torch.empty((C_out, cin_g, kh, kw), device=x.device, dtype=x.dtype)
@@ -341,6 +338,6 @@ def conv_backward(dy: Tensor, x: Tensor, weight: Tensor, has_bias: bool, stride,
     _check(dy, x, weight, stride, padding, dilation, groups)
     dx = conv_dgrad(dy, x.shape, weight, stride, padding, dilation, groups) if need_dx else None
     dw = conv_wgrad(dy, x, weight.shape, stride, padding, dilation, groups) if need_dw else None
-    db = dy.sum((0, 2, 3), dtype=torch.float64 if dy.dtype == torch.float64 else torch.float32).to(dy.dtype) \
+    db = dy.sum((0, 2, 3), dtype=acc_dtype(dy.dtype)).to(dy.dtype) \
         if need_db else None
     return dx, dw, db

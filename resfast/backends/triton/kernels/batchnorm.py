@@ -34,15 +34,12 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ....ops.precision import acc_dtype
 from .common import _is_fake, launcher
 
 # the tile height of every statistics partial (conv epilogue and _stats_partial_kernel): the partial buffers have
 # cdiv(M, STATS_BLOCK_M) rows, and the finalize kernel derives each row's count from it
 STATS_BLOCK_M = 64
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _block_c(C: int) -> int:
@@ -339,7 +336,7 @@ def new_partials(M: int, C: int, like: Tensor) -> tuple[Tensor, Tensor]:
     """Uninitialised (cdiv(M, STATS_BLOCK_M), C) buffers for the tiles' means and variances (every row is
     written)."""
     T = triton.cdiv(M, STATS_BLOCK_M)
-    dt = _acc_dtype(like.dtype)
+    dt = acc_dtype(like.dtype)
     return (torch.empty((T, C), device=like.device, dtype=dt), torch.empty((T, C), device=like.device, dtype=dt))
 
 

@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ....ops.precision import acc_dtype
 from .batchnorm import pixel_rows
 from .common import _is_fake, launcher
 from .conv import tuning_configs
@@ -138,7 +139,7 @@ def scale_add_relu_bwd(dy: Tensor, x: Tensor, gate: Tensor, y: Optional[Tensor],
     (summed over H x W in fp32/fp64)."""
     N, C, H, W = x.shape
     HW = H * W
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(x.dtype)
     T = triton.cdiv(HW, _BWD_BLOCK_M)
     dx = torch.empty_like(x, memory_format=torch.channels_last) if need_dx else x.new_empty(0)
     dr = torch.empty_like(x, memory_format=torch.channels_last) if need_dres else x.new_empty(0)

@@ -34,6 +34,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ....ops.checks import conv_output_size
 from .batchnorm import STATS_BLOCK_M, pixel_rows, tile_moments
 from .common import _is_fake, interpreting, launcher  # noqa: F401  (re-exported: the ops' modules import them from here)
 
@@ -352,10 +353,9 @@ class Projection(NamedTuple):
     pre: Optional[tuple[Tensor, Tensor, Tensor]] = None
 
 
-def _projection_launch_args(proj: Optional[Projection], like: Tensor, N: int, C_out: int, H_out: int, W_out: int):
+def _check_projection(proj: Optional[Projection], like: Tensor, N: int, C_out: int, H_out: int, W_out: int) -> None:
     if proj is None:
-        return dict(D_ptr=like, WD_ptr=like, C_d=0, sdn=0, sdc=0, sdh=0, sdw=0, ds_stride_h=1, ds_stride_w=1,
-                    DM_ptr=like, DS_ptr=like, DB_ptr=like)
+        return
     x, w = proj.x, proj.w_packed
     sh, sw = proj.stride
     if x.dim() != 4 or tuple(w.shape) != (1, 1, x.shape[1], C_out):
@@ -367,9 +367,19 @@ def _projection_launch_args(proj: Optional[Projection], like: Tensor, N: int, C_
     if x.dtype != like.dtype or w.dtype != like.dtype or x.device != like.device or w.device != like.device:
         raise ValueError("projection input and weight must have the input's dtype and device")
     _check_channel_vectors("projection pre", proj.pre, x.shape[1], x)
+
+
+def _projection_launch_args(proj: Optional[Projection], like: Tensor) -> dict:
+    """The projection's kernel arguments (checked by _check_projection); ``like`` fills the pointers of an absent
+    one."""
+    if proj is None:
+        return dict(D_ptr=like, WD_ptr=like, C_d=0, sdn=0, sdc=0, sdh=0, sdw=0, ds_stride_h=1, ds_stride_w=1,
+                    DM_ptr=like, DS_ptr=like, DB_ptr=like, HAS_DS=False, DS_BN_RELU=False)
+    x, w = proj.x, proj.w_packed
     dm, ds, db = proj.pre if proj.pre is not None else (like, like, like)
     return dict(D_ptr=x, WD_ptr=w, C_d=int(x.shape[1]), sdn=x.stride(0), sdc=x.stride(1), sdh=x.stride(2),
-                sdw=x.stride(3), ds_stride_h=int(sh), ds_stride_w=int(sw), DM_ptr=dm, DS_ptr=ds, DB_ptr=db)
+                sdw=x.stride(3), ds_stride_h=int(proj.stride[0]), ds_stride_w=int(proj.stride[1]), DM_ptr=dm,
+                DS_ptr=ds, DB_ptr=db, HAS_DS=int(x.shape[1]) > 0, DS_BN_RELU=proj.pre is not None)
 
 
 class PassThrough(NamedTuple):
@@ -415,17 +425,131 @@ def _check_channel_vectors(what: str, vecs: Optional[tuple[Tensor, ...]], C: int
         raise ValueError(f"{what} must be three contiguous ({C},) tensors (mean, scale, shift) on {like.device}")
 
 
-def _passthrough_launch_args(pt: Optional[PassThrough], like: Tensor):
-    """The kernel arguments of the pass-through programs (checked by _check_passthrough), and how many grid
-    columns they take."""
+def _passthrough_launch_args(pt: Optional[PassThrough], like: Tensor) -> dict:
+    """The pass-through's kernel arguments (checked by _check_passthrough); ``like`` fills the pointers of an absent
+    one. Its programs take cdiv(C_pt, BLOCK_C) grid columns (_passthrough_cols)."""
     if pt is None:
-        return dict(P=like, Q=like, pre=(like, like, like), C_pt=0, sp=(0, 0, 0, 0), sq=(0, 0, 0, 0), stride=1,
-                    cols=0, BLOCK_C=16, pool=False, bn=False)
+        return dict(P_ptr=like, Q_ptr=like, QM_ptr=like, QS_ptr=like, QB_ptr=like, C_pt=0, spn=0, spc=0, sph=0,
+                    spw=0, sqn=0, sqc=0, sqh=0, sqw=0, pt_stride=1, HAS_PT=False, PT_POOL=False, PT_BN_RELU=False,
+                    BLOCK_C=16)
     C = int(pt.src.shape[1])
-    block_c = max(16, min(64, triton.next_power_of_2(C)))
-    return dict(P=pt.src, Q=pt.dst, pre=pt.pre if pt.pre is not None else (like, like, like), C_pt=C,
-                sp=pt.src.stride(), sq=pt.dst.stride(), stride=pt.stride, cols=triton.cdiv(C, block_c),
-                BLOCK_C=block_c, pool=bool(pt.pool), bn=pt.pre is not None)
+    qm, qs, qb = pt.pre if pt.pre is not None else (like, like, like)
+    spn, spc, sph, spw = pt.src.stride()
+    sqn, sqc, sqh, sqw = pt.dst.stride()
+    return dict(P_ptr=pt.src, Q_ptr=pt.dst, QM_ptr=qm, QS_ptr=qs, QB_ptr=qb, C_pt=C, spn=spn, spc=spc, sph=sph,
+                spw=spw, sqn=sqn, sqc=sqc, sqh=sqh, sqw=sqw, pt_stride=pt.stride, HAS_PT=True, PT_POOL=bool(pt.pool),
+                PT_BN_RELU=pt.pre is not None, BLOCK_C=max(16, min(64, triton.next_power_of_2(C))))
+
+
+def _passthrough_cols(args: dict) -> int:
+    return triton.cdiv(args["C_pt"], args["BLOCK_C"])
+
+
+class Prologue(NamedTuple):
+    """The input's BatchNorm + ReLU, applied to each input tile as it is loaded: ``relu(x * scale + shift)`` (eval
+    BatchNorm folded), or ``relu((x - mean) * scale + shift)`` with ``mean`` (training statistics). Each (C_in,)."""
+
+    scale: Tensor
+    shift: Tensor
+    mean: Optional[Tensor] = None
+
+
+def _prologue_launch_args(pro: Optional[Prologue], like: Tensor) -> dict:
+    if pro is None:
+        return dict(PS_ptr=like, PT_ptr=like, PC_ptr=like, PRE_BN_RELU=0)
+    return dict(PS_ptr=pro.scale, PT_ptr=pro.shift, PC_ptr=pro.mean if pro.mean is not None else pro.scale,
+                PRE_BN_RELU=2 if pro.mean is not None else 1)
+
+
+class Add(NamedTuple):
+    """A tensor of the input's shape (any strides) added to the input as it is loaded (Res2Net adds the previous
+    split's output; the sum is never stored), after the input's Prologue. ``pre``: (mean, scale, shift), each
+    (C_in,), normalises it first: ``relu((tensor - mean) * scale + shift)`` (the previous split's raw conv output
+    and its training BatchNorm)."""
+
+    tensor: Tensor
+    pre: Optional[tuple[Tensor, Tensor, Tensor]] = None
+
+
+def _check_add(add: Optional[Add], x: Tensor) -> None:
+    if add is None:
+        return
+    if tuple(add.tensor.shape) != tuple(x.shape):
+        raise ValueError(f"add has shape {tuple(add.tensor.shape)}, expected the input's {tuple(x.shape)}")
+    _check_channel_vectors("add pre", add.pre, x.shape[1], x)
+
+
+def _add_launch_args(add: Optional[Add], x_args: dict, like: Tensor) -> dict:
+    """The added tensor's kernel arguments (checked by _check_add); an absent one reads as the input (``x_args``:
+    X_ptr and its strides), ``like`` fills its normalisation's pointers."""
+    if add is None:
+        return dict(A_ptr=x_args["X_ptr"], san=x_args["sxn"], sac=x_args["sxc"], sah=x_args["sxh"],
+                    saw=x_args["sxw"], AM_ptr=like, AS_ptr=like, AB_ptr=like, HAS_ADD=False, ADD_BN_RELU=False)
+    t = add.tensor
+    am, as_, ab = add.pre if add.pre is not None else (like, like, like)
+    san, sac, sah, saw = t.stride()
+    return dict(A_ptr=t, san=san, sac=sac, sah=sah, saw=saw, AM_ptr=am, AS_ptr=as_, AB_ptr=ab, HAS_ADD=True,
+                ADD_BN_RELU=add.pre is not None)
+
+
+class Statistics(NamedTuple):
+    """Training BatchNorm's per-tile partials of the conv output (conv + bias), written by the launch: two
+    (cdiv(M, STATS_BLOCK_M), C_out) buffers (batchnorm.new_partials), each tile's per-channel mean and M2."""
+
+    mean: Tensor
+    m2: Tensor
+
+
+def _statistics_launch_args(stats: Optional[Statistics], like: Tensor) -> dict:
+    if stats is None:
+        return dict(PM_ptr=like, PV_ptr=like, STATS=False)
+    return dict(PM_ptr=stats.mean, PV_ptr=stats.m2, STATS=True)
+
+
+class _Conv(NamedTuple):
+    """The conv of a launch (conv_bn_act_fwd's arguments, checked): ``y`` its output."""
+
+    x: Tensor
+    w_packed: Tensor
+    bias: Tensor
+    y: Tensor
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    dilation: tuple[int, int]
+    groups: int
+    residual: Optional[Tensor]
+    relu: bool
+
+
+def _conv_launch_args(conv: Optional[_Conv], like: Tensor) -> dict:
+    """The conv's kernel arguments; an absent one (a pass-through-only launch) has no program columns and reads
+    ``like`` with zero strides. Its programs take n_conv_cols grid columns."""
+    if conv is None:
+        return dict(X_ptr=like, W_ptr=like, B_ptr=like, R_ptr=like, Y_ptr=like, C_in=0, C_out=0,
+                    sxn=0, sxc=0, sxh=0, sxw=0, srn=0, src=0, srh=0, srw=0, syn=0, syc=0, syh=0, syw=0,
+                    stride_h=1, stride_w=1, pad_h=0, pad_w=0, dil_h=1, dil_w=1, n_conv_cols=0,
+                    CIN_G=1, COUT_G=1, KH=1, KW=1, G_TILE=1, DIRECT=False, HAS_CONV=False, HAS_RES=False, RELU=False,
+                    INPUT_PRECISION=None, BLOCK_N=16)
+    x, y = conv.x, conv.y
+    r = conv.residual if conv.residual is not None else y
+    # channel counts are compile-time constants of the kernel (specialised if they are symbolic under tracing)
+    kh, kw, _, C_out = (int(d) for d in conv.w_packed.shape)
+    C_in, groups = int(x.shape[1]), int(conv.groups)
+    cin_g, cout_g = C_in // groups, C_out // groups
+    g_tile, direct, block_n, n_conv_cols = conv_tiling(C_out, cin_g, cout_g, groups)
+    sxn, sxc, sxh, sxw = x.stride()
+    srn, src, srh, srw = r.stride()
+    syn, syc, syh, syw = y.stride()
+    return dict(X_ptr=x, W_ptr=conv.w_packed, B_ptr=conv.bias, R_ptr=r, Y_ptr=y, C_in=C_in, C_out=C_out,
+                sxn=sxn, sxc=sxc, sxh=sxh, sxw=sxw, srn=srn, src=src, srh=srh, srw=srw, syn=syn, syc=syc, syh=syh,
+                syw=syw, stride_h=conv.stride[0], stride_w=conv.stride[1], pad_h=conv.padding[0],
+                pad_w=conv.padding[1], dil_h=conv.dilation[0], dil_w=conv.dilation[1], n_conv_cols=n_conv_cols,
+                CIN_G=cin_g, COUT_G=cout_g, KH=kh, KW=kw, G_TILE=g_tile, DIRECT=direct, HAS_CONV=C_out > 0,
+                HAS_RES=conv.residual is not None, RELU=conv.relu,
+                # fp32 follows cuDNN's TF32 switch, as nn.Conv2d does; other dtypes take Triton's default
+                INPUT_PRECISION=("tf32" if torch.backends.cudnn.allow_tf32 and x.is_cuda else "ieee")
+                if x.dtype == torch.float32 else None,
+                BLOCK_N=block_n)
 
 
 # Autotuning: a few tile shapes per conv shape, benchmarked once per key on the GPU (Triton's autotuner caches
@@ -573,11 +697,37 @@ def capped(prune):
 _tuned_kernel = make_tuned_kernel(tuning_configs(pruned=True))
 
 
-def _launch(M, n_cols, *args, **meta):
+def _launch(M, n_cols, **kwargs):
     """Every launch of the kernel goes through here (tests wrap it to count launches): the autotuned kernel over
     a grid of (M-tiles of the chosen BLOCK_M, n_cols program columns), through common.launcher (wrap_triton on a
-    GPU, so torch.compile sees the launch when the resfast_triton ops are decomposed)."""
-    launcher(_tuned_kernel)[lambda cfg: (triton.cdiv(M, cfg["BLOCK_M"]), n_cols)](*args, **meta)
+    GPU, so torch.compile sees the launch when the resfast_triton ops are decomposed). Every argument by name."""
+    launcher(_tuned_kernel)[lambda cfg: (triton.cdiv(M, cfg["BLOCK_M"]), n_cols)](**kwargs)
+
+
+def _launch_fwd(conv: Optional[_Conv] = None, prologue: Optional[Prologue] = None, add: Optional[Add] = None,
+                passthrough: Optional[PassThrough] = None, projection: Optional[Projection] = None,
+                stats: Optional[Statistics] = None) -> None:
+    """One launch of the kernel from its (checked) parts, each absent one by its own defaults: the output pixels
+    are the conv's (its input and output), or the pass-through's without a conv. Absent per-channel vectors point
+    at the conv's bias, absent tensors at its input (the pass-through's source without a conv)."""
+    if conv is not None:
+        (N, _, H, W), (H_out, W_out), like, vec_like = conv.x.shape, conv.y.shape[2:], conv.x, conv.bias
+    else:
+        (N, _, H, W), (H_out, W_out), like = passthrough.src.shape, passthrough.dst.shape[2:], passthrough.src
+        vec_like = like
+    conv_part = _conv_launch_args(conv, like)
+    pt_part = _passthrough_launch_args(passthrough, like)
+    _launch(
+        N * H_out * W_out, conv_part["n_conv_cols"] + _passthrough_cols(pt_part),
+        N=N, H=H, W=W, H_out=H_out, W_out=W_out,
+        **conv_part,
+        **_prologue_launch_args(prologue, vec_like),
+        **_add_launch_args(add, conv_part, vec_like),
+        **pt_part,
+        **_projection_launch_args(projection, like),
+        **_statistics_launch_args(stats, vec_like),
+        ACC_F64=like.dtype == torch.float64,
+    )
 
 
 def passthrough_fwd(pt: PassThrough) -> None:
@@ -588,21 +738,7 @@ def passthrough_fwd(pt: PassThrough) -> None:
     _check_passthrough(pt, M, H_out, W_out)
     if M == 0 or C == 0 or _is_fake(pt.src):
         return
-    p = _passthrough_launch_args(pt, pt.src)
-    x = pt.src
-    _launch(
-        M, p["cols"],
-        x, x, x, x, x, x, x, x, x, x, x, x, p["P"], p["Q"], *p["pre"],
-        N, 0, H, W, 0, H_out, W_out,
-        *(0,) * 16, 1, 1, 0, 0, 1, 1,
-        0, p["C_pt"], *p["sp"], *p["sq"], p["stride"],
-        **_projection_launch_args(None, x, N, 0, H_out, W_out), PM_ptr=x, PV_ptr=x,
-        CIN_G=1, COUT_G=1, KH=1, KW=1, G_TILE=1, DIRECT=False,
-        HAS_CONV=False, HAS_ADD=False, PRE_BN_RELU=False, ADD_BN_RELU=False, HAS_RES=False, RELU=False, HAS_PT=True,
-        PT_POOL=p["pool"], PT_BN_RELU=p["bn"], HAS_DS=False, DS_BN_RELU=False, STATS=False,
-        ACC_F64=x.dtype == torch.float64, INPUT_PRECISION=None,
-        BLOCK_N=16, BLOCK_C=p["BLOCK_C"],
-    )
+    _launch_fwd(passthrough=pt)
 
 
 def conv_bn_act_fwd(
@@ -615,85 +751,43 @@ def conv_bn_act_fwd(
     groups: int,
     residual: Optional[Tensor] = None,
     relu: bool = True,
-    add: Optional[Tensor] = None,
     out: Optional[Tensor] = None,
-    pre_scale: Optional[Tensor] = None,
-    pre_shift: Optional[Tensor] = None,
-    pre_mean: Optional[Tensor] = None,
-    add_pre: Optional[tuple[Tensor, Tensor, Tensor]] = None,
+    prologue: Optional[Prologue] = None,
+    add: Optional[Add] = None,
     passthrough: Optional[PassThrough] = None,
     projection: Optional[Projection] = None,
-    stats: Optional[tuple[Tensor, Tensor]] = None,
+    stats: Optional[Statistics] = None,
 ) -> Tensor:
     """Launch the kernel. x (N, C_in, H, W) any strides; ``w_packed`` (kH, kW, C_in/groups, C_out) from pack_weight;
-    ``bias`` (C_out,) the folded shift (plus the projection's); ``add`` (x's shape) is added to x while loading;
-    writes ``out`` (any strides, e.g. a channel slice of a larger tensor) or returns a new channels_last tensor.
-    ``pre_scale``/``pre_shift`` (C_in,) apply ``relu(x * pre_scale + pre_shift)`` to the input as it is loaded,
-    ``relu((x - pre_mean) * pre_scale + pre_shift)`` with ``pre_mean`` (training statistics); ``add_pre`` (mean,
-    scale, shift), each (C_in,), normalises ``add`` the same way before it is added (to the normalised x).
-    ``passthrough`` (same output pixels) is copied/pooled by extra programs of the same launch; ``projection``
-    (a 1x1 shortcut conv, same output pixels) is added to the accumulator before the bias, residual and ReLU.
-    ``stats`` (two (cdiv(M, STATS_BLOCK_M), C_out) buffers, batchnorm.new_partials) receive the per-tile mean and
-    variance of the output (conv + bias) for training BatchNorm; no residual or ReLU with them."""
+    ``bias`` (C_out,) the folded shift (plus the projection's); writes ``out`` (any strides, e.g. a channel slice of
+    a larger tensor) or returns a new channels_last tensor.
+    ``prologue`` normalises the input as it is loaded; ``add`` (x's shape) is added to it while loading (see
+    Prologue, Add). ``passthrough`` (same output pixels) is copied/pooled by extra programs of the same launch;
+    ``projection`` (a 1x1 shortcut conv, same output pixels) is added to the accumulator before the bias, residual
+    and ReLU. ``stats`` (Statistics) receive the per-tile mean and variance of the output (conv + bias) for training
+    BatchNorm; no residual or ReLU with them."""
     N, C_in, H, W = x.shape
     kh, kw, cin_g_w, C_out = w_packed.shape
     if cin_g_w * groups != C_in:
         raise ValueError(f"packed weight {tuple(w_packed.shape)} with groups={groups} does not fit an input with "
                          f"{C_in} channels")
-    H_out = (H + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
-    W_out = (W + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    H_out, W_out = conv_output_size((H, W), (kh, kw), stride, padding, dilation)
     if out is None:
         y = torch.empty((N, C_out, H_out, W_out), device=x.device, dtype=x.dtype, memory_format=torch.channels_last)
     else:
         if tuple(out.shape) != (N, C_out, H_out, W_out):
             raise ValueError(f"out has shape {tuple(out.shape)}, expected {(N, C_out, H_out, W_out)}")
         y = out
-    if add is not None and tuple(add.shape) != tuple(x.shape):
-        raise ValueError(f"add has shape {tuple(add.shape)}, expected the input's {tuple(x.shape)}")
-    if add_pre is not None and add is None:
-        raise ValueError("add_pre normalises `add`: pass add too")
-    _check_channel_vectors("add_pre", add_pre, C_in, x)
+    _check_add(add, x)
     M = N * H_out * W_out
     _check_passthrough(passthrough, M, H_out, W_out)
-    d = _projection_launch_args(projection, x, N, C_out, H_out, W_out)
+    _check_projection(projection, x, N, C_out, H_out, W_out)
     if M == 0 or _is_fake(x):
         return y
-    p = _passthrough_launch_args(passthrough, x)
-    if C_out + p["C_pt"] == 0:
+    if C_out == 0 and (passthrough is None or passthrough.src.shape[1] == 0):
         return y
-    # channel counts are compile-time constants of the kernel (specialised if they are symbolic under tracing)
-    C_in, C_out, groups, kh, kw = int(C_in), int(C_out), int(groups), int(kh), int(kw)
-    cin_g, cout_g = C_in // groups, C_out // groups
-    g_tile, direct, BLOCK_N, n_conv_cols = conv_tiling(C_out, cin_g, cout_g, groups)
-    r = residual if residual is not None else y
-    a = add if add is not None else x
     if stats is not None and (residual is not None or relu or projection is not None):
         raise ValueError("stats are the conv output's: no residual, projection or ReLU in the same launch")
-    pm, pv = stats if stats is not None else (bias, bias)
-    pre = pre_scale is not None
-    ps = pre_scale if pre else bias
-    pt = pre_shift if pre else bias
-    pc = pre_mean if pre_mean is not None else ps
-    am, as_, ab = add_pre if add_pre is not None else (bias, bias, bias)
-    _launch(
-        M, n_conv_cols + p["cols"],
-        x, a, ps, pt, pc, am, as_, ab, w_packed, bias, r, y, p["P"], p["Q"], *p["pre"],
-        N, C_in, H, W, C_out, H_out, W_out,
-        *x.stride(), *a.stride(), *r.stride(), *y.stride(),
-        stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
-        n_conv_cols, p["C_pt"], *p["sp"], *p["sq"], p["stride"],
-        **d, PM_ptr=pm, PV_ptr=pv,
-        CIN_G=cin_g, COUT_G=cout_g, KH=kh, KW=kw, G_TILE=g_tile, DIRECT=direct,
-        HAS_CONV=C_out > 0, HAS_ADD=add is not None, PRE_BN_RELU=(2 if pre_mean is not None else 1) if pre else 0,
-        ADD_BN_RELU=add_pre is not None, HAS_RES=residual is not None, RELU=relu,
-        HAS_PT=passthrough is not None, PT_POOL=p["pool"], PT_BN_RELU=p["bn"],
-        HAS_DS=projection is not None and d["C_d"] > 0,
-        DS_BN_RELU=projection is not None and projection.pre is not None,
-        STATS=stats is not None,
-        ACC_F64=x.dtype == torch.float64,
-        # fp32 follows cuDNN's TF32 switch, as nn.Conv2d does; other dtypes take Triton's default
-        INPUT_PRECISION=("tf32" if torch.backends.cudnn.allow_tf32 and x.is_cuda else "ieee")
-        if x.dtype == torch.float32 else None,
-        BLOCK_N=BLOCK_N, BLOCK_C=p["BLOCK_C"],
-    )
+    conv = _Conv(x, w_packed, bias, y, stride, padding, dilation, groups, residual, relu)
+    _launch_fwd(conv, prologue, add, passthrough, projection, stats)
     return y

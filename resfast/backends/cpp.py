@@ -23,8 +23,12 @@ from __future__ import annotations
 import torch
 
 from .. import _ext
-from . import training as T
-from .fold import FoldCache, fold_conv_bn, fold_scale_shift
+from ..ops import training as ops_training
+from ..ops.autograd import AUTOGRAD, bn_act_autograd
+from ..ops.checks import conv_output_size
+from ..ops.dispatch import BLOCK_OPS, Backend, read_verified_ops
+from ..ops.fold import FoldCache, fold_conv_bn, fold_scale_shift
+from ..ops.precision import acc_dtype, compute_dtype, precision_reasons, training_path
 
 CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 CPU_TRAIN_DTYPES = (torch.float32, torch.float64)
@@ -48,20 +52,27 @@ def input_reasons(op: str, args) -> list[str]:
     x = args.x
     if x.device.type != "cpu":
         return [f"the input is on {x.device.type}; the cpu backend takes CPU tensors"]
-    if _train_path(op, args):
-        dtype = T.compute_dtype(x)
+    if op == "bn_act":
+        return _bn_act_reasons(args)
+    if _train_path(args):
+        dtype = compute_dtype(x)
         if dtype not in CPU_TRAIN_DTYPES:
             return [f"dtype {dtype} in training, with gradients or under autocast is not supported by the cpu "
                     "backend (float32, float64)"]
-        return T.precision_reasons(op, args, dtype)
+        return precision_reasons(args, dtype)
     if x.dtype not in CPU_DTYPES:
         return [f"dtype {x.dtype} is not supported by the cpu backend (float32, float64, bfloat16)"]
     return []
 
 
+def _bn_act_reasons(args) -> list[str]:
+    dtype = args.x.dtype
+    return [] if dtype in BN_ACT_DTYPES else [f"dtype {dtype} is not supported by resfast::bn_act"]
+
+
 def auto_input_reasons(op: str, args) -> list[str]:
     """Why `auto` leaves these inputs to eager although the cpu backend can run them."""
-    if _train_path(op, args):
+    if op != "bn_act" and _train_path(args):
         return ["training on the cpu backend measured 0.77-1.03x eager's step time (benchmarks/README.md), not "
                 "faster: auto keeps eager for training on CPU; select backend 'cpu' to use the C++ training ops "
                 "(0.66-0.79x of eager's peak memory)"]
@@ -70,16 +81,18 @@ def auto_input_reasons(op: str, args) -> list[str]:
 
 def cuda_input_reasons(op: str, args) -> list[str]:
     """Why the `cuda` backend cannot run `op` on these prepared arguments (CUDA tensors; empty when it can)."""
-    dtype = T.compute_dtype(args.x)
+    if op == "bn_act":
+        return _bn_act_reasons(args)
+    dtype = compute_dtype(args.x)
     if dtype not in CUDA_DTYPES:
         return [f"dtype {dtype} is not supported by the cuda backend (float16, bfloat16, float32, float64)"]
-    return T.precision_reasons(op, args, dtype) if _train_path(op, args) else []
+    return precision_reasons(args, dtype) if _train_path(args) else []
 
 
-def _train_path(op, args) -> bool:
+def _train_path(args) -> bool:
     """The training ops run batch statistics, gradients, and autocast (they cast to the autocast dtype as F.conv2d
     would; the folded eval ops run in x's dtype)."""
-    return T.training_path(op, args) or T.compute_dtype(args.x) != args.x.dtype
+    return training_path(args) or compute_dtype(args.x) != args.x.dtype
 
 
 _MKLDNN = torch.backends.mkldnn.is_available()
@@ -108,13 +121,10 @@ def _folded_conv(cache: FoldCache | None, x, weight, conv_bias, bn, stride, padd
                 w.contiguous(), list(padding), list(stride), list(dilation), groups, list(x.shape))
         return w, b
 
-    if cache is None:
-        with torch.no_grad():
-            return build()
     sources = (weight, conv_bias) + (() if bn is None else (bn.weight, bn.bias, bn.running_mean, bn.running_var))
     extra = (None if bn is None else bn.eps, x.dtype, pack, tuple(x.shape) if pack else None, tuple(stride),
              tuple(padding), tuple(dilation), groups)
-    return cache.get(("cpu", id(weight)), sources, build, extra)
+    return FoldCache.get_or_build(cache, ("cpu", id(weight)), sources, build, extra)
 
 
 def _conv(args, x, w, b, relu, residual=None):
@@ -123,8 +133,8 @@ def _conv(args, x, w, b, relu, residual=None):
 
 
 def conv_bn_relu(args):
-    if _train_path("conv_bn_relu", args):
-        return T.conv_bn_relu_train(torch.ops.resfast, args)
+    if _train_path(args):
+        return ops_training.conv_bn_relu_train(torch.ops.resfast, args)
     residual = args.residual
     s = args.shortcut
     if s is not None:  # the projection shortcut first: its output is the main conv's residual post-op
@@ -136,8 +146,8 @@ def conv_bn_relu(args):
 
 
 def bn_relu_conv(args):
-    if _train_path("bn_relu_conv", args):
-        return T.bn_relu_conv_train(torch.ops.resfast, args)
+    if _train_path(args):
+        return ops_training.bn_relu_conv_train(torch.ops.resfast, args)
     x = args.x
     scale, shift = fold_scale_shift(args.bn, None, x.dtype)
     a = torch.ops.resfast.bn_act(x, scale.to(x.dtype), shift.to(x.dtype), None, True)
@@ -148,10 +158,10 @@ def bn_relu_conv(args):
 
 def res2net_chain(args):
     x = args.x
-    if _train_path("res2net_chain", args):
-        return T.res2net_chain_train(torch.ops.resfast, args)
+    if _train_path(args):
+        return ops_training.res2net_chain_train(torch.ops.resfast, args)
     if not args.weights:  # paper order with scale 1: the input passes through, nothing to fuse
-        from .reference import EAGER_IMPLS
+        from ..ops.reference import EAGER_IMPLS
 
         return EAGER_IMPLS["res2net_chain"](args)
     s, d = (args.stride,) * 2, (args.dilation,) * 2
@@ -162,12 +172,85 @@ def res2net_chain(args):
         args.block_type, list(args.conv_splits), -1 if args.passthrough is None else args.passthrough)
 
 
-KERNELS = {"conv_bn_relu": conv_bn_relu, "bn_relu_conv": bn_relu_conv, "res2net_chain": res2net_chain}
+def bn_act(args):
+    return torch.ops.resfast.bn_act(args.x, args.scale, args.shift, args.residual, args.relu)
 
 
-def _out_hw(h, w, k, stride, padding, dilation):
-    return ((h + 2 * padding[0] - dilation[0] * (k[0] - 1) - 1) // stride[0] + 1,
-            (w + 2 * padding[1] - dilation[1] * (k[1] - 1) - 1) // stride[1] + 1)
+KERNELS = {"conv_bn_relu": conv_bn_relu, "bn_relu_conv": bn_relu_conv, "res2net_chain": res2net_chain,
+           "bn_act": bn_act}
+# resfast::bn_act's kernels take every floating dtype, with or without gradients (its autograd: _register_bn_act)
+BN_ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+class CudaBackend(Backend):
+    """resfast._C's ops on CUDA tensors (glue in resfast/backends/cpp.py): cuDNN convolutions through ATen and the CUDA
+    kernels of csrc/cuda/ between them; training through the C++ training ops, eval through the folded ops."""
+
+    name = "cuda"
+    implemented = ("conv_bn_relu", "bn_relu_conv", "res2net_chain", "bn_act")
+    # Compiled in CI, never run there: `auto` does not pick an op of the cuda backend until it has been verified on
+    # a GPU (verified_ops: resfast/ops/gpu_verified.json); an explicit `resfast.backend("cuda")` does.
+    verified_ops = read_verified_ops("cuda")
+    verified_on_gpu = set(implemented) <= set(verified_ops)
+
+    def _static_reasons(self, op):
+        reasons = []
+        if _ext.C is None:
+            reasons.append(f"the extension resfast._C is not loaded ({_ext.C_ERROR})")
+        elif not _ext.build_info().get("with_cuda", False):
+            why = _ext.build_info().get("cuda_skip_reason", "")
+            reasons.append(f"resfast._C was built without CUDA sources ({why})")
+        else:
+            if missing_ops():
+                reasons.append(f"resfast._C lacks the ops {missing_ops()} (an older build: rebuild with `make setup`)")
+        if torch.version.cuda is None:
+            reasons.append("this torch is a CPU-only build")
+        elif not torch.cuda.is_available():
+            reasons.append("no CUDA device is visible (torch.cuda.is_available() is False)")
+        if op in BLOCK_OPS:
+            reasons.append(self.no_block_op(op))
+        elif op not in self.implemented:
+            reasons.append(f"no fused CUDA kernel is implemented for {op} (ATen's elementwise ops are as good)")
+        return reasons
+
+    def auto_reasons(self, op):
+        return [] if self.verified_on_gpu or op in self.verified_ops else [
+            "the CUDA kernels are not verified on a GPU yet: auto does not use them; select backend 'cuda'"]
+
+    def _input_reasons(self, op, args):
+        if args.x.device.type != "cuda":
+            return [f"the input is on {args.x.device.type}; the cuda backend needs CUDA tensors"]
+        return cuda_input_reasons(op, args)
+
+    def run(self, op, args):
+        return KERNELS[op](args)
+
+
+class CpuBackend(Backend):
+    """resfast._C's CPU kernels (csrc/cpu/, glue in resfast/backends/cpp.py): inference for now."""
+
+    name = "cpu"
+
+    def _static_reasons(self, op):
+        if _ext.C is None:
+            return [f"the extension resfast._C is not loaded ({_ext.C_ERROR})"]
+        missing = missing_ops()
+        if missing:
+            return [f"resfast._C lacks the ops {missing} (an older build: rebuild with `make setup`)"]
+        if op in BLOCK_OPS:
+            return [self.no_block_op(op)]
+        if op not in KERNELS:
+            return [f"no cpu kernel is implemented for {op} (ATen's elementwise ops on eager are as good)"]
+        return []
+
+    def _input_reasons(self, op, args):
+        return input_reasons(op, args)
+
+    def auto_input_reasons(self, op, args):
+        return auto_input_reasons(op, args)
+
+    def run(self, op, args):
+        return KERNELS[op](args)
 
 
 def _layout(x):
@@ -181,8 +264,15 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake("resfast::conv_bias_act")
     def _(x, weight, bias, stride, padding, dilation, groups, residual, relu):
-        oh, ow = _out_hw(x.shape[2], x.shape[3], weight.shape[2:], stride, padding, dilation)
+        oh, ow = conv_output_size(tuple(x.shape[2:]), tuple(weight.shape[2:]), stride, padding, dilation)
         return x.new_empty((x.shape[0], weight.shape[0], oh, ow)).contiguous(memory_format=_layout(x))
+
+    @torch.library.register_fake("resfast::bn_act")
+    def _(x, scale, shift, residual, relu):
+        return torch.empty_like(x, memory_format=_layout(x))
+
+    setup, backward = bn_act_autograd("resfast")
+    torch.library.register_autograd("resfast::bn_act", backward, setup_context=setup)
 
     @torch.library.register_fake("resfast::res2net_chain_folded")
     def _(x, weights, biases, width, stride, dilation, groups, block_type, conv_splits, passthrough):
@@ -190,10 +280,6 @@ def _register_fakes() -> None:
         return x.new_empty((x.shape[0], x.shape[1], oh, ow)).contiguous(memory_format=_layout(x))
 
     _register_training()
-
-
-def _acc(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _like(t, shape, layout_of=None):
@@ -207,7 +293,7 @@ def _register_training() -> None:
 
     @torch.library.register_fake("resfast::bn_stats")
     def _(x, eps):
-        return tuple(x.new_empty(x.shape[1], dtype=_acc(x.dtype)) for _ in range(3))
+        return tuple(x.new_empty(x.shape[1], dtype=acc_dtype(x.dtype)) for _ in range(3))
 
     @torch.library.register_fake("resfast::bn_running_update")
     def _(running_mean, running_var, mean, var, factor):
@@ -219,9 +305,9 @@ def _register_training() -> None:
 
     @torch.library.register_fake("resfast::conv_bn_train")
     def _(x, weight, bias, gamma, beta, residual, mean_in, invstd_in, stride, padding, dilation, groups, relu, eps):
-        oh, ow = _out_hw(x.shape[2], x.shape[3], weight.shape[2:], stride, padding, dilation)
+        oh, ow = conv_output_size(tuple(x.shape[2:]), tuple(weight.shape[2:]), stride, padding, dilation)
         shape = (x.shape[0], weight.shape[0], oh, ow)
-        stats = tuple(x.new_empty(weight.shape[0], dtype=_acc(x.dtype)) for _ in range(3))
+        stats = tuple(x.new_empty(weight.shape[0], dtype=acc_dtype(x.dtype)) for _ in range(3))
         return (_like(x, shape, x), _like(x, shape, x)) + stats
 
     def _param_grads(gamma, mean, need_g, need_b, C):
@@ -240,8 +326,8 @@ def _register_training() -> None:
 
     @torch.library.register_fake("resfast::bn_relu_conv_train")
     def _(x, gamma, beta, mean_in, invstd_in, weight, bias, residual, stride, padding, dilation, groups, eps):
-        oh, ow = _out_hw(x.shape[2], x.shape[3], weight.shape[2:], stride, padding, dilation)
-        stats = tuple(x.new_empty(x.shape[1], dtype=_acc(x.dtype)) for _ in range(3))
+        oh, ow = conv_output_size(tuple(x.shape[2:]), tuple(weight.shape[2:]), stride, padding, dilation)
+        stats = tuple(x.new_empty(x.shape[1], dtype=acc_dtype(x.dtype)) for _ in range(3))
         return (_like(x, (x.shape[0], weight.shape[0], oh, ow), x),) + stats
 
     @torch.library.register_fake("resfast::bn_relu_conv_train_backward")
@@ -252,7 +338,7 @@ def _register_training() -> None:
                 weight.new_empty(weight.shape[0]) if need[4] and has_bias else weight.new_empty(0))
 
     def _chain_shapes(x, scale, order, stride):
-        from ._args import chain_layout
+        from ..ops._args import chain_layout
 
         conv_splits, passthrough = chain_layout(scale, order)
         wd = x.shape[1] // scale if passthrough is not None else x.shape[1]
@@ -263,7 +349,7 @@ def _register_training() -> None:
           eps):
         S, wd, oh, ow = _chain_shapes(x, scale, order, stride)
         N = x.shape[0]
-        stats = tuple(x.new_empty((S, wd), dtype=_acc(x.dtype)) for _ in range(3))
+        stats = tuple(x.new_empty((S, wd), dtype=acc_dtype(x.dtype)) for _ in range(3))
         return (_like(x, (N, x.shape[1], oh, ow), x), [_like(x, (N, wd, oh, ow), x) for _ in range(S)]) + stats
 
     @torch.library.register_fake("resfast::res2net_chain_train_backward")
@@ -276,7 +362,7 @@ def _register_training() -> None:
                 [x.new_empty(wd) if need_db and has_bias else x.new_empty(0) for _ in range(S)],
                 [g for g, _ in pg], [b for _, b in pg])
 
-    for name, make in T.AUTOGRAD.items():
+    for name, make in AUTOGRAD.items():
         setup, backward = make("resfast")
         torch.library.register_autograd(f"resfast::{name}", backward, setup_context=setup)
 

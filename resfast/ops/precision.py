@@ -1,0 +1,54 @@
+"""The dtypes fused ops compute in: the autocast dtype of the convolutions, the accumulation dtype of statistics and
+folded parameters, and why a fused op cannot reproduce eager's precision under autocast. One rule each, used by
+every backend."""
+
+from __future__ import annotations
+
+import torch
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the convolutions run in: the autocast dtype where autocast is on for x's device, else x's."""
+    if torch.is_autocast_enabled(x.device.type) and x.is_floating_point() and x.dtype != torch.float64:
+        return torch.get_autocast_dtype(x.device.type)  # autocast leaves float64 alone
+    return x.dtype
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype statistics, folded BatchNorm parameters and accumulators use for tensors of `dtype`: float64 for
+    float64, float32 for every other floating dtype."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def wants_grad(args) -> bool:
+    """Whether any tensor the op differentiates requires grad (with grad mode on)."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in args.grad_tensors())
+
+
+def training_path(args) -> bool:
+    """Whether the call needs the training ops: batch statistics somewhere, or gradients."""
+    from .checks import needs_batch_stats  # (checks -> batchnorm -> sync_batchnorm imports this module)
+
+    return any(needs_batch_stats(bn, args.training) for bn in args.batch_norms()) or wants_grad(args)
+
+
+def precision_reasons(args, dtype: torch.dtype) -> list[str]:
+    """Why the fused ops, which run in one dtype, cannot reproduce eager here (empty when they can)."""
+    reasons = []
+    # under autocast: eager normalises bn_relu_conv's input in its own dtype, the chain's pass-through split keeps
+    # it (the cat promotes), and a residual add promotes to the residual's dtype; casting them first would round
+    residual = getattr(args, "residual", None)
+    x = args.x
+    kept = [(name, t.dtype) for name, t in (("input", x if args.keeps_input_precision else None),
+                                            ("residual", residual)) if t is not None and t.dtype != dtype]
+    for name, dt in kept:
+        reasons.append(f"under autocast the {name} is {dt}, not the autocast dtype {dtype}: eager keeps its "
+                       "precision where the fused kernels would round it")
+    if args.op == "res2net_chain" and training_path(args):
+        from .checks import needs_batch_stats
+
+        if len({needs_batch_stats(bn, args.training) for bn in args.bns}) > 1:
+            reasons.append("the chain's BatchNorms mix batch and running statistics (the fused chain takes one kind)")
+        if len({bn.weight is None for bn in args.bns}) > 1 or len({bn.bias is None for bn in args.bns}) > 1:
+            reasons.append("the chain's BatchNorms mix affine and non-affine (the fused chain takes one kind)")
+    return reasons

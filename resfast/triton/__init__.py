@@ -1,1 +1,0 @@
-"""resfast's Triton backend: kernels and launchers (see conv.py). Imported lazily by the dispatch layer."""
