@@ -27,8 +27,9 @@ from ..ops import training as ops_training
 from ..ops.autograd import AUTOGRAD, bn_act_autograd
 from ..ops.checks import conv_output_size
 from ..ops.dispatch import BLOCK_OPS, Backend, read_verified_ops
+from ..ops.dtypes import acc_dtype, compute_dtype
 from ..ops.fold import FoldCache, fold_conv_bn, fold_scale_shift
-from ..ops.precision import acc_dtype, compute_dtype, precision_reasons, training_path
+from ..ops.precision import precision_reasons, training_path
 
 CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 CPU_TRAIN_DTYPES = (torch.float32, torch.float64)

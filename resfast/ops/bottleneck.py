@@ -35,7 +35,7 @@ from . import dispatch
 from ._args import prepare_bn_relu_conv, prepare_conv_bn_relu
 from .batchnorm import BatchNormParams, as_bn_params
 from .checks import check_residual, conv_output_size, needs_batch_stats
-from .precision import compute_dtype
+from .dtypes import compute_dtype
 
 
 class _Switch:

@@ -254,8 +254,9 @@ def backend_for_input(x: torch.Tensor, op: str = "conv_bn_relu") -> str:
 def availability(ops=None) -> dict[str, dict[str, list[str]]]:
     """{backend: {op: reasons}} on this machine, whatever the inputs: what `python -m resfast.info` prints (``ops``:
     OPS, or BLOCK_OPS for the whole-block ops). Reasons that only keep `auto` away start with "auto: "."""
+    ops = tuple(OPS) if ops is None else ops
     return {
         name: {op: list(b.static_reasons(op)) + b.environment_reasons() + [f"auto: {r}" for r in b.auto_reasons(op)]
                for op in ops}
         for name, b in _BACKENDS.items()
-    } if ops is not None else availability(tuple(OPS))
+    }

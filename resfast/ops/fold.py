@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from .batchnorm import BatchNormParams
-from .precision import acc_dtype
+from .dtypes import acc_dtype
 
 
 def fold_scale_shift(bn: BatchNormParams, conv_bias: Optional[Tensor], dtype: torch.dtype) -> tuple[Tensor, Tensor]:

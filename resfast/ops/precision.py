@@ -1,23 +1,11 @@
-"""The dtypes fused ops compute in: the autocast dtype of the convolutions, the accumulation dtype of statistics and
-folded parameters, and why a fused op cannot reproduce eager's precision under autocast. One rule each, used by
-every backend."""
+"""Whether a call needs the training ops, and why a fused op cannot reproduce eager's precision under autocast
+(the dtypes themselves: dtypes.py)."""
 
 from __future__ import annotations
 
 import torch
 
-
-def compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype the convolutions run in: the autocast dtype where autocast is on for x's device, else x's."""
-    if torch.is_autocast_enabled(x.device.type) and x.is_floating_point() and x.dtype != torch.float64:
-        return torch.get_autocast_dtype(x.device.type)  # autocast leaves float64 alone
-    return x.dtype
-
-
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype statistics, folded BatchNorm parameters and accumulators use for tensors of `dtype`: float64 for
-    float64, float32 for every other floating dtype."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from .checks import needs_batch_stats
 
 
 def wants_grad(args) -> bool:
@@ -27,8 +15,6 @@ def wants_grad(args) -> bool:
 
 def training_path(args) -> bool:
     """Whether the call needs the training ops: batch statistics somewhere, or gradients."""
-    from .checks import needs_batch_stats  # (checks -> batchnorm -> sync_batchnorm imports this module)
-
     return any(needs_batch_stats(bn, args.training) for bn in args.batch_norms()) or wants_grad(args)
 
 
@@ -45,7 +31,6 @@ def precision_reasons(args, dtype: torch.dtype) -> list[str]:
         reasons.append(f"under autocast the {name} is {dt}, not the autocast dtype {dtype}: eager keeps its "
                        "precision where the fused kernels would round it")
     if args.op == "res2net_chain" and training_path(args):
-        from .checks import needs_batch_stats
 
         if len({needs_batch_stats(bn, args.training) for bn in args.bns}) > 1:
             reasons.append("the chain's BatchNorms mix batch and running statistics (the fused chain takes one kind)")

@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .precision import acc_dtype
+from .dtypes import acc_dtype
 
 
 def _per_channel(t: Tensor) -> Tensor:

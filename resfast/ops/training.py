@@ -15,7 +15,7 @@ blocks.py) and the C++/CUDA extension (``torch.ops.resfast``, csrc/training.cpp,
 
 Here: nn.BatchNorm2d's rules at the op boundary (statistics in, running buffers updated after the op, exactly once
 per BatchNorm per forward). What is saved for backward and the autograd wiring: autograd.py; activations rebuilt in
-backward: recompute.py; the autocast dtype: precision.py.
+backward: recompute.py; the autocast dtype: dtypes.py.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from .batchnorm import resolve_bn
-from .precision import acc_dtype, compute_dtype
+from .dtypes import acc_dtype, compute_dtype
 
 # ---------------------------------------------------------------------------------------------------------------
 # forward glue: prepared op arguments -> one training op call (+ the running buffers' update)

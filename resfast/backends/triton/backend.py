@@ -26,8 +26,9 @@ import torch
 
 from ...ops import training as ops_training
 from ...ops.dispatch import BLOCK_OPS, Backend, read_verified_ops
+from ...ops.dtypes import acc_dtype, compute_dtype
 from ...ops.fold import FoldCache, fold_scale_shift
-from ...ops.precision import acc_dtype, compute_dtype, precision_reasons, training_path
+from ...ops.precision import precision_reasons, training_path
 
 CUDA_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 INTERPRETER_DTYPES = (torch.float32, torch.float64)

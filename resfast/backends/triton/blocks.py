@@ -24,7 +24,7 @@ from torch import Tensor
 
 from ...ops.autograd import WHOLE_BLOCK_AUTOGRAD
 from ...ops.checks import conv_output_size
-from ...ops.precision import acc_dtype
+from ...ops.dtypes import acc_dtype
 from .kernels import batchnorm
 from .kernels.conv import (
     Add,

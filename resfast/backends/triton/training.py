@@ -48,7 +48,7 @@ from torch.library import triton_op
 from ...ops._args import chain_layout
 from ...ops.autograd import AUTOGRAD
 from ...ops.checks import conv_output_size
-from ...ops.precision import acc_dtype
+from ...ops.dtypes import acc_dtype
 from .kernels import batchnorm
 from .kernels.common import _is_fake, interpreting
 from .kernels.conv import Add, PassThrough, Prologue, Statistics, conv_bn_act_fwd, pack_weight, passthrough_fwd

@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ....ops.precision import acc_dtype
+from ....ops.dtypes import acc_dtype
 from .common import _is_fake, launcher
 
 # the tile height of every statistics partial (conv epilogue and _stats_partial_kernel): the partial buffers have

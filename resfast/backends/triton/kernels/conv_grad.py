@@ -34,7 +34,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ....ops.checks import conv_output_size
-from ....ops.precision import acc_dtype
+from ....ops.dtypes import acc_dtype
 from .batchnorm import pixel_rows
 from .common import _is_fake, launcher
 from .conv import CONFIGS, _prune_alignment, _prune_store, _vector_loads, capped, conv_tiling, tuning_configs

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ....ops.precision import acc_dtype
+from ....ops.dtypes import acc_dtype
 from .batchnorm import pixel_rows
 from .common import _is_fake, launcher
 from .conv import tuning_configs
